@@ -1,0 +1,97 @@
+"""The engine interface: token ids in, token ids out, many requests per forward pass.
+
+The engine knows nothing of Redis, BullMQ, JSON or text: the transport (``llm_worker.transport``) turns jobs into
+``GenerationRequest`` objects and turns the token ids it gets back into text (detokenizer, stop strings). Two engines
+implement this interface: ``cpu_batch.CpuBatchEngine`` (our own continuous batching over a padded KV cache, for CPU) and
+``cuda_cb.CudaContinuousBatchingEngine`` (Transformers' continuous-batching manager with a paged cache, for GPU).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Optional
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Engine-side sampling parameters; built once from the job's ``params`` (see protocol.py)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    # Wall-clock (time.time()) second at which generation is cut with finish_reason "length"; None = no deadline.
+    deadline: Optional[float] = None
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob) of the top_logprobs alternatives, best first
+
+
+@dataclass
+class ChoiceOutput:
+    """New tokens of one choice since the previous emit."""
+
+    index: int
+    token_ids: list[int]
+    logprobs: Optional[list[TokenLogprob]] = None
+    finish_reason: Optional[FinishReason] = None  # set on the last emit of this choice
+
+
+# Called from the engine's own thread: emit(request_id, outputs). Must be cheap and must not block.
+EmitFn = Callable[[str, list[ChoiceOutput]], None]
+
+
+@dataclass
+class EngineStats:
+    running_sequences: int
+    waiting_requests: int
+    batch_size_last_step: int
+    kv_cache_bytes: int  # bytes held by the KV cache right now
+    generated_tokens_total: int
+
+
+class Engine(abc.ABC):
+    """A generation engine. ``submit`` and ``cancel`` are thread-safe and return at once."""
+
+    @abc.abstractmethod
+    def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Stop the engine thread; running requests end with finish_reason "cancelled"."""
+
+    @abc.abstractmethod
+    def submit(self, request: GenerationRequest, emit: EmitFn) -> None:
+        """Queue a request. Its n choices join the running batch at the next token boundary."""
+
+    @abc.abstractmethod
+    def cancel(self, request_id: str) -> None:
+        """Remove a request's sequences from the batch at the next token boundary and free their cache.
+        Each unfinished choice gets a final emit with finish_reason "cancelled"."""
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats: ...
