@@ -12,7 +12,8 @@ import abc
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
-FinishReason = Literal["stop", "length", "cancelled"]
+# "error" (an extension): the engine could not continue this request; ChoiceOutput.error says why.
+FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class ChoiceOutput:
     token_ids: list[int]
     logprobs: Optional[list[TokenLogprob]] = None
     finish_reason: Optional[FinishReason] = None  # set on the last emit of this choice
+    error: Optional[str] = None  # with finish_reason "error" only
 
 
 # Called from the engine's own thread: emit(request_id, outputs). Must be cheap and must not block.
@@ -92,6 +94,11 @@ class Engine(abc.ABC):
     def cancel(self, request_id: str) -> None:
         """Remove a request's sequences from the batch at the next token boundary and free their cache.
         Each unfinished choice gets a final emit with finish_reason "cancelled"."""
+
+    def stop_choice(self, request_id: str, index: int) -> None:
+        """Let one choice of a request leave the batch (the transport found a stop string in its text).
+        Optional: the default does nothing and the transport drops that choice's later tokens; it then calls
+        ``cancel`` once every choice is finished. Engines that can free one row early override this."""
 
     @abc.abstractmethod
     def stats(self) -> EngineStats: ...

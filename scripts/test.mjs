@@ -1,0 +1,78 @@
+// `npm test`: installs what is missing, starts its own Redis, one real worker on the bundled model and the gateway, then
+// runs every suite against them — TypeScript (jest: gateway unit tests + end-to-end tests with the openai Node SDK),
+// Python (pytest: worker unit tests, end-to-end tests with the openai Python SDK, deployment-file validation) — and stops
+// everything. Extra arguments are passed to jest (e.g. `npm test -- -t stream`).
+import { spawnSync } from "node:child_process";
+import { existsSync } from "node:fs";
+import path from "node:path";
+import {
+  ROOT, VENV_PYTHON, devKey, ensureNodeDeps, ensureWorkerVenv, freePort, log, startGateway, startRedis, startWorker,
+  stopAll, waitReady,
+} from "./lib/stack.mjs";
+
+const t0 = Date.now();
+const secs = (t) => `${((Date.now() - t) / 1000).toFixed(1)} s`;
+const results = [];
+
+function step(name, cmd, args, env = {}) {
+  const t = Date.now();
+  log(`▶ ${name}`);
+  const r = spawnSync(cmd, args, { cwd: ROOT, stdio: "inherit", env: { ...process.env, ...env } });
+  const ok = r.status === 0;
+  results.push({ name, ok, time: secs(t) });
+  log(`${ok ? "✔" : "✘"} ${name} (${secs(t)})`);
+  return ok;
+}
+
+process.on("SIGINT", async () => {
+  await stopAll(3000);
+  process.exit(130);
+});
+
+let t = Date.now();
+ensureNodeDeps();
+ensureWorkerVenv({ withTestDeps: true });
+const deployTools = path.join(ROOT, "tests/deploy/ensure_tools.sh");
+if (existsSync(deployTools)) step("deployment test tools", "bash", [deployTools]);
+log(`installs checked (${secs(t)})`);
+
+step("typecheck (tsc --noEmit)", process.execPath, [path.join(ROOT, "node_modules/typescript/bin/tsc"), "-p", "tsconfig.json", "--noEmit"]);
+
+t = Date.now();
+const { url: redisUrl } = await startRedis(await freePort());
+const gatewayPort = await freePort();
+const apiKey = devKey();
+// Two workers would halve the CPU each gets on a 2-core machine; one real worker serves the suites, and the tests
+// that need more (kill -9, failover) start their own.
+const worker = startWorker({ redisUrl, env: { MAX_BATCH: "16" } });
+const gateway = startGateway({ redisUrl, port: gatewayPort, apiKeys: apiKey, env: { LOG_LEVEL: "warn" } });
+let stackOk = true;
+try {
+  await waitReady(gatewayPort, 10 * 60_000, [worker, gateway]);
+  log(`stack ready in ${secs(t)} (worker log: .run/worker.log, gateway log: .run/gateway.log)`);
+} catch (err) {
+  log(`stack failed to start: ${err.message}`);
+  stackOk = false;
+  results.push({ name: "start the stack", ok: false, time: secs(t) });
+}
+
+if (stackOk) {
+  const env = {
+    STACK_BASE_URL: `http://127.0.0.1:${gatewayPort}`,
+    STACK_API_KEY: apiKey,
+    STACK_REDIS_URL: redisUrl,
+    STACK_MODEL: "smollm2-135m-instruct",
+    STACK_PYTHON: VENV_PYTHON,
+  };
+  step("jest: gateway unit tests + end-to-end (openai Node SDK)", process.execPath,
+    [path.join(ROOT, "node_modules/jest/bin/jest.js"), "--runInBand", ...process.argv.slice(2)], env);
+  const suites = ["worker-py/tests", "tests/e2e_py", "tests/deploy"].filter((p) => existsSync(path.join(ROOT, p)));
+  step(`pytest: ${suites.join(", ")}`, VENV_PYTHON, ["-m", "pytest", "-q", "-p", "no:cacheprovider", ...suites], env);
+}
+
+await stopAll();
+log("summary:");
+for (const r of results) log(`  ${r.ok ? "✔" : "✘"} ${r.name} (${r.time})`);
+const ok = results.every((r) => r.ok);
+log(`${ok ? "all passed" : "FAILED"} in ${secs(t0)}`);
+process.exit(ok ? 0 : 1);

@@ -1,0 +1,86 @@
+"""The official openai Python SDK against the stack that `npm test` started (real gateway, Redis and worker)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import openai
+import pytest
+
+BASE_URL = os.environ.get("STACK_BASE_URL")
+API_KEY = os.environ.get("STACK_API_KEY", "")
+MODEL = os.environ.get("STACK_MODEL", "smollm2-135m-instruct")
+MESSAGES = [
+    {"role": "system", "content": "You are a concise assistant."},
+    {"role": "user", "content": "Name three colours of the rainbow."},
+]
+
+if not BASE_URL:  # never skip silently: these tests are only meaningful against the running stack
+    raise RuntimeError("STACK_BASE_URL is not set: run the end-to-end tests through `npm test`, which starts the stack")
+
+
+def make_client(key: str | None = None) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{BASE_URL}/v1", api_key=key or API_KEY, max_retries=0, timeout=120)
+
+
+def test_non_stream_and_stream_agree():
+    client = make_client()
+    full = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=30)
+    assert full.object == "chat.completion"
+    assert full.id.startswith("chatcmpl-")
+    assert full.choices[0].message.role == "assistant"
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+
+    stream = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, temperature=0, max_tokens=30, stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, usage, finish = "", None, None
+    for chunk in stream:
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            finish = c.finish_reason or finish
+        usage = chunk.usage or usage
+    assert text == full.choices[0].message.content
+    assert finish == full.choices[0].finish_reason
+    assert usage.model_dump() == full.usage.model_dump()
+
+
+def test_typed_errors():
+    with pytest.raises(openai.AuthenticationError):
+        make_client("sk-nope").chat.completions.create(model=MODEL, messages=MESSAGES)
+    with pytest.raises(openai.NotFoundError) as nf:
+        make_client().chat.completions.create(model="nope", messages=MESSAGES)
+    assert nf.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as br:
+        make_client().chat.completions.create(model=MODEL, messages=MESSAGES, top_p=3)
+    assert br.value.param == "top_p"
+    with pytest.raises(openai.BadRequestError) as empty:
+        make_client().chat.completions.create(model=MODEL, messages=[])
+    assert empty.value.param == "messages"
+
+
+def test_async_client_concurrent_streams():
+    async def one(topic: str) -> str:
+        client = openai.AsyncOpenAI(base_url=f"{BASE_URL}/v1", api_key=API_KEY, max_retries=0)
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"One sentence about {topic}."}],
+            temperature=0, max_tokens=20, stream=True,
+        )
+        out = ""
+        async for chunk in stream:
+            out += "".join(c.delta.content or "" for c in chunk.choices)
+        await client.close()
+        return out
+
+    async def main():
+        return await asyncio.gather(*(one(t) for t in ["apples", "trains", "snow", "music"]))
+
+    texts = asyncio.run(main())
+    assert all(texts) and len(set(texts)) == 4
+
+
+def test_models_list():
+    ids = [m.id for m in make_client().models.list()]
+    assert MODEL in ids
