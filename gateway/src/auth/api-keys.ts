@@ -1,0 +1,52 @@
+/**
+ * Bearer API keys from configuration (API_KEYS). The full key system (Redis-stored hashed keys, JWT, per-key limits)
+ * is issue 5: it replaces the Authenticator, not the middleware. Keys are compared by SHA-256 digest, so lookup time
+ * does not depend on how much of a guess matches, and only a short key id ever reaches the logs.
+ */
+import { createHash } from 'node:crypto';
+import type { RequestHandler } from 'express';
+import { ApiError } from '../errors';
+
+export interface Principal {
+  /** Safe to log: a prefix of the key's SHA-256, never the key. */
+  keyId: string;
+}
+
+export interface Authenticator {
+  /** Resolves the caller from the Authorization header, or throws a 401 ApiError. */
+  authenticate(authorization: string | undefined): Promise<Principal> | Principal;
+}
+
+const digest = (key: string) => createHash('sha256').update(key, 'utf8').digest('hex');
+
+export const keyIdOf = (key: string): string => `key_${digest(key).slice(0, 12)}`;
+
+export class StaticKeyAuthenticator implements Authenticator {
+  private readonly byDigest = new Map<string, Principal>();
+
+  constructor(keys: readonly string[]) {
+    for (const key of keys) this.byDigest.set(digest(key), { keyId: keyIdOf(key) });
+  }
+
+  authenticate(authorization: string | undefined): Principal {
+    const match = authorization ? /^Bearer\s+(\S+)\s*$/i.exec(authorization) : null;
+    if (!match) {
+      throw new ApiError(
+        'invalid_api_key',
+        "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+      );
+    }
+    const principal = this.byDigest.get(digest(match[1]));
+    if (!principal) throw new ApiError('invalid_api_key', 'Incorrect API key provided.');
+    return principal;
+  }
+}
+
+export function requireAuth(auth: Authenticator): RequestHandler {
+  return async (req, res, next) => {
+    const principal = await auth.authenticate(req.get('authorization'));
+    res.locals.principal = principal;
+    res.locals.log = res.locals.log.child({ keyId: principal.keyId });
+    next();
+  };
+}

@@ -1,0 +1,76 @@
+/**
+ * Gateway configuration: one object, parsed once from the environment by zod at start-up.
+ * A bad value stops start-up with a message naming the variable (main.ts exits with code 2).
+ * Every variable is listed with its default in gateway/README.md; keep the two in step.
+ */
+import { z } from 'zod';
+
+const int = (min: number, max = Number.MAX_SAFE_INTEGER) => z.coerce.number().int().min(min).max(max);
+
+const bool = z
+  .enum(['1', '0', 'true', 'false', 'yes', 'no', 'on', 'off', ''])
+  .transform((v) => ['1', 'true', 'yes', 'on'].includes(v));
+
+const csv = z
+  .string()
+  .transform((v) => v.split(',').map((s) => s.trim()).filter((s) => s.length > 0));
+
+export const configSchema = z.object({
+  PORT: int(0, 65535).default(8000),
+  HOST: z.string().min(1).default('127.0.0.1'),
+  REDIS_URL: z
+    .string()
+    .regex(/^rediss?:\/\//, 'must start with redis:// or rediss://')
+    .default('redis://127.0.0.1:6379'),
+  /** Comma-separated Bearer keys. Empty: main.ts generates one development key and prints it. */
+  API_KEYS: csv.default([]),
+  DEFAULT_MODEL: z.string().min(1).default('smollm2-135m-instruct'),
+  /** Largest accepted request body; larger bodies get 413. */
+  MAX_BODY_BYTES: int(1024).default(4 * 1024 * 1024),
+  /** max_tokens when a request sets none; always capped by what the model's context leaves. */
+  DEFAULT_MAX_TOKENS: int(1).default(512),
+  /** A job that no worker has started after this long is removed: 503 (or an in-stream error). */
+  QUEUE_TIMEOUT_MS: int(100).default(30_000),
+  /** Whole-request limit; it is the job's deadline_ms, at which the worker cuts generation. */
+  REQUEST_TIMEOUT_MS: int(1000).default(600_000),
+  /** SSE comment interval while a stream has nothing else to send. */
+  SSE_KEEPALIVE_MS: int(100).default(15_000),
+  /** Mirrors the worker's HEARTBEAT_TTL_MS (docs/PROTOCOL.md); sizes retry-after when no worker is live. */
+  HEARTBEAT_TTL_MS: int(100).default(5_000),
+  /** How often the shared view of live workers (ZSET llm:workers) is refreshed. */
+  WORKER_REFRESH_MS: int(50).default(1_000),
+  /** With no event for this long, a job's state is read from BullMQ (backstop for lost messages). */
+  JOB_POLL_MS: int(100).default(2_000),
+  /** SIGTERM: how long open requests may run before they are cut. */
+  SHUTDOWN_GRACE_MS: int(0).default(30_000),
+  LOG_LEVEL: z.enum(['error', 'warn', 'info', 'debug']).default('info'),
+  /** Log prompt and output text (off: lengths and counts only). */
+  LOG_PROMPTS: bool.default(false),
+});
+
+export type Config = z.infer<typeof configSchema>;
+
+const SECRET_KEYS = new Set(['API_KEYS']);
+
+export class ConfigError extends Error {
+  override name = 'ConfigError';
+}
+
+/** Parses the environment; empty strings count as unset so `FOO= cmd` falls back to the default. */
+export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
+  const input: Record<string, string> = {};
+  for (const key of Object.keys(configSchema.shape)) {
+    const value = env[key];
+    if (value !== undefined && value.trim() !== '') input[key] = value.trim();
+  }
+  const parsed = configSchema.safeParse(input);
+  if (!parsed.success) {
+    const lines = parsed.error.issues.map((issue) => {
+      const key = String(issue.path[0] ?? '?');
+      const shown = SECRET_KEYS.has(key) ? '<redacted>' : JSON.stringify(input[key] ?? '');
+      return `  ${key}=${shown}: ${issue.message}`;
+    });
+    throw new ConfigError(`invalid configuration:\n${lines.join('\n')}`);
+  }
+  return parsed.data;
+}

@@ -1,0 +1,325 @@
+/**
+ * One job's life as the gateway sees it: subscribe to its channel, enqueue, follow its events, and settle exactly once.
+ *
+ * Why the machinery: pub/sub is fire-and-forget, so a message can be lost (a reconnect, a slow subscriber). Every event
+ * carries `seq`; on a gap the run stops forwarding deltas and, when the job ends, hands the caller the unsent tail of
+ * the stored result. The end itself is learnt from whichever comes first: the `done`/`error` event, BullMQ's
+ * QueueEvents (a Redis stream, so not lost), or a poll of the job when nothing has been heard for a while.
+ */
+import { ApiError } from '../errors';
+import type { Logger } from '../logger';
+import {
+  type JobData,
+  type JobEvent,
+  jobEventSchema,
+  type JobResult,
+  jobResultSchema,
+  parseFailedReason,
+  type TokenLogprob,
+  type WorkerError,
+} from '../protocol/job';
+import type { JobEventBus } from './job-events';
+import type { JobQueues, Settlement } from './job-queue';
+
+export interface RunHooks {
+  /** Text of one choice in order; not called after a gap (the rest arrives with the final result). */
+  onDelta?(index: number, text: string, logprobs: TokenLogprob[] | null): void;
+  onStarted?(workerId: string): void;
+}
+
+/** Where the heartbeat of the worker named in `started` is read (services/worker-registry.ts). */
+export interface WorkerLiveness {
+  isAlive(workerId: string): boolean;
+}
+
+export interface RunTimings {
+  queueTimeoutMs: number;
+  requestTimeoutMs: number;
+  pollMs: number;
+  heartbeatCheckMs: number;
+}
+
+export interface RunDeps {
+  bus: JobEventBus;
+  queues: JobQueues;
+  liveness: WorkerLiveness;
+  logger: Logger;
+  timings: RunTimings;
+}
+
+export interface FinalChoice {
+  index: number;
+  /** Text not yet given to onDelta (all of it when nothing was forwarded). */
+  rest: string;
+  restLogprobs: TokenLogprob[] | null;
+}
+
+export interface RunOutcome {
+  result: JobResult;
+  rest: FinalChoice[];
+}
+
+/** Extra time past the job's deadline before the gateway gives up on hearing from the worker. */
+const DEADLINE_GRACE_MS = 5000;
+
+export class JobRun {
+  readonly outcome: Promise<RunOutcome>;
+  private resolve!: (o: RunOutcome) => void;
+  private reject!: (e: ApiError) => void;
+  private settled = false;
+  private expectedSeq = 1;
+  private gap = false;
+  private workerId: string | null = null;
+  private readonly forwarded = new Map<number, { chars: number; logprobs: number }>();
+  private lastHeardMs = Date.now();
+  private timers: NodeJS.Timeout[] = [];
+  private queueTimer: NodeJS.Timeout | null = null;
+  private unsubscribe: (() => Promise<void>) | null = null;
+  private offSettled: (() => void) | null = null;
+  private polling = false;
+  private readonly log: Logger;
+
+  constructor(
+    private readonly deps: RunDeps,
+    readonly jobId: string,
+    private readonly data: JobData,
+    private readonly hooks: RunHooks = {},
+  ) {
+    this.log = deps.logger.child({ jobId, requestId: data.request_id, model: data.model });
+    this.outcome = new Promise<RunOutcome>((res, rej) => {
+      this.resolve = res;
+      this.reject = rej;
+    });
+    this.outcome.catch(() => undefined); // callers may attach later; never an unhandled rejection
+  }
+
+  /** Subscribes, then enqueues. Throws (before any response header) when Redis refuses either. */
+  async start(): Promise<void> {
+    this.unsubscribe = await this.deps.bus.subscribe(this.jobId, (raw) => this.onMessage(raw));
+    this.offSettled = this.deps.queues.onSettled(this.jobId, (s) => this.onSettlement(s));
+    try {
+      await this.deps.queues.add(this.data.model, this.jobId, this.data);
+    } catch (err) {
+      this.settled = true;
+      await this.cleanup();
+      throw err;
+    }
+    const t = this.deps.timings;
+    this.queueTimer = setTimeout(() => void this.onQueueTimeout(), t.queueTimeoutMs);
+    const hardStop = Math.max(0, this.data.deadline_ms - Date.now()) + DEADLINE_GRACE_MS;
+    this.timers.push(setTimeout(() => this.abandon('request_timeout', 'The request timed out.'), hardStop));
+    this.timers.push(setInterval(() => void this.poll(), t.pollMs));
+    this.timers.push(setInterval(() => this.checkHeartbeat(), t.heartbeatCheckMs));
+  }
+
+  /** The client went away: tell the worker, drop the job if still queued. */
+  cancel(): void {
+    if (this.settled) return;
+    this.log.info('job cancelled by client disconnect');
+    this.abandon('cancelled', 'The client closed the request.');
+  }
+
+  get hasForwardedText(): boolean {
+    for (const f of this.forwarded.values()) if (f.chars > 0) return true;
+    return false;
+  }
+
+  // ---- events -----------------------------------------------------------------------------------------------------
+  private onMessage(raw: string): void {
+    if (this.settled) return;
+    this.lastHeardMs = Date.now();
+    let event: JobEvent;
+    try {
+      const parsed = jobEventSchema.safeParse(JSON.parse(raw));
+      if (!parsed.success) throw parsed.error;
+      event = parsed.data;
+    } catch (err) {
+      this.log.warn('ignoring malformed job event', { err: String(err) });
+      return;
+    }
+    switch (event.type) {
+      case 'started':
+        return this.onStarted(event.worker_id);
+      case 'delta':
+        if (!this.checkSeq(event.seq)) return;
+        for (const c of event.choices) this.forward(c.index, c.text, c.logprobs ?? null);
+        return;
+      case 'done':
+        return this.finish(event.result);
+      case 'error':
+        return this.fail(workerErrorToApiError(event.error));
+    }
+  }
+
+  private onStarted(workerId: string): void {
+    if (this.workerId !== null && workerId !== this.workerId && this.hasForwardedText) {
+      // A second attempt after text already reached the client would repeat it.
+      return this.abandon('worker_lost', 'The worker generating this response was lost. Please retry.');
+    }
+    if (this.queueTimer) clearTimeout(this.queueTimer);
+    this.queueTimer = null;
+    // A retried job (its first worker died) numbers its events from 1 again.
+    this.workerId = workerId;
+    this.expectedSeq = 1;
+    this.gap = false;
+    this.log.debug('job started', { workerId });
+    this.hooks.onStarted?.(workerId);
+  }
+
+  /** True when `seq` is the next expected; on a gap, forwarding stops for good and the final result fills in. */
+  private checkSeq(seq: number): boolean {
+    if (seq !== this.expectedSeq && !this.gap) {
+      this.gap = true;
+      this.log.warn('job event gap: finishing from the stored result', { expected: this.expectedSeq, got: seq });
+    }
+    this.expectedSeq = Math.max(this.expectedSeq, seq + 1);
+    return !this.gap;
+  }
+
+  private forward(index: number, text: string, logprobs: TokenLogprob[] | null): void {
+    if (!this.hooks.onDelta) return;
+    const f = this.forwarded.get(index) ?? { chars: 0, logprobs: 0 };
+    f.chars += text.length;
+    f.logprobs += logprobs?.length ?? 0;
+    this.forwarded.set(index, f);
+    this.hooks.onDelta(index, text, logprobs);
+  }
+
+  private onSettlement(s: Settlement): void {
+    if (this.settled) return;
+    if (s.kind === 'completed') this.finishFromStored(s.returnvalue);
+    else this.fail(failedReasonToApiError(s.failedReason));
+  }
+
+  private finishFromStored(returnvalue: unknown): void {
+    const parsed = jobResultSchema.safeParse(typeof returnvalue === 'string' ? safeJson(returnvalue) : returnvalue);
+    if (!parsed.success) {
+      this.log.error('stored job result does not match the protocol', { err: parsed.error.message });
+      return this.fail(new ApiError('internal_error', 'The worker returned a malformed result.'));
+    }
+    this.finish(parsed.data);
+  }
+
+  // ---- timers -----------------------------------------------------------------------------------------------------
+  private async onQueueTimeout(): Promise<void> {
+    this.queueTimer = null;
+    if (this.settled || this.workerId !== null) return;
+    const removed = await this.deps.queues.removeIfWaiting(this.data.model, this.jobId).catch(() => false);
+    if (removed) {
+      return this.abandon('queue_timeout', 'No worker could take this request in time: the server is busy. Please retry.');
+    }
+    // Not removable: a worker holds it (its `started` was lost) or it has ended; the poll settles the latter.
+    this.log.info('queue timeout reached but the job is not waiting; still following it');
+  }
+
+  private async poll(): Promise<void> {
+    if (this.settled || this.polling || Date.now() - this.lastHeardMs < this.deps.timings.pollMs) return;
+    this.polling = true;
+    try {
+      const snap = await this.deps.queues.snapshot(this.data.model, this.jobId);
+      if (this.settled) return;
+      if (snap === null) return this.fail(new ApiError('internal_error', 'The job was lost.'));
+      if (snap.state === 'completed') this.finishFromStored(snap.returnvalue);
+      else if (snap.state === 'failed') this.fail(failedReasonToApiError(snap.failedReason));
+    } catch (err) {
+      this.log.debug('job poll failed', { err: String(err) });
+    } finally {
+      this.polling = false;
+    }
+  }
+
+  private checkHeartbeat(): void {
+    if (this.settled || this.workerId === null || this.deps.liveness.isAlive(this.workerId)) return;
+    if (this.hasForwardedText) {
+      return this.abandon('worker_lost', 'The worker generating this response was lost. Please retry.');
+    }
+    // Nothing reached the client: BullMQ's stalled-job check hands the job to another worker; wait for it.
+    this.log.warn('worker lost before any text was sent; waiting for the retry', { workerId: this.workerId });
+    this.workerId = null;
+    this.forwarded.clear();
+    this.queueTimer = setTimeout(() => void this.onQueueTimeout(), this.deps.timings.queueTimeoutMs);
+  }
+
+  // ---- settling ---------------------------------------------------------------------------------------------------
+  private finish(result: JobResult): void {
+    if (this.settled) return;
+    this.settled = true;
+    const rest = [...result.choices]
+      .sort((a, b) => a.index - b.index)
+      .map((c) => {
+        const f = this.forwarded.get(c.index) ?? { chars: 0, logprobs: 0 };
+        return { index: c.index, rest: c.text.slice(f.chars), restLogprobs: c.logprobs?.slice(f.logprobs) ?? null };
+      });
+    void this.cleanup();
+    this.resolve({ result, rest });
+  }
+
+  private fail(err: ApiError): void {
+    if (this.settled) return;
+    this.settled = true;
+    void this.cleanup();
+    this.reject(err);
+  }
+
+  /** Ends the run on our side and tells the worker to stop (the job may still be queued or running). */
+  private abandon(code: 'cancelled' | 'queue_timeout' | 'worker_lost' | 'request_timeout', message: string): void {
+    if (this.settled) return;
+    this.deps.queues.cancel(this.data.model, this.jobId).catch((err) => this.log.warn('cancel failed', { err: String(err) }));
+    const retryAfterMs = code === 'queue_timeout' ? 1000 : undefined;
+    this.fail(new ApiError(code, message, { retryAfterMs }));
+  }
+
+  private async cleanup(): Promise<void> {
+    for (const t of this.timers) clearInterval(t);
+    this.timers = [];
+    if (this.queueTimer) clearTimeout(this.queueTimer);
+    this.queueTimer = null;
+    this.offSettled?.();
+    this.offSettled = null;
+    const unsubscribe = this.unsubscribe;
+    this.unsubscribe = null;
+    await unsubscribe?.();
+  }
+}
+
+function safeJson(raw: string): unknown {
+  try {
+    return JSON.parse(raw);
+  } catch {
+    return raw;
+  }
+}
+
+/** A worker's failure code (docs/PROTOCOL.md, Failures) as the client sees it. */
+export function workerErrorToApiError(e: WorkerError): ApiError {
+  switch (e.code) {
+    case 'context_length_exceeded':
+      return new ApiError('context_length_exceeded', e.message, { param: 'messages' });
+    case 'invalid_request':
+      return new ApiError('invalid_request', e.message);
+    case 'queue_timeout':
+      return new ApiError('queue_timeout', 'No worker could take this request in time: the server is busy. Please retry.', {
+        retryAfterMs: 1000,
+      });
+    case 'cancelled':
+      return new ApiError('cancelled', 'The request was cancelled.');
+    default:
+      return new ApiError('internal_error', 'The server had an error while generating the response. Please retry.', {
+        cause: e,
+      });
+  }
+}
+
+export function failedReasonToApiError(reason: string | undefined): ApiError {
+  // BullMQ's own reason when a job's worker died more often than maxStalledCount allows.
+  if (reason && /stalled more than allowable limit/i.test(reason)) {
+    return new ApiError('worker_lost', 'The worker generating this response was lost. Please retry.');
+  }
+  let text = reason ?? '';
+  // Python bullmq <= 3.0.4 JSON-quotes failedReason (FACTS.md, issue #4596); unwrap it rather than show the quotes.
+  if (text.startsWith('"') && text.endsWith('"')) {
+    const unquoted = safeJson(text);
+    if (typeof unquoted === 'string') text = unquoted;
+  }
+  return workerErrorToApiError(parseFailedReason(text));
+}

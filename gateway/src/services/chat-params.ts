@@ -1,0 +1,207 @@
+/**
+ * Converts an OpenAI chat request into the worker's job parameters, once (vLLM's `to_sampling_params` idea).
+ *
+ * PARAM_TABLE is the one place that says which OpenAI fields we support. To enable a field: set `supported: true` and
+ * give it an `apply`. Ranges are checked by the zod schema (protocol/chat.ts), with OpenAI's bounds.
+ */
+import { ApiError } from '../errors';
+import type { ChatCompletionRequest, ChatMessageParam } from '../protocol/chat';
+import type { JobMessage, JobParams } from '../protocol/job';
+
+type Req = ChatCompletionRequest;
+
+interface ParamRule {
+  field: keyof Req & string;
+  supported: boolean;
+  /** Whether the value asks for something; unset (null/undefined) never does. Default: any non-null value. */
+  used?: (value: unknown, req: Req) => boolean;
+  /** Message when an unsupported field is used; `code` tells a value we refuse from a field we refuse. */
+  refusal?: { code: 'unsupported_parameter' | 'unsupported_value'; message: string };
+  /** Writes the field into the job's params (only called when the value is non-null). */
+  apply?: (value: never, params: JobParams, req: Req) => void;
+}
+
+/** What a request that sets nothing gets (OpenAI's defaults); max_tokens is decided later from the context. */
+export const DEFAULT_JOB_PARAMS: Readonly<Omit<JobParams, 'max_tokens'>> = Object.freeze({
+  temperature: 1.0,
+  top_p: 1.0,
+  seed: null,
+  stop: [],
+  n: 1,
+  presence_penalty: 0,
+  frequency_penalty: 0,
+  logit_bias: {},
+  logprobs: false,
+  top_logprobs: 0,
+  top_k: 0,
+  min_p: 0,
+  repetition_penalty: 1.0,
+  ignore_eos: false,
+});
+
+const notText = (v: unknown) => typeof v === 'object' && v !== null && (v as { type?: unknown }).type !== 'text';
+
+export const PARAM_TABLE: readonly ParamRule[] = [
+  { field: 'temperature', supported: true, apply: (v: number, p) => void (p.temperature = v) },
+  { field: 'top_p', supported: true, apply: (v: number, p) => void (p.top_p = v) },
+  { field: 'seed', supported: true, apply: (v: number, p) => void (p.seed = v) },
+  {
+    field: 'stop',
+    supported: true,
+    // Empty strings would stop at once; OpenAI ignores them, so do we.
+    apply: (v: string | string[], p) => void (p.stop = (Array.isArray(v) ? v : [v]).filter((s) => s.length > 0)),
+  },
+  { field: 'n', supported: true, apply: (v: number, p) => void (p.n = v) },
+  { field: 'presence_penalty', supported: true, apply: (v: number, p) => void (p.presence_penalty = v) },
+  { field: 'frequency_penalty', supported: true, apply: (v: number, p) => void (p.frequency_penalty = v) },
+  { field: 'logit_bias', supported: true, apply: (v: Record<string, number>, p) => void (p.logit_bias = { ...v }) },
+  { field: 'logprobs', supported: true, apply: (v: boolean, p) => void (p.logprobs = v) },
+  { field: 'top_logprobs', supported: true, apply: (v: number, p) => void (p.top_logprobs = v) },
+  // vLLM extensions: -1 and 0 both mean "off" for top_k; the worker's convention is 0.
+  { field: 'top_k', supported: true, apply: (v: number, p) => void (p.top_k = Math.max(0, v)) },
+  { field: 'min_p', supported: true, apply: (v: number, p) => void (p.min_p = v) },
+  { field: 'repetition_penalty', supported: true, apply: (v: number, p) => void (p.repetition_penalty = v) },
+  { field: 'ignore_eos', supported: true, apply: (v: boolean, p) => void (p.ignore_eos = v) },
+
+  // Defined by OpenAI, not served yet: using them is a 400 naming the field, never a silent ignore.
+  { field: 'tools', supported: false },
+  { field: 'functions', supported: false },
+  {
+    field: 'tool_choice',
+    supported: false,
+    used: (v) => v !== 'none',
+    refusal: { code: 'unsupported_value', message: "Only tool_choice 'none' is supported: this server does not call tools." },
+  },
+  {
+    field: 'function_call',
+    supported: false,
+    used: (v) => v !== 'none',
+    refusal: { code: 'unsupported_value', message: "Only function_call 'none' is supported: this server does not call functions." },
+  },
+  {
+    field: 'response_format',
+    supported: false,
+    used: notText,
+    refusal: { code: 'unsupported_value', message: "Only response_format {\"type\": \"text\"} is supported." },
+  },
+  { field: 'audio', supported: false },
+  {
+    field: 'modalities',
+    supported: false,
+    used: (v) => Array.isArray(v) && v.some((m) => m !== 'text'),
+    refusal: { code: 'unsupported_value', message: "Only the 'text' modality is supported." },
+  },
+  { field: 'prediction', supported: false },
+  { field: 'web_search_options', supported: false },
+  { field: 'reasoning_effort', supported: false },
+  { field: 'verbosity', supported: false },
+];
+
+/** Throws for the first unsupported field the request uses, then builds the job's params (without max_tokens). */
+export function toJobParams(req: Req): Omit<JobParams, 'max_tokens'> {
+  const params: JobParams = { ...DEFAULT_JOB_PARAMS, stop: [], logit_bias: {}, max_tokens: 1 };
+  for (const rule of PARAM_TABLE) {
+    const value = req[rule.field];
+    if (value === undefined || value === null) continue;
+    if (!rule.supported) {
+      if (rule.used && !rule.used(value, req)) continue;
+      const refusal = rule.refusal ?? {
+        code: 'unsupported_parameter' as const,
+        message: `Unsupported parameter: '${rule.field}' is not supported by this server yet.`,
+      };
+      throw new ApiError(refusal.code, refusal.message, { param: rule.field });
+    }
+    rule.apply?.(value as never, params, req);
+  }
+  checkCrossField(req, params);
+  const { max_tokens: _unused, ...rest } = params;
+  return rest;
+}
+
+function checkCrossField(req: Req, params: JobParams): void {
+  requestedMaxTokens(req);
+  if (req.top_logprobs != null && req.top_logprobs > 0 && !params.logprobs) {
+    throw new ApiError('invalid_value', "'logprobs' must be set to true when 'top_logprobs' is used.", {
+      param: 'top_logprobs',
+    });
+  }
+  if (req.stream_options != null && !req.stream) {
+    throw new ApiError('invalid_value', "The 'stream_options' parameter is only allowed when 'stream' is enabled.", {
+      param: 'stream_options',
+    });
+  }
+}
+
+/** max_tokens and max_completion_tokens mean the same; if both are sent they must agree. */
+export function requestedMaxTokens(req: Req): number | null {
+  const a = req.max_completion_tokens ?? null;
+  const b = req.max_tokens ?? null;
+  if (a !== null && b !== null && a !== b) {
+    throw new ApiError('invalid_value', "'max_tokens' and 'max_completion_tokens' were both set to different values; set one.", {
+      param: 'max_tokens',
+    });
+  }
+  return a ?? b;
+}
+
+/**
+ * Normalises messages for the worker (docs/PROTOCOL.md): roles system|user|assistant (developer → system),
+ * content a string (text parts joined with "\n").
+ */
+export function normaliseMessages(messages: ChatMessageParam[]): JobMessage[] {
+  return messages.map((m, i) => {
+    const param = `messages[${i}]`;
+    let role: JobMessage['role'];
+    switch (m.role) {
+      case 'system':
+      case 'user':
+      case 'assistant':
+        role = m.role;
+        break;
+      case 'developer':
+        role = 'system';
+        break;
+      case 'tool':
+      case 'function':
+        throw new ApiError('unsupported_value', `Messages with role '${m.role}' are not supported: this server does not call tools.`, {
+          param: `${param}.role`,
+        });
+      default:
+        throw new ApiError(
+          'invalid_value',
+          `Invalid value: '${m.role}'. Supported values are: 'system', 'developer', 'user' and 'assistant'.`,
+          { param: `${param}.role` },
+        );
+    }
+    if (role === 'assistant' && (m as { tool_calls?: unknown }).tool_calls != null) {
+      throw new ApiError('unsupported_parameter', 'Assistant messages with tool_calls are not supported.', {
+        param: `${param}.tool_calls`,
+      });
+    }
+    return { role, content: contentText(m.content, `${param}.content`, role) };
+  });
+}
+
+function contentText(content: ChatMessageParam['content'], param: string, role: string): string {
+  if (content == null) {
+    if (role === 'assistant') return '';
+    throw new ApiError('missing_required_parameter', `Missing required parameter: '${param}'.`, { param });
+  }
+  if (typeof content === 'string') return content;
+  const texts: string[] = [];
+  content.forEach((part, j) => {
+    const p = part as { type: string; text?: unknown; refusal?: unknown };
+    if (p.type === 'text' && typeof p.text === 'string') texts.push(p.text);
+    else if (p.type === 'refusal' && role === 'assistant' && typeof p.refusal === 'string') texts.push(p.refusal);
+    else if (p.type === 'text') {
+      throw new ApiError('invalid_type', `Invalid type for '${param}[${j}].text': expected a string.`, {
+        param: `${param}[${j}].text`,
+      });
+    } else {
+      throw new ApiError('unsupported_value', `Content parts of type '${p.type}' are not supported; only 'text' is.`, {
+        param: `${param}[${j}].type`,
+      });
+    }
+  });
+  return texts.join('\n');
+}

@@ -1,0 +1,237 @@
+/**
+ * The serving logic of POST /v1/chat/completions (routes/chat.ts only does HTTP).
+ * `prepare` does everything that can fail before a job exists (validation, model, tokens, context), so those errors are
+ * plain HTTP statuses; `complete` and `stream` run the job.
+ */
+import { randomBytes } from 'node:crypto';
+import type { Response } from 'express';
+import type Redis from 'ioredis';
+import type { Config } from '../config';
+import { ApiError, toApiError } from '../errors';
+import type { Logger } from '../logger';
+import { chatCompletionRequestSchema, type ChatCompletion, KNOWN_REQUEST_FIELDS } from '../protocol/chat';
+import { type JobData, PROTOCOL_VERSION, tokenizerKey } from '../protocol/job';
+import type { JobEventBus } from '../queue/job-events';
+import type { JobQueues } from '../queue/job-queue';
+import { JobRun, type RunDeps } from '../queue/job-run';
+import { isReady } from '../queue/redis';
+import { SseWriter } from '../streaming/sse';
+import { ChunkFactory, type CompletionMeta, toChatCompletion } from './chat-format';
+import { normaliseMessages, requestedMaxTokens, toJobParams } from './chat-params';
+import type { TokenizerCache } from './tokenizer';
+import { parseOrThrow } from './validation';
+import type { WorkerRegistry } from './worker-registry';
+
+export interface RequestContext {
+  requestId: string;
+  log: Logger;
+  /** Aborted when the client goes away (reason "client") or the gateway shuts down (reason "shutdown"). */
+  signal: AbortSignal;
+}
+
+export interface PreparedChat {
+  meta: CompletionMeta;
+  data: JobData;
+  stream: boolean;
+  includeUsage: boolean;
+  wantLogprobs: boolean;
+}
+
+export interface ChatServiceDeps {
+  config: Config;
+  redis: Redis;
+  registry: WorkerRegistry;
+  tokenizers: TokenizerCache;
+  queues: JobQueues;
+  bus: JobEventBus;
+  logger: Logger;
+}
+
+export class ChatService {
+  constructor(private readonly deps: ChatServiceDeps) {}
+
+  async prepare(body: unknown, ctx: RequestContext): Promise<PreparedChat> {
+    const { config } = this.deps;
+    const req = parseOrThrow(chatCompletionRequestSchema, body);
+    const unknown = Object.keys(req).filter((k) => !KNOWN_REQUEST_FIELDS.has(k));
+    if (unknown.length > 0) ctx.log.debug('ignoring fields OpenAI does not define', { fields: unknown });
+
+    const params = toJobParams(req);
+    const messages = normaliseMessages(req.messages);
+    const model = await this.liveModel(req.model);
+    const tokenizer = await this.deps.tokenizers.get(model.id, model.tokenizerHash);
+
+    for (const id of Object.keys(params.logit_bias)) {
+      if (Number(id) >= tokenizer.vocabSize) {
+        throw new ApiError('invalid_value', `Invalid 'logit_bias': token id ${id} is outside the vocabulary.`, {
+          param: 'logit_bias',
+        });
+      }
+    }
+    const promptTokens = tokenizer.countPrompt(messages);
+    const maxTokens = this.decideMaxTokens(requestedMaxTokens(req), promptTokens, model.contextLength);
+
+    const now = Date.now();
+    const id = `chatcmpl-${randomBytes(16).toString('hex')}`;
+    const data: JobData = {
+      v: PROTOCOL_VERSION,
+      request_id: ctx.requestId,
+      model: model.id,
+      messages,
+      params: { ...params, max_tokens: maxTokens },
+      stream: req.stream === true,
+      prompt_tokens: promptTokens,
+      enqueued_at_ms: now,
+      deadline_ms: now + config.REQUEST_TIMEOUT_MS,
+    };
+    ctx.log.info('chat request accepted', {
+      jobId: id,
+      model: model.id,
+      stream: data.stream,
+      n: params.n,
+      promptTokens,
+      maxTokens,
+      ...(config.LOG_PROMPTS ? { messages } : {}),
+    });
+    return {
+      meta: { id, created: Math.floor(now / 1000), model: model.id },
+      data,
+      stream: data.stream,
+      includeUsage: req.stream_options?.include_usage === true,
+      wantLogprobs: params.logprobs,
+    };
+  }
+
+  /** Non-stream: waits for the job and returns the ChatCompletion object. */
+  async complete(p: PreparedChat, ctx: RequestContext): Promise<ChatCompletion> {
+    const run = new JobRun(this.runDeps(), p.meta.id, p.data);
+    await run.start();
+    const onAbort = () => run.cancel();
+    ctx.signal.addEventListener('abort', onAbort, { once: true });
+    try {
+      const { result } = await run.outcome;
+      this.logDone(ctx, p, result.usage.completion_tokens, result.choices.map((c) => c.finish_reason), result);
+      return toChatCompletion(p.meta, result, p.wantLogprobs);
+    } catch (err) {
+      throw shutdownAware(err, ctx.signal);
+    } finally {
+      ctx.signal.removeEventListener('abort', onAbort);
+    }
+  }
+
+  /** Stream: SSE chunks as OpenAI sends them; errors after the headers go into the stream. */
+  async stream(p: PreparedChat, res: Response, ctx: RequestContext): Promise<void> {
+    const chunks = new ChunkFactory(p.meta, p.includeUsage);
+    const sse = new SseWriter(res, { keepAliveMs: this.deps.config.SSE_KEEPALIVE_MS });
+    const opened = new Set<number>();
+    const openChoice = (index: number) => {
+      if (opened.has(index)) return;
+      opened.add(index);
+      sse.data(chunks.role(index));
+    };
+    const run = new JobRun(this.runDeps(), p.meta.id, p.data, {
+      onDelta: (index, text, logprobs) => {
+        openChoice(index);
+        if (text.length > 0 || logprobs?.length) sse.data(chunks.content(index, text, logprobs));
+      },
+    });
+    await run.start(); // throws before any header: plain HTTP error
+    sse.open();
+    const onAbort = () => run.cancel();
+    ctx.signal.addEventListener('abort', onAbort, { once: true });
+    try {
+      const { result, rest } = await run.outcome;
+      for (const c of rest) {
+        openChoice(c.index);
+        if (c.rest.length > 0 || c.restLogprobs?.length) sse.data(chunks.content(c.index, c.rest, c.restLogprobs));
+      }
+      for (const c of [...result.choices].sort((a, b) => a.index - b.index)) sse.data(chunks.finish(c.index, c.finish_reason));
+      if (p.includeUsage) sse.data(chunks.usage(result));
+      sse.done();
+      this.logDone(ctx, p, result.usage.completion_tokens, result.choices.map((c) => c.finish_reason), result);
+    } catch (err) {
+      const apiErr = shutdownAware(err, ctx.signal);
+      if (apiErr.status >= 500) ctx.log.error('stream failed', { jobId: p.meta.id, code: apiErr.code, err: apiErr.cause ?? apiErr });
+      else ctx.log.info('stream ended early', { jobId: p.meta.id, code: apiErr.code });
+      if (sse.writable) sse.error(apiErr);
+    } finally {
+      ctx.signal.removeEventListener('abort', onAbort);
+      sse.end();
+    }
+  }
+
+  private runDeps(): RunDeps {
+    const { config, bus, queues, registry, logger } = this.deps;
+    return {
+      bus,
+      queues,
+      liveness: registry,
+      logger,
+      timings: {
+        queueTimeoutMs: config.QUEUE_TIMEOUT_MS,
+        requestTimeoutMs: config.REQUEST_TIMEOUT_MS,
+        pollMs: config.JOB_POLL_MS,
+        heartbeatCheckMs: config.WORKER_REFRESH_MS,
+      },
+    };
+  }
+
+  /** A live model, or: 503 when it is ours but no worker serves it right now, 404 when we never heard of it. */
+  private async liveModel(id: string) {
+    const { redis, registry, config } = this.deps;
+    if (!isReady(redis)) throw redisUnavailable();
+    const model = await registry.model(id);
+    if (model) return model;
+    const known = id === config.DEFAULT_MODEL || (await redis.exists(tokenizerKey(id))) === 1;
+    if (known) {
+      throw new ApiError('no_worker_available', `No worker is serving the model '${id}' right now. Please retry shortly.`, {
+        retryAfterMs: Math.min(config.HEARTBEAT_TTL_MS, 5000),
+      });
+    }
+    throw new ApiError('model_not_found', `The model \`${id}\` does not exist or you do not have access to it.`, {
+      param: 'model',
+    });
+  }
+
+  /** max_tokens: the request's, else the configured default, never more than the context leaves. */
+  private decideMaxTokens(requested: number | null, promptTokens: number, contextLength: number): number {
+    const left = contextLength - promptTokens;
+    if (requested !== null ? promptTokens + requested > contextLength : left < 1) {
+      const asked = requested ?? 1;
+      throw new ApiError(
+        'context_length_exceeded',
+        `This model's maximum context length is ${contextLength} tokens. However, you requested ${promptTokens + asked} tokens (${promptTokens} in the messages, ${asked} in the completion). Please reduce the length of the messages or completion.`,
+        { param: 'messages' },
+      );
+    }
+    return requested ?? Math.min(this.deps.config.DEFAULT_MAX_TOKENS, left);
+  }
+
+  private logDone(ctx: RequestContext, p: PreparedChat, completionTokens: number, finish: string[], result: { choices: Array<{ text: string }> }): void {
+    ctx.log.info('chat completion finished', {
+      jobId: p.meta.id,
+      model: p.meta.model,
+      promptTokens: p.data.prompt_tokens,
+      completionTokens,
+      finishReasons: finish,
+      ms: Date.now() - p.data.enqueued_at_ms,
+      ...(this.deps.config.LOG_PROMPTS ? { output: result.choices.map((c) => c.text) } : {}),
+    });
+  }
+}
+
+function redisUnavailable(): ApiError {
+  return new ApiError('redis_unavailable', 'The service is temporarily unavailable (queue store unreachable). Please retry.', {
+    retryAfterMs: 1000,
+  });
+}
+
+/** A run cancelled because the gateway is shutting down is reported as such, not as a client cancel. */
+function shutdownAware(err: unknown, signal: AbortSignal): ApiError {
+  const apiErr = toApiError(err);
+  if (apiErr.code === 'cancelled' && signal.aborted && signal.reason === 'shutdown') {
+    return new ApiError('shutting_down', 'The server is restarting. Please retry.', { retryAfterMs: 1000 });
+  }
+  return apiErr;
+}
+

@@ -1,0 +1,110 @@
+/**
+ * zod issues → one ApiError in OpenAI's words, with `param` naming the field ("messages[0].content"), because the
+ * openai SDKs surface `param` to users and our e2e tests assert on it.
+ */
+import type { z } from 'zod';
+import { ApiError } from '../errors';
+
+type Issue = z.core.$ZodIssue;
+type PathKey = PropertyKey;
+
+/** ["messages", 0, "content"] → "messages[0].content" (OpenAI's spelling). */
+export function formatParam(path: readonly PathKey[]): string | null {
+  let out = '';
+  for (const key of path) {
+    if (typeof key === 'number') out += `[${key}]`;
+    else out += out ? `.${String(key)}` : String(key);
+  }
+  return out || null;
+}
+
+function valueAt(root: unknown, path: readonly PathKey[]): unknown {
+  let cur: unknown = root;
+  for (const key of path) {
+    if (cur === null || typeof cur !== 'object') return undefined;
+    cur = (cur as Record<PropertyKey, unknown>)[key as PropertyKey];
+  }
+  return cur;
+}
+
+function describe(value: unknown): string {
+  if (value === null) return 'null';
+  if (Array.isArray(value)) return 'an array';
+  if (typeof value === 'number') return Number.isInteger(value) ? 'an integer' : 'a decimal';
+  if (typeof value === 'object') return 'an object';
+  return `a ${typeof value}`;
+}
+
+const EXPECTED: Record<string, string> = {
+  int: 'an integer',
+  number: 'a number',
+  string: 'a string',
+  boolean: 'a boolean',
+  array: 'an array',
+  object: 'an object',
+};
+
+/** Unions report one issue per branch; the most specific one (not a mere type mismatch) explains best. */
+function unwrapUnion(issue: Issue): { issue: Issue; basePath: PathKey[] } {
+  let basePath = [...issue.path];
+  let cur = issue;
+  while (cur.code === 'invalid_union') {
+    const branches = cur.errors;
+    const specific = branches.flat().find((i) => i.code !== 'invalid_type');
+    if (!specific) break;
+    basePath = [...basePath, ...specific.path];
+    cur = specific;
+  }
+  return { issue: cur, basePath };
+}
+
+export function zodErrorToApiError(error: z.ZodError, input: unknown): ApiError {
+  const { issue, basePath } = unwrapUnion(error.issues[0]);
+  const path = issue === error.issues[0] ? [...issue.path] : basePath;
+  const param = formatParam(path);
+  const value = valueAt(input, path);
+  const name = param ?? 'body';
+
+  if (param === null && (input === null || typeof input !== 'object' || Array.isArray(input))) {
+    return new ApiError('invalid_type', 'The request body must be a JSON object.', { param: null });
+  }
+  switch (issue.code) {
+    case 'invalid_type':
+    case 'invalid_union': {
+      if (value === undefined) {
+        return new ApiError('missing_required_parameter', `Missing required parameter: '${name}'.`, { param });
+      }
+      const expected = issue.code === 'invalid_type' ? (EXPECTED[issue.expected] ?? issue.expected) : 'another type';
+      return new ApiError(
+        'invalid_type',
+        `Invalid type for '${name}': expected ${expected}, but got ${describe(value)} instead.`,
+        { param },
+      );
+    }
+    case 'too_small':
+    case 'too_big': {
+      const isArray = issue.origin === 'array';
+      const bound = issue.code === 'too_small' ? issue.minimum : issue.maximum;
+      const op = issue.code === 'too_small' ? (issue.inclusive ? '>=' : '>') : issue.inclusive ? '<=' : '<';
+      const what = isArray
+        ? `Expected an array with ${issue.code === 'too_small' ? 'minimum' : 'maximum'} length ${String(bound)}, but got an array with length ${Array.isArray(value) ? value.length : '?'} instead.`
+        : `Expected a value ${op} ${String(bound)}, but got ${JSON.stringify(value)} instead.`;
+      return new ApiError('invalid_value', `Invalid '${name}': ${what}`, { param });
+    }
+    case 'invalid_value':
+      return new ApiError(
+        'invalid_value',
+        `Invalid value for '${name}': ${JSON.stringify(value)}. Supported values are: ${issue.values.map((v) => JSON.stringify(v)).join(', ')}.`,
+        { param },
+      );
+    default:
+      return new ApiError('invalid_value', `Invalid '${name}': ${issue.message}.`, { param });
+  }
+}
+
+/** Parses `input` with `schema` or throws the ApiError for its first issue. */
+export function parseOrThrow<S extends z.ZodType>(schema: S, input: unknown): z.infer<S> {
+  const parsed = schema.safeParse(input);
+  if (!parsed.success) throw zodErrorToApiError(parsed.error, input);
+  return parsed.data;
+}

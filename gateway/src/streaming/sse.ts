@@ -1,0 +1,87 @@
+/**
+ * Server-sent events as the openai SDKs read them: `data: <json>\n\n` per event, `data: [DONE]` at the end, comment
+ * lines (": keep-alive") to keep idle connections open. An error after the headers went out is written as
+ * `data: {"error":{…}}` then `data: [DONE]`, so the SDKs raise an APIError instead of seeing a silent close.
+ */
+import type { Response } from 'express';
+import type { ApiError } from '../errors';
+
+export interface SseOptions {
+  /** Send ": keep-alive" after this long without writing anything. */
+  keepAliveMs: number;
+}
+
+export class SseWriter {
+  private keepAlive: NodeJS.Timeout | null = null;
+  private lastWriteMs = 0;
+  private ended = false;
+
+  constructor(
+    private readonly res: Response,
+    private readonly opts: SseOptions,
+  ) {
+    res.on('close', () => this.stopKeepAlive());
+  }
+
+  /** Sends the 200 and the SSE headers now (they go out before the first event, so the client stops waiting). */
+  open(): void {
+    const res = this.res;
+    res.status(200);
+    res.setHeader('content-type', 'text/event-stream; charset=utf-8');
+    res.setHeader('cache-control', 'no-cache, no-transform');
+    res.setHeader('connection', 'keep-alive');
+    // nginx and some proxies buffer responses unless told not to.
+    res.setHeader('x-accel-buffering', 'no');
+    res.flushHeaders();
+    this.lastWriteMs = Date.now();
+    const period = Math.max(50, Math.floor(this.opts.keepAliveMs / 2));
+    this.keepAlive = setInterval(() => {
+      if (Date.now() - this.lastWriteMs >= this.opts.keepAliveMs) this.comment('keep-alive');
+    }, period);
+    this.keepAlive.unref();
+  }
+
+  /** False once the stream has ended or the client has gone. */
+  get writable(): boolean {
+    return !this.ended && !this.res.writableEnded && !this.res.destroyed;
+  }
+
+  comment(text: string): void {
+    this.write(`: ${text.replace(/[\r\n]+/g, ' ')}\n\n`);
+  }
+
+  data(payload: unknown): void {
+    this.write(`data: ${JSON.stringify(payload)}\n\n`);
+  }
+
+  /** `data: [DONE]` and the end of the response. */
+  done(): void {
+    if (!this.writable) return;
+    this.write('data: [DONE]\n\n');
+    this.end();
+  }
+
+  /** An error after the headers: the OpenAI error object as an event, then [DONE]. */
+  error(err: ApiError): void {
+    this.data(err.toBody());
+    this.done();
+  }
+
+  end(): void {
+    if (this.ended) return;
+    this.ended = true;
+    this.stopKeepAlive();
+    if (!this.res.writableEnded) this.res.end();
+  }
+
+  private write(chunk: string): void {
+    if (!this.writable) return;
+    this.lastWriteMs = Date.now();
+    this.res.write(chunk);
+  }
+
+  private stopKeepAlive(): void {
+    if (this.keepAlive) clearInterval(this.keepAlive);
+    this.keepAlive = null;
+  }
+}

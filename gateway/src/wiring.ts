@@ -1,0 +1,64 @@
+/**
+ * The composition root: builds every long-lived object of a gateway from a Config (used by main.ts and by tests, so
+ * tests run exactly the wiring that production runs) and knows how to close them in order.
+ */
+import type { Express } from 'express';
+import type Redis from 'ioredis';
+import { createApp } from './app';
+import { type Authenticator, StaticKeyAuthenticator } from './auth/api-keys';
+import type { Config } from './config';
+import { Lifecycle } from './lifecycle';
+import type { Logger } from './logger';
+import { JobEventBus } from './queue/job-events';
+import { JobQueues } from './queue/job-queue';
+import { createRedis } from './queue/redis';
+import { ChatService } from './services/chat-service';
+import { TokenizerCache } from './services/tokenizer';
+import { WorkerRegistry } from './services/worker-registry';
+
+export interface Gateway {
+  app: Express;
+  lifecycle: Lifecycle;
+  registry: WorkerRegistry;
+  queues: JobQueues;
+  redis: Redis;
+  /** Stops background loops and closes every Redis connection. */
+  close(): Promise<void>;
+}
+
+export function buildGateway(config: Config, logger: Logger, keys: readonly string[], auth?: Authenticator): Gateway {
+  const redis = createRedis(config.REDIS_URL, 'commands', logger);
+  // A connection in subscriber mode may not run other commands, so job events get their own.
+  const sub = createRedis(config.REDIS_URL, 'subscriber', logger);
+  const registry = new WorkerRegistry(redis, logger.child({ module: 'registry' }), config.WORKER_REFRESH_MS);
+  const tokenizers = new TokenizerCache(redis, logger.child({ module: 'tokenizer' }));
+  registry.onRefresh((workers) => tokenizers.warm(workers));
+  registry.start();
+  const queues = new JobQueues(redis, config.REDIS_URL, logger.child({ module: 'queue' }));
+  const bus = new JobEventBus(sub, logger.child({ module: 'events' }));
+  const chat = new ChatService({ config, redis, registry, tokenizers, queues, bus, logger: logger.child({ module: 'chat' }) });
+  const lifecycle = new Lifecycle();
+  const app = createApp({
+    config,
+    logger,
+    redis,
+    registry,
+    chat,
+    auth: auth ?? new StaticKeyAuthenticator(keys),
+    lifecycle,
+  });
+  return {
+    app,
+    lifecycle,
+    registry,
+    queues,
+    redis,
+    async close() {
+      registry.stop();
+      await queues.close();
+      await Promise.allSettled([redis.quit(), sub.quit()]);
+      redis.disconnect();
+      sub.disconnect();
+    },
+  };
+}

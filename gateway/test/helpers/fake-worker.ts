@@ -1,0 +1,200 @@
+/**
+ * A FAKE worker, for the gateway's unit tests only: it speaks docs/PROTOCOL.md (registration, heartbeat, BullMQ queue,
+ * events on llm:job:{id}, cancellation) but generates nothing: it replies with scripted text. It exists to test the
+ * gateway's queue/stream layer in isolation, including the failures a real worker rarely shows (lost messages, a dead
+ * worker). The real Python worker is tested end to end by tests/e2e.
+ */
+import { UnrecoverableError, Worker, type Job } from 'bullmq';
+import Redis from 'ioredis';
+import {
+  CANCEL_CHANNEL,
+  cancelledKey,
+  type JobData,
+  jobChannel,
+  type JobResult,
+  queueName,
+  tokenizerKey,
+  WORKERS_ZSET,
+  workerKey,
+} from '../../src/protocol/job';
+import { tokenizerFixture } from './tokenizer-fixture';
+
+export interface FakeScript {
+  /** The reply of choice i (default: "Hello from the fake worker!" with the choice index). */
+  reply?: (data: JobData, index: number) => string;
+  /** Characters per delta. */
+  pieceChars?: number;
+  /** Pause between deltas. */
+  delayMs?: number;
+  /** Pause after picking the job up, before `started`. */
+  startDelayMs?: number;
+  /** These seq numbers are not published (simulates lost pub/sub messages); the result is still stored. */
+  dropSeqs?: number[];
+  /** Fail the job with this protocol error after `failAfterDeltas` deltas. */
+  fail?: { code: string; message: string };
+  failAfterDeltas?: number;
+  /** Stop heartbeating and hang after this many deltas (simulates a dead worker). */
+  dieAfterDeltas?: number;
+  finishReason?: 'stop' | 'length';
+}
+
+export interface FakeWorkerOptions {
+  redisUrl: string;
+  model?: string;
+  workerId?: string;
+  contextLength?: number;
+  heartbeatTtlMs?: number;
+  /** false: register and heartbeat but never take jobs (they stay queued). */
+  consume?: boolean;
+  /** Put the chat template in tokenizer_config_json (true) or in a separate chat_template hash field (false). */
+  templateInConfig?: boolean;
+  script?: FakeScript;
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+export class FakeWorker {
+  readonly model: string;
+  readonly workerId: string;
+  script: FakeScript;
+  readonly jobs: JobData[] = [];
+  readonly cancelled = new Set<string>();
+  private readonly redis: Redis;
+  private readonly sub: Redis;
+  private worker: Worker | null = null;
+  private workerConn: Redis | null = null;
+  private heartbeat: NodeJS.Timeout | null = null;
+  private dead = false;
+  private readonly ttl: number;
+
+  constructor(private readonly opts: FakeWorkerOptions) {
+    this.model = opts.model ?? 'fake-model';
+    this.workerId = opts.workerId ?? `w-fake-${Math.random().toString(16).slice(2, 8)}`;
+    this.script = opts.script ?? {};
+    this.ttl = opts.heartbeatTtlMs ?? 1000;
+    this.redis = new Redis(opts.redisUrl, { maxRetriesPerRequest: null });
+    this.sub = new Redis(opts.redisUrl, { maxRetriesPerRequest: null });
+  }
+
+  async start(): Promise<void> {
+    const fx = tokenizerFixture();
+    const inConfig = this.opts.templateInConfig ?? true;
+    await this.redis.hset(tokenizerKey(this.model), {
+      hash: fx.hash,
+      tokenizer_json: fx.tokenizerJson,
+      tokenizer_config_json: inConfig ? fx.configWithTemplateJson : fx.configJson,
+      ...(inConfig ? {} : { chat_template: fx.chatTemplate }),
+    });
+    await this.sub.subscribe(CANCEL_CHANNEL);
+    this.sub.on('message', (_ch, jobId: string) => this.cancelled.add(jobId));
+    if (this.opts.consume !== false) await this.startConsuming();
+    await this.beat();
+    this.heartbeat = setInterval(() => void this.beat().catch(() => undefined), 200);
+  }
+
+  private async startConsuming(): Promise<void> {
+    this.workerConn = new Redis(this.opts.redisUrl, { maxRetriesPerRequest: null });
+    this.worker = new Worker(queueName(this.model), (job) => this.process(job), {
+      connection: this.workerConn,
+      concurrency: 8,
+      lockDuration: 2000,
+      stalledInterval: 1000,
+      maxStalledCount: 1,
+    });
+    await this.worker.waitUntilReady();
+  }
+
+  private async beat(): Promise<void> {
+    const info = {
+      worker_id: this.workerId,
+      model: this.model,
+      queue: queueName(this.model),
+      context_length: this.opts.contextLength ?? 2048,
+      max_batch: 8,
+      device: 'cpu',
+      dtype: 'float32',
+      engine: 'fake',
+      tokenizer_hash: tokenizerFixture().hash,
+      started_at_ms: 1764100000000,
+      ready: true,
+      pid: process.pid,
+      host: 'test',
+      version: '0.0.0-fake',
+    };
+    await this.redis.set(workerKey(this.workerId), JSON.stringify(info), 'PX', this.ttl);
+    await this.redis.zadd(WORKERS_ZSET, Date.now() + this.ttl, this.workerId);
+  }
+
+  /**
+   * Behaves like a killed process: no heartbeat, no lock renewal (so BullMQ's stalled check hands its active jobs to
+   * another worker once the lock expires), no more events.
+   */
+  async die(): Promise<void> {
+    if (this.heartbeat) clearInterval(this.heartbeat);
+    this.heartbeat = null;
+    this.dead = true;
+    await this.redis.zrem(WORKERS_ZSET, this.workerId);
+    void this.worker?.close(true).catch(() => undefined);
+  }
+
+  private async process(job: Job<JobData>): Promise<JobResult> {
+    const data = job.data;
+    const id = job.id as string;
+    this.jobs.push(data);
+    const s = this.script;
+    if (await this.redis.get(cancelledKey(id))) throw new UnrecoverableError('cancelled: cancelled before start');
+    if (s.startDelayMs) await sleep(s.startDelayMs);
+    let seq = 0;
+    const drop = new Set(s.dropSeqs ?? []);
+    const publish = async (event: Record<string, unknown>) => {
+      if (this.dead) return;
+      if (event.type !== 'started') seq += 1;
+      if (event.type !== 'started' && drop.has(seq)) return;
+      await this.redis.publish(jobChannel(id), JSON.stringify({ ...event, ...(event.type !== 'started' ? { seq } : {}), ts_ms: Date.now() }));
+    };
+    await publish({ type: 'started', worker_id: this.workerId, prompt_tokens: data.prompt_tokens });
+    const replies = Array.from({ length: data.params.n }, (_, i) => (s.reply ?? defaultReply)(data, i));
+    const piece = s.pieceChars ?? 4;
+    let deltas = 0;
+    const longest = Math.max(...replies.map((r) => r.length));
+    for (let at = 0; at < longest; at += piece) {
+      if (this.cancelled.has(id)) throw new UnrecoverableError('cancelled: cancelled by the client');
+      if (s.fail && deltas === (s.failAfterDeltas ?? 0)) {
+        await publish({ type: 'error', error: s.fail });
+        throw new UnrecoverableError(`${s.fail.code}: ${s.fail.message}`);
+      }
+      if (s.dieAfterDeltas !== undefined && deltas === s.dieAfterDeltas) {
+        await this.die();
+        await new Promise(() => undefined); // hang forever, like a killed process (the test closes us)
+      }
+      const choices = replies
+        .map((r, index) => ({ index, text: r.slice(at, at + piece), tokens: 1, logprobs: null }))
+        .filter((c) => c.text.length > 0);
+      await publish({ type: 'delta', choices });
+      deltas += 1;
+      if (s.delayMs) await sleep(s.delayMs);
+    }
+    const result: JobResult = {
+      choices: replies.map((text, index) => ({ index, text, finish_reason: s.finishReason ?? 'stop', logprobs: null })),
+      usage: { prompt_tokens: data.prompt_tokens, completion_tokens: Math.max(1, deltas) },
+      worker_id: this.workerId,
+      timing: { picked_up_ms: Date.now(), first_token_ms: Date.now(), finished_ms: Date.now() },
+    };
+    await publish({ type: 'done', result });
+    return result;
+  }
+
+  async close(): Promise<void> {
+    if (this.heartbeat) clearInterval(this.heartbeat);
+    this.heartbeat = null;
+    await this.redis.zrem(WORKERS_ZSET, this.workerId).catch(() => undefined);
+    await this.worker?.close(true).catch(() => undefined);
+    this.workerConn?.disconnect();
+    this.sub.disconnect();
+    this.redis.disconnect();
+  }
+}
+
+function defaultReply(_data: JobData, index: number): string {
+  return index === 0 ? 'Hello from the fake worker!' : `Hello from the fake worker, choice ${index}!`;
+}

@@ -1,0 +1,79 @@
+"""The worker's whole configuration, parsed once from environment variables (README.md lists each with its default).
+
+A bad value stops start-up with a message naming the variable and exit status 2; nothing else reads os.environ.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import uuid
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    redis_url: str = "redis://127.0.0.1:6379"
+    model: str = "bundled"
+    model_id: Optional[str] = None  # served id; derived from MODEL when unset (see model.resolve_source)
+    gguf_file: Optional[str] = None
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device_map: Optional[str] = None  # "auto" on cuda when unset
+    trust_remote_code: bool = False
+    engine: Literal["auto", "cpu-batch", "cuda-cb"] = "auto"
+    max_batch: int = Field(16, ge=1, le=1024)
+    context_length: Optional[int] = Field(None, ge=16)
+    default_max_tokens: int = Field(512, ge=1)
+    stream_flush_ms: int = Field(15, ge=0, le=1000)
+    heartbeat_ms: int = Field(1000, ge=100)
+    heartbeat_ttl_ms: int = Field(5000, ge=500)
+    lock_duration_ms: int = Field(10000, ge=1000)
+    stalled_interval_ms: int = Field(5000, ge=500)
+    shutdown_grace_ms: int = Field(30000, ge=0)
+    metrics_port: int = Field(9101, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_prompts: bool = False
+    worker_id: str = ""
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    num_threads: Optional[int] = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        if self.heartbeat_ttl_ms <= self.heartbeat_ms:
+            raise ValueError("HEARTBEAT_TTL_MS must be larger than HEARTBEAT_MS")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("REDIS_URL must start with redis://, rediss:// or unix://")
+        return self
+
+
+def default_worker_id() -> str:
+    return f"w-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+
+
+def load_config(env: Optional[dict[str, str]] = None) -> Config:
+    """Parse the environment; raises pydantic ValidationError on a bad value."""
+    env = dict(os.environ if env is None else env)
+    values: dict[str, str] = {}
+    for name in Config.model_fields:
+        raw = env.get(name.upper())
+        if raw is not None and raw != "":
+            values[name] = raw
+    cfg = Config(**values)
+    if not cfg.worker_id:
+        cfg = cfg.model_copy(update={"worker_id": default_worker_id()})
+    return cfg
+
+
+def load_config_or_exit() -> Config:
+    try:
+        return load_config()
+    except ValidationError as exc:
+        for err in exc.errors():
+            where = ".".join(str(p).upper() for p in err["loc"]) or "config"
+            print(f"llm_worker: bad configuration: {where}: {err['msg']} (got {err.get('input')!r})", file=sys.stderr)
+        sys.exit(2)

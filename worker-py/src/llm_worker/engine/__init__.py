@@ -1,0 +1,30 @@
+"""Generation engines (no Redis, no BullMQ, no text): see base.py for the interface.
+
+``create_engine`` picks one from ENGINE (auto: cuda-cb on a GPU, cpu-batch otherwise). Both engines are constructed
+with the same keyword arguments: ``Engine(model, eos_token_ids=..., max_batch=..., context_length=...)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .base import Engine
+
+
+def engine_name(requested: str, device: str) -> str:
+    if requested != "auto":
+        return requested
+    return "cuda-cb" if device == "cuda" else "cpu-batch"
+
+
+def create_engine(name: str, model, *, eos_token_ids: set[int], max_batch: int, context_length: int,
+                  num_threads: Optional[int] = None) -> Engine:
+    if name == "cuda-cb":
+        from .cuda_cb import CudaContinuousBatchingEngine  # written separately; imported only when asked for
+
+        return CudaContinuousBatchingEngine(model, eos_token_ids=eos_token_ids, max_batch=max_batch,
+                                            context_length=context_length)
+    from .cpu_batch import CpuBatchEngine
+
+    return CpuBatchEngine(model, eos_token_ids=eos_token_ids, max_batch=max_batch, context_length=context_length,
+                          num_threads=num_threads)

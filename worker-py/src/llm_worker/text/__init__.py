@@ -1,0 +1,1 @@
+"""Token ids → text for streaming: incremental detokenizer, stop strings, logprob token strings."""

@@ -1,0 +1,55 @@
+"""OpenAI ``ChatCompletionTokenLogprob`` objects: token text and its UTF-8 bytes.
+
+Byte-level BPE vocabularies (GPT-2 family, incl. the bundled SmolLM2) spell bytes as printable characters; mapping
+them back gives the token's exact bytes, even for half a multi-byte character. Other vocabularies fall back to
+decoding the single token.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from ..engine.base import TokenLogprob
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    # GPT-2's bytes_to_unicode table, inverted.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+class LogprobFormatter:
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def token(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is not None:
+            return hit
+        piece = self._tok.convert_ids_to_tokens(token_id)
+        table = _byte_decoder()
+        if piece is not None and piece not in self._tok.all_special_tokens and all(ch in table for ch in piece):
+            raw = bytes(table[ch] for ch in piece)
+        else:
+            raw = self._tok.decode([token_id], skip_special_tokens=False).encode("utf-8")
+        hit = (raw.decode("utf-8", errors="replace"), list(raw))
+        self._cache[token_id] = hit
+        return hit
+
+    def format(self, info: TokenLogprob) -> dict[str, Any]:
+        text, raw = self.token(info.token_id)
+        top = []
+        for tid, lp in info.top:
+            t, b = self.token(tid)
+            top.append({"token": t, "logprob": lp, "bytes": b})
+        return {"token": text, "logprob": info.logprob, "bytes": raw, "top_logprobs": top}

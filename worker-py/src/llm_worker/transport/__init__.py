@@ -1,0 +1,1 @@
+"""Redis/BullMQ side of the worker (no torch here): jobs in, events and results out."""

@@ -1,0 +1,179 @@
+"""One job from pick-up to its result: checks, prompt tokens, engine request, text per choice, events, result.
+
+Runs on the asyncio loop. The engine's emits arrive from the engine thread through ``loop.call_soon_threadsafe``,
+so all per-choice text state (detokenizer, stop matcher) is touched by the loop thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..engine.base import ChoiceOutput, Engine, GenerationRequest
+from ..errors import JobError
+from ..log import now_ms
+from ..model import chat_prompt_ids
+from ..protocol import JobData
+from ..text.detokenizer import StreamDetokenizer
+from ..text.logprobs import LogprobFormatter
+from ..text.stops import StopMatcher
+from .publisher import JobStream
+
+log = logging.getLogger("llm_worker.transport.job_run")
+
+
+@dataclass
+class _Choice:
+    detok: StreamDetokenizer
+    stops: StopMatcher
+    text: str = ""
+    tokens: int = 0
+    logprobs: Optional[list[dict[str, Any]]] = None
+    finish_reason: Optional[str] = None
+
+
+@dataclass
+class JobContext:
+    """What every job needs from the worker: shared, read-only."""
+
+    engine: Engine
+    tokenizer: Any
+    logprob_formatter: LogprobFormatter
+    worker_id: str
+    context_length: int
+    vocab_size: int
+    default_max_tokens: int
+    flush_ms: int
+    log_prompts: bool
+
+
+@dataclass
+class JobRun:
+    ctx: JobContext
+    redis: Any
+    job_id: str
+    data: JobData
+    picked_up_ms: int = field(default_factory=now_ms)
+    first_token_ms: Optional[int] = None
+    cancelled: bool = False
+    _choices: dict[int, _Choice] = field(default_factory=dict)
+    _done: Optional[asyncio.Future] = None
+    _engine_error: Optional[str] = None
+    _submitted: bool = False
+    events_sent: bool = False  # execute() published its done/error event
+
+    async def execute(self) -> dict[str, Any]:
+        """Return the JobResult; raise JobError (after publishing the error event) when the job fails."""
+        stream = JobStream(self.redis, self.job_id, self.ctx.flush_ms)
+        try:
+            result = await self._generate(stream)
+        except JobError as err:
+            await self.publish_error(err, stream)
+            raise
+        except Exception as exc:
+            log.exception("job failed", extra={"jobId": self.job_id})
+            err = JobError("internal_error", f"{type(exc).__name__}: {exc}")
+            await self.publish_error(err, stream)
+            raise err from exc
+        await stream.finish({"type": "done", "result": result})
+        self.events_sent = True
+        return result
+
+    async def publish_error(self, err: JobError, stream: Optional[JobStream] = None) -> None:
+        stream = stream or JobStream(self.redis, self.job_id, self.ctx.flush_ms)
+        await stream.finish({"type": "error", "error": err.to_event()})
+        self.events_sent = True
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self._submitted:
+            self.ctx.engine.cancel(self.job_id)
+        elif self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    async def _generate(self, stream: JobStream) -> dict[str, Any]:
+        d, ctx = self.data, self.ctx
+        if d.deadline_ms is not None and now_ms() >= d.deadline_ms:
+            raise JobError("queue_timeout", f"job waited in the queue past its deadline ({d.deadline_ms})")
+        messages = [m.model_dump() for m in d.messages]
+        prompt_ids = await asyncio.to_thread(chat_prompt_ids, ctx.tokenizer, messages)
+        if ctx.log_prompts:
+            log.info("prompt", extra={"jobId": self.job_id, "messages": messages})
+        room = ctx.context_length - len(prompt_ids)
+        if room < 1:
+            raise JobError("context_length_exceeded",
+                           f"prompt has {len(prompt_ids)} tokens; the model's context is {ctx.context_length}")
+        max_tokens = min(d.params.max_tokens or ctx.default_max_tokens, room)
+        try:
+            params = d.params.to_sampling_params(max_tokens, ctx.vocab_size)
+        except ValueError as exc:
+            raise JobError("invalid_request", str(exc)) from exc
+        for i in range(params.n):
+            self._choices[i] = _Choice(StreamDetokenizer(ctx.tokenizer, prompt_ids), StopMatcher(d.params.stop),
+                                       logprobs=[] if params.logprobs else None)
+        await stream.publish_started(ctx.worker_id, len(prompt_ids))
+        loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        deadline = d.deadline_ms / 1000 if d.deadline_ms is not None else None
+        if self.cancelled:
+            raise JobError("cancelled", "cancelled by the client")
+
+        def emit(_rid: str, outputs: list[ChoiceOutput]) -> None:  # engine thread
+            loop.call_soon_threadsafe(self._on_outputs, stream, outputs)
+
+        self._submitted = True
+        ctx.engine.submit(GenerationRequest(self.job_id, prompt_ids, params, deadline), emit)
+        await self._done
+        if self._engine_error is not None:
+            raise JobError("internal_error", self._engine_error)
+        if self.cancelled and any(c.finish_reason in (None, "cancelled") for c in self._choices.values()):
+            raise JobError("cancelled", "cancelled by the client")
+        return self._result(len(prompt_ids))
+
+    def _on_outputs(self, stream: JobStream, outputs: list[ChoiceOutput]) -> None:
+        for out in outputs:
+            c = self._choices.get(out.index)
+            if c is None or c.finish_reason is not None:
+                continue  # a choice already ended by a stop string: the engine may still send a token or two
+            if out.token_ids and self.first_token_ms is None:
+                self.first_token_ms = now_ms()
+            c.tokens += len(out.token_ids)
+            text, hit_stop = c.stops.feed(c.detok.add(out.token_ids))
+            lps = [self.ctx.logprob_formatter.format(lp) for lp in out.logprobs or []] if c.logprobs is not None else None
+            if out.finish_reason is not None and not hit_stop:
+                tail, hit_stop = c.stops.feed(c.detok.flush())
+                text += tail
+                if not hit_stop:
+                    text += c.stops.flush()
+            if lps:
+                c.logprobs.extend(lps)
+            c.text += text
+            stream.add(out.index, text, len(out.token_ids), lps)
+            if hit_stop:
+                c.finish_reason = "stop"
+                if out.finish_reason is None:
+                    self.ctx.engine.stop_choice(self.job_id, out.index)
+            elif out.finish_reason is not None:
+                c.finish_reason = out.finish_reason
+                if out.finish_reason == "error":
+                    self._engine_error = out.error or "engine error"
+        if all(c.finish_reason is not None for c in self._choices.values()) and not self._done.done():
+            if any(out.finish_reason is None for out in outputs):
+                self.ctx.engine.cancel(self.job_id)  # every choice ended by stop strings: free what is left
+            self._done.set_result(None)
+
+    def _result(self, prompt_tokens: int) -> dict[str, Any]:
+        choices = []
+        for i, c in sorted(self._choices.items()):
+            reason = "stop" if c.finish_reason == "stop" else "length"
+            choices.append({"index": i, "text": c.text, "finish_reason": reason, "logprobs": c.logprobs})
+        if self.ctx.log_prompts:
+            log.info("completion", extra={"jobId": self.job_id, "texts": [c["text"] for c in choices]})
+        return {"choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": sum(c.tokens for c in self._choices.values())},
+                "worker_id": self.ctx.worker_id,
+                "timing": {"picked_up_ms": self.picked_up_ms, "first_token_ms": self.first_token_ms,
+                           "finished_ms": now_ms()}}

@@ -1,0 +1,159 @@
+"""The worker process's asyncio side: BullMQ worker on the model's queue, registration, cancel listener, shutdown.
+
+BullMQ settings (PROTOCOL.md "Worker death and retries"): concurrency = MAX_BATCH so the engine can batch that many
+jobs; lockDuration 10 s renewed every 5 s by the asyncio loop (generation runs on the engine thread, so the loop is
+never blocked and locks never lapse under load); stalledInterval 5 s and maxStalledCount 1: a job of a worker that
+died goes back to the wait list once, within ~10-15 s, and another worker retries it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any, Optional
+
+import redis.asyncio as aioredis
+from bullmq import UnrecoverableError, Worker
+
+from ..config import Config
+from ..errors import JobError
+from ..log import now_ms
+from ..metrics import Metrics
+from ..protocol import CANCEL_CHANNEL, JobData, WorkerInfo, cancelled_key
+from .job_run import JobContext, JobRun
+from .registry import Heartbeat, publish_tokenizer
+
+log = logging.getLogger("llm_worker.transport.service")
+
+
+class WorkerService:
+    def __init__(self, cfg: Config, ctx: JobContext, info: WorkerInfo, tokenizer_export: tuple[str, str, str],
+                 metrics: Optional[Metrics] = None):
+        self.cfg = cfg
+        self.ctx = ctx
+        self.info = info
+        self.tokenizer_export = tokenizer_export
+        self.metrics = metrics
+        self.runs: dict[str, JobRun] = {}
+        self.stopping = asyncio.Event()
+        self.redis: Any = None
+        self.worker: Optional[Worker] = None
+        self.heartbeat: Optional[Heartbeat] = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        self.redis = aioredis.from_url(self.cfg.redis_url, decode_responses=True)
+        tok_json, cfg_json, digest = self.tokenizer_export
+        await publish_tokenizer(self.redis, self.info.model, tok_json, cfg_json, digest)
+        self._tasks.append(asyncio.create_task(self._cancel_listener(), name="cancel-listener"))
+        if self.metrics is not None:
+            self._tasks.append(asyncio.create_task(self._metrics_loop(), name="metrics"))
+        self.worker = Worker(self.info.queue, self.process, {
+            "connection": self.cfg.redis_url,
+            "concurrency": self.cfg.max_batch,
+            "lockDuration": self.cfg.lock_duration_ms,
+            "stalledInterval": self.cfg.stalled_interval_ms,
+            "maxStalledCount": 1,
+            "name": self.info.worker_id,
+        })
+        self.worker.on("error", lambda err, *a: log.warning("bullmq error", extra={"error": str(err)}))
+        self.heartbeat = Heartbeat(self.redis, self.info, self.cfg.heartbeat_ms, self.cfg.heartbeat_ttl_ms)
+        await self.heartbeat.start()
+        log.info("worker ready", extra={"workerId": self.info.worker_id, "queue": self.info.queue,
+                                        "model": self.info.model, "engine": self.info.engine})
+
+    async def run_until_signal(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        await self.start()
+        await self.stopping.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop taking jobs, let in-flight ones finish (bounded), deregister, close connections."""
+        log.info("shutting down", extra={"inFlight": len(self.runs), "graceMs": self.cfg.shutdown_grace_ms})
+        if self.heartbeat is not None:
+            self.heartbeat.set_ready(False)  # still listed (streams in flight depend on it), but not ready
+        if self.worker is not None:
+            close = asyncio.ensure_future(self.worker.close())
+            try:
+                await asyncio.wait_for(asyncio.shield(close), self.cfg.shutdown_grace_ms / 1000)
+            except asyncio.TimeoutError:
+                # Unfinished jobs are handed back: their locks lapse, BullMQ's stalled check re-queues them once.
+                log.warning("grace period over; handing back unfinished jobs", extra={"jobs": list(self.runs)})
+                await self.worker.close(force=True)
+        if self.heartbeat is not None:
+            await self.heartbeat.stop_and_deregister()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.redis.aclose()
+
+    async def process(self, job: Any, token: str) -> dict[str, Any]:
+        """BullMQ processor: the return value is the JobResult (stored by BullMQ as the job's returnvalue)."""
+        job_id = str(job.id)
+        started = now_ms()
+        try:
+            data = JobData.model_validate(job.data)
+        except Exception as exc:
+            await self._fail_unstarted(job_id, JobError("invalid_request", f"bad job data: {exc}"))
+        run = JobRun(self.ctx, self.redis, job_id, data)
+        self.runs[job_id] = run  # before the key check: a cancel message arriving meanwhile still finds the run
+        outcome = "failed"
+        try:
+            if await self.redis.exists(cancelled_key(job_id)):
+                raise JobError("cancelled", "cancelled before generation started")
+            result = await run.execute()
+            outcome = "completed"
+            return result
+        except JobError as err:
+            outcome = err.code
+            log.info("job failed", extra={"jobId": job_id, "code": err.code, "error": err.message})
+            if not run.events_sent:
+                await run.publish_error(err)
+            raise UnrecoverableError(str(err)) from None
+        finally:
+            self.runs.pop(job_id, None)
+            if self.metrics is not None:
+                self.metrics.jobs.labels(outcome).inc()
+                self.metrics.gen_seconds.observe((now_ms() - started) / 1000)
+
+    async def _fail_unstarted(self, job_id: str, err: JobError) -> None:
+        from .publisher import JobStream
+
+        await JobStream(self.redis, job_id, self.cfg.stream_flush_ms).finish({"type": "error", "error": err.to_event()})
+        if self.metrics is not None:
+            self.metrics.jobs.labels(err.code).inc()
+        raise UnrecoverableError(str(err))
+
+    async def _cancel_listener(self) -> None:
+        """llm:cancel carries job ids; a job running here leaves the engine's batch at the next token boundary."""
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(CANCEL_CHANNEL)
+                async for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    run = self.runs.get(str(message["data"]))
+                    if run is not None:
+                        log.info("cancel", extra={"jobId": run.job_id})
+                        run.cancel()
+            except asyncio.CancelledError:
+                await pubsub.aclose()
+                raise
+            except Exception as exc:
+                log.warning("cancel listener lost Redis; resubscribing", extra={"error": str(exc)})
+                await asyncio.sleep(0.5)
+            finally:
+                try:
+                    await pubsub.aclose()
+                except Exception:
+                    pass
+
+    async def _metrics_loop(self) -> None:
+        while True:
+            self.metrics.update(self.ctx.engine.stats())
+            await asyncio.sleep(0.25)

@@ -1,0 +1,129 @@
+"""CpuBatchEngine on the bundled model: batching must not change results; the sampling contract holds."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from conftest import chat_ids
+from engine_util import Collector, run_requests
+
+from llm_worker.engine.base import GenerationRequest, SamplingParams
+
+TOPICS = ["cats", "the sea", "robots", "bread", "winter", "trains", "music", "mountains",
+          "coffee", "bees", "chess", "rain", "libraries", "volcanoes", "owls", "bridges"]
+
+
+def req(tokenizer, rid, text, **params):
+    return GenerationRequest(rid, chat_ids(tokenizer, text), SamplingParams(**params))
+
+
+def test_greedy_alone_equals_greedy_in_full_batch(engine, tokenizer):
+    prompts = [f"Write two sentences about {t}." for t in TOPICS]
+    alone = {}
+    for i in (0, 7):  # two alone runs keep the test short; scripts/greedy_equivalence.py measures all 16
+        alone.update(run_requests(engine, [req(tokenizer, f"a{i}", prompts[i], max_tokens=24, temperature=0.0)]))
+    batch = run_requests(engine, [req(tokenizer, f"b{i}", p, max_tokens=24, temperature=0.0)
+                                  for i, p in enumerate(prompts)])
+    for i in (0, 7):
+        assert alone[f"a{i}"].tokens[0] == batch[f"b{i}"].tokens[0]
+
+
+def test_late_joiner_matches_alone(engine, tokenizer):
+    """A request that joins a batch already running (different context lengths, left padding) still matches."""
+    alone = run_requests(engine, [req(tokenizer, "solo", "Name three colours.", max_tokens=16, temperature=0.0)])
+    long = req(tokenizer, "long", "Tell me a long story about dragons and knights. " * 4, max_tokens=40,
+               temperature=0.0, ignore_eos=True)
+    c = Collector([long, req(tokenizer, "late", "Name three colours.", max_tokens=16, temperature=0.0)])
+    engine.submit(long, c.emit)
+    time.sleep(1.0)
+    engine.submit(req(tokenizer, "late", "Name three colours.", max_tokens=16, temperature=0.0), c.emit)
+    assert c.done.wait(300)
+    assert c.results["late"].tokens[0] == alone["solo"].tokens[0]
+
+
+def test_same_seed_same_text_different_seed_different_text(engine, tokenizer):
+    mk = lambda rid, seed: req(tokenizer, rid, "Invent a name for a pet.", max_tokens=20, temperature=1.0,
+                               seed=seed, ignore_eos=True)
+    out = run_requests(engine, [mk("s1", 7), mk("s2", 7), mk("s3", 8)])
+    assert out["s1"].tokens[0] == out["s2"].tokens[0]
+    assert out["s1"].tokens[0] != out["s3"].tokens[0]
+
+
+def test_n_choices_share_prompt_and_differ(engine, tokenizer):
+    out = run_requests(engine, [req(tokenizer, "n", "Say a random word.", max_tokens=8, temperature=1.0, seed=1,
+                                    n=4, ignore_eos=True)])["n"]
+    assert sorted(out.tokens) == [0, 1, 2, 3] and all(len(t) == 8 for t in out.tokens.values())
+    assert len({tuple(t) for t in out.tokens.values()}) > 1
+    assert set(out.finish.values()) == {"length"}
+
+
+def test_logit_bias_forces_and_bans(engine, tokenizer):
+    forced = tokenizer.encode(" banana", add_special_tokens=False)[0]
+    out = run_requests(engine, [req(tokenizer, "force", "Hello", max_tokens=5, temperature=0.0,
+                                    logit_bias={forced: 100.0}, ignore_eos=True)])
+    assert out["force"].tokens[0] == [forced] * 5
+    base = run_requests(engine, [req(tokenizer, "base", "What is 2+2?", max_tokens=6, temperature=0.0)])
+    first = base["base"].tokens[0][0]
+    banned = run_requests(engine, [req(tokenizer, "ban", "What is 2+2?", max_tokens=6, temperature=0.0,
+                                       logit_bias={first: -100.0})])
+    assert first not in banned["ban"].tokens[0]
+
+
+def test_max_tokens_and_logprobs(engine, tokenizer):
+    out = run_requests(engine, [req(tokenizer, "lp", "Hi", max_tokens=5, temperature=0.0, logprobs=True,
+                                    top_logprobs=3, ignore_eos=True)])["lp"]
+    assert len(out.tokens[0]) == 5 and out.finish[0] == "length"
+    for tok, lp in zip(out.tokens[0], out.logprobs[0]):
+        assert lp.token_id == tok and lp.logprob <= 0 and len(lp.top) == 3
+        assert lp.top[0][0] == tok  # greedy picks the most likely token
+
+
+def test_eos_ends_with_stop(engine, tokenizer):
+    out = run_requests(engine, [req(tokenizer, "eos", "Reply with just the word: yes", max_tokens=64,
+                                    temperature=0.0)])["eos"]
+    assert out.finish[0] == "stop" and len(out.tokens[0]) < 64
+
+
+def test_cancel_frees_the_sequence(engine, tokenizer):
+    r = req(tokenizer, "cancel-me", "Write a very long essay about history.", max_tokens=2000, temperature=0.0,
+            ignore_eos=True)
+    c = Collector([r])
+    engine.submit(r, c.emit)
+    deadline = time.time() + 60
+    while engine.stats().running_sequences == 0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.stats().running_sequences == 1 and engine.stats().kv_cache_bytes > 0
+    t = time.time()
+    engine.cancel("cancel-me")
+    assert c.done.wait(5)
+    assert time.time() - t < 1.0, "a cancelled sequence must leave the batch within 1 s"
+    assert c.results["cancel-me"].finish[0] == "cancelled"
+    time.sleep(0.3)
+    s = engine.stats()
+    assert s.running_sequences == 0 and s.kv_cache_bytes == 0
+
+
+def test_stop_choice_ends_one_choice_only(engine, tokenizer):
+    r = req(tokenizer, "two", "Count from one to fifty.", max_tokens=30, temperature=0.0, n=2, ignore_eos=True)
+    c = Collector([r])
+    stopped = threading.Event()
+
+    def emit(rid, outputs):
+        c.emit(rid, outputs)
+        if not stopped.is_set() and len(c.results[rid].tokens.get(1, [])) >= 3:
+            stopped.set()
+            engine.stop_choice(rid, 1)
+
+    engine.submit(r, emit)
+    assert c.done.wait(120)
+    res = c.results["two"]
+    assert len(res.tokens[0]) == 30 and res.finish[0] == "length"
+    assert res.finish[1] == "cancelled" and len(res.tokens[1]) < 30
+
+
+def test_deadline_cuts_generation(engine, tokenizer):
+    r = GenerationRequest("late", chat_ids(tokenizer, "Write a poem."),
+                          SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True), deadline=time.time() + 1.0)
+    out = run_requests(engine, [r])["late"]
+    assert out.finish[0] == "length" and len(out.tokens[0]) < 500

@@ -1,0 +1,51 @@
+"""The shared fixtures (tests/fixtures/protocol/*.json, also parsed by the gateway's zod schemas) parse here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from llm_worker import protocol as p
+
+FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "protocol"
+MODELS = {"job": p.JobData, "job_full": p.JobData, "worker_info": p.WorkerInfo, "job_result": p.JobResult,
+          "event_started": p.StartedEvent, "event_delta": p.DeltaEvent, "event_delta_logprobs": p.DeltaEvent,
+          "event_done": p.DoneEvent, "event_error": p.ErrorEvent}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_fixture_parses_and_round_trips(name):
+    raw = json.loads((FIXTURES / f"{name}.json").read_text())
+    parsed = MODELS[name].model_validate(raw)
+    assert parsed.model_dump(mode="json") == raw
+
+
+def test_every_fixture_is_covered():
+    assert {f.stem for f in FIXTURES.glob("*.json")} <= set(MODELS)
+
+
+def test_queue_name_mapping():
+    assert p.queue_name("smollm2-135m-instruct") == "gen.smollm2-135m-instruct"
+    assert p.queue_name("qwen:7b/chat") == "gen.qwen_7b_chat"
+
+
+def test_to_sampling_params_converts_logit_bias():
+    job = p.JobData.model_validate(json.loads((FIXTURES / "job_full.json").read_text()))
+    sp = job.params.to_sampling_params(32, 49152)
+    assert sp.logit_bias == {198: -100.0, 28: 5.0} and sp.n == 3 and sp.logprobs and sp.top_logprobs == 2
+
+
+@pytest.mark.parametrize("bias", [{"49152": 1}, {"-1": 1}, {"abc": 1}, {"5": 101}])
+def test_bad_logit_bias_is_rejected(bias):
+    with pytest.raises(ValueError):
+        p.JobParams(logit_bias=bias).to_sampling_params(16, 49152)
+
+
+def test_bad_params_fail_validation():
+    with pytest.raises(ValidationError):
+        p.JobParams(n=0)
+    with pytest.raises(ValidationError):
+        p.JobParams(top_logprobs=21)
