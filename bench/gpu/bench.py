@@ -39,6 +39,12 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_
             vocab_size=512, max_position_embeddings=2048, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False)
 
 RESULTS: dict = {"phases": {}}
+OUT_PATH: list[Path] = []
+
+
+def save_results():
+    if OUT_PATH:
+        OUT_PATH[0].write_text(json.dumps(RESULTS, indent=2, default=str))
 T0 = time.monotonic()
 
 
@@ -61,6 +67,7 @@ def phase(name):
             out["phase_s"] = round(time.monotonic() - t, 1)
             RESULTS["phases"][name] = out
             log(f"--- {name}: {json.dumps(out, default=str)}")
+            save_results()  # after every phase: a crash later (e.g. a CUDA assert) keeps what was measured
             return out
         return run
     return wrap
@@ -287,6 +294,7 @@ def main():
     ap.add_argument("--site", default=os.environ.get("SERVE_SITE"), help="PYTHONPATH for the serve subprocess")
     args = ap.parse_args()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    OUT_PATH.append(Path(args.out))
 
     import transformers
 
@@ -324,6 +332,7 @@ def main():
                                                      cpu_cache_bytes=64 << 20))]
     engine, tried = start_engine(model, attempts, single_prompt[:32])
     RESULTS["engine_attempts"] = tried
+    save_results()
     if engine is not None:
         b = engine_single_stream(engine, single_prompt, args.single_len if on_gpu else 32,
                                  reference=ref.get("greedy_first_32"))
@@ -345,7 +354,7 @@ def main():
         del model
 
     summarize(a, b, c)
-    Path(args.out).write_text(json.dumps(RESULTS, indent=2, default=str))
+    save_results()
     log(f"wrote {args.out}")
 
 
@@ -359,13 +368,18 @@ def serve_phase(model, shape, args, device):
         shutil.rmtree(folder, ignore_errors=True)
         model.save_pretrained(folder, max_shard_size="4GB")
         write_tokenizer(folder, shape["vocab_size"])
-        return {"folder": str(folder), "bytes": sum(f.stat().st_size for f in folder.iterdir())}
+        out = {"folder": str(folder), "bytes": sum(f.stat().st_size for f in folder.iterdir())}
+        return out
 
     saved = save()
     del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        RESULTS["gpu_memory_before_serve_GB"] = {"free": round(free / 1e9, 1), "total": round(total / 1e9, 1)}
+        log(f"GPU memory before serve: {RESULTS['gpu_memory_before_serve_GB']}")
     if "error" in saved:
         return
 

@@ -158,6 +158,10 @@ describe('what the Python SDK sends (explicit nulls for unset optional fields)',
     expect(convert({ ...base, stop: ['', 'x'] }).params.stop).toEqual(['x']);
   });
 
+  it('top_p 0 (OpenAI allows it) means greedy, which the worker gets as temperature 0', () => {
+    expect(convert({ ...base, top_p: 0, temperature: 0.8 }).params).toMatchObject({ temperature: 0, top_p: 1 });
+  });
+
   it('maps top_k -1 (vLLM "off") to 0', () => {
     expect(convert({ ...base, top_k: -1 }).params.top_k).toBe(0);
   });

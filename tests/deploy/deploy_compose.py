@@ -8,6 +8,7 @@ from urllib.parse import urlparse
 
 from deploy_configs import ConfigInfo
 from deploy_docker import DOCKERFILES, health_probe
+from deploy_k8s import READY_PATHS
 
 _VAR = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])((?:[^{}]|\{[^{}]*\})*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
 
@@ -131,8 +132,9 @@ def check_compose(raw: dict, cfgs: dict[str, ConfigInfo], env_example: dict[str,
         probe = health_probe(healthcheck_text(svc))
         if probe is None:
             p.append(f"{name}: healthcheck does not fetch http://127.0.0.1:<port>/health")
-        elif probe[1] != port or probe[2] != "/health":
-            p.append(f"{name}: healthcheck fetches :{probe[1]}{probe[2]}, the process serves /health on {port_var}={port}")
+        elif probe[1] != port or probe[2] not in READY_PATHS[comp]:
+            p.append(f"{name}: healthcheck fetches :{probe[1]}{probe[2]}, the process serves "
+                     f"{sorted(READY_PATHS[comp])} on {port_var}={port}")
         grace = _seconds(svc.get("stop_grace_period", "10s"))
         if grace * 1000 <= int(cfg.effective(env, "SHUTDOWN_GRACE_MS")):
             p.append(f"{name}: stop_grace_period {grace}s does not exceed SHUTDOWN_GRACE_MS: no time to drain")

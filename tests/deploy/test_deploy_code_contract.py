@@ -17,9 +17,10 @@ def serves(files: dict[Path, str], path: str) -> bool:
     return any(re.search(rf"""['"]{re.escape(path)}['"]""", text) for text in files.values())
 
 
-def test_gateway_serves_health_and_metrics():
+def test_gateway_serves_health_ready_and_metrics():
     files = sources("gateway/src", ".ts")
-    assert serves(files, "/health"), "no '/health' route in gateway/src: probes, healthchecks and readiness use it"
+    assert serves(files, "/health"), "no '/health' route in gateway/src: the image HEALTHCHECK and liveness use it"
+    assert serves(files, "/ready"), "no '/ready' route in gateway/src: readiness and the compose healthcheck use it"
     assert serves(files, "/metrics"), "no '/metrics' route in gateway/src: the ServiceMonitor scrapes it on PORT"
 
 

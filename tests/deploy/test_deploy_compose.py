@@ -67,7 +67,10 @@ BROKEN = {
     "Redis renamed, REDIS_URL not": (_rename_redis, "REDIS_URL points at redis"),
     "healthcheck on the wrong port": (
         lambda d: d["services"]["gateway"]["healthcheck"].update(
-            test=["CMD", "node", "-e", "fetch('http://127.0.0.1:8080/health')"]), "healthcheck fetches :8080"),
+            test=["CMD", "node", "-e", "fetch('http://127.0.0.1:8080/ready')"]), "healthcheck fetches :8080"),
+    "healthcheck on a path the code does not serve": (
+        lambda d: d["services"]["worker-cpu"]["healthcheck"].update(
+            test=["CMD", "python", "-c", "u.urlopen('http://127.0.0.1:9101/healthz')"]), "fetches :9101/healthz"),
     "metrics port moved, healthcheck not": (lambda d: _worker_env(d, "METRICS_PORT", "9200"), "METRICS_PORT=9200"),
     "gateway listening on loopback": (lambda d: d["services"]["gateway"]["environment"].pop("HOST"), "HOST"),
     "no noeviction": (lambda d: d["services"]["redis"]["command"].remove("noeviction"), "noeviction"),

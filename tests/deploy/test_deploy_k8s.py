@@ -3,11 +3,12 @@ and with the code (selectors, ports, probes, env names and values, autoscaling, 
 
 import copy
 
+import jsonschema
 import pytest
 import yaml
 
-from conftest import OVERLAYS, render
 from deploy_configs import REPO
+from deploy_render import OVERLAYS, render
 from deploy_k8s import SCHEMA_FILES, check_objects, containers, find, schema_problems
 
 
@@ -104,6 +105,8 @@ BROKEN = {
         lambda o: _gw(o)["spec"]["selector"]["matchLabels"].update(tier="api"), "does not match its pod labels"),
     "probe on a port not opened": (
         lambda o: worker_container(o)["readinessProbe"]["httpGet"].update(port=9102), "does not open"),
+    "liveness that depends on Redis and workers": (
+        lambda o: _gw_c(o)["livenessProbe"]["httpGet"].update(path="/ready"), "livenessProbe GETs /ready"),
     "env name no config defines": (
         lambda o: worker_container(o)["env"].append({"name": "MODEL_PATH", "value": "/m"}), "does not define"),
     "ConfigMap value the config refuses": (lambda o: _cm(o, "llm-worker-config")["data"].update(DEVICE="gpu"), "DEVICE"),
@@ -167,3 +170,18 @@ def test_a_broken_overlay_is_rejected_end_to_end(configs, scratch_kustomization)
     })})
     problems = check_objects(render(d), configs)
     assert any("METRICS_PORT=9101" in p for p in problems), problems
+
+
+def test_crd_conversion_is_strict_where_the_api_server_prunes():
+    """crd_to_jsonschema.py (which made the ScaledObject schema) closes objects unless the CRD keeps unknown fields."""
+    from crd_to_jsonschema import convert
+
+    schema = convert({"type": "object", "properties": {
+        "spec": {"type": "object", "properties": {"n": {"type": "integer", "format": "int32"}}},
+        "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {"a": {"type": "string"}}},
+        "q": {"x-kubernetes-int-or-string": True},
+    }})
+    v = jsonschema.Draft7Validator(schema)
+    assert v.is_valid({"spec": {"n": 1}, "free": {"a": "x", "b": 2}, "q": "1Gi"})
+    assert not v.is_valid({"spec": {"n": 1, "m": 2}})
+    assert not v.is_valid({"q": [1]})

@@ -76,7 +76,8 @@ export const jobDataSchema = z.object({
   stream: z.boolean(),
   prompt_tokens: z.number().int().min(0),
   enqueued_at_ms: z.number(),
-  deadline_ms: z.number(),
+  /** Epoch ms; null = no deadline (the gateway always sets one: now + REQUEST_TIMEOUT_MS). */
+  deadline_ms: z.number().nullable(),
 });
 export type JobData = z.infer<typeof jobDataSchema>;
 

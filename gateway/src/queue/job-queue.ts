@@ -66,8 +66,9 @@ export class JobQueues {
     const events = new QueueEvents(name, { connection: eventsConn });
     events.on('completed', ({ jobId, returnvalue }) => this.settle(jobId, { kind: 'completed', returnvalue }));
     events.on('failed', ({ jobId, failedReason }) => this.settle(jobId, { kind: 'failed', failedReason }));
-    events.on('error', (err) => this.logger.warn('queue events error', { queue: name, err: String(err) }));
-    queue.on('error', (err) => this.logger.warn('queue error', { queue: name, err: String(err) }));
+    // Connection errors repeat on every reconnect attempt; createRedis already warns once per outage.
+    events.on('error', (err) => this.logger.debug('queue events error', { queue: name, err: String(err) }));
+    queue.on('error', (err) => this.logger.debug('queue error', { queue: name, err: String(err) }));
     const ready = Promise.all([queue.waitUntilReady(), events.waitUntilReady()]).then(() => undefined);
     ready.catch(() => undefined);
     mq = { queue, events, eventsConn, ready };

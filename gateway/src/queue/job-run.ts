@@ -77,6 +77,8 @@ export class JobRun {
   private unsubscribe: (() => Promise<void>) | null = null;
   private offSettled: (() => void) | null = null;
   private polling = false;
+  /** Set while the queue timeout removes the job, so the poll does not read its absence as a lost job. */
+  private removing = false;
   private readonly log: Logger;
 
   constructor(
@@ -106,7 +108,8 @@ export class JobRun {
     }
     const t = this.deps.timings;
     this.queueTimer = setTimeout(() => void this.onQueueTimeout(), t.queueTimeoutMs);
-    const hardStop = Math.max(0, this.data.deadline_ms - Date.now()) + DEADLINE_GRACE_MS;
+    const untilDeadline = this.data.deadline_ms === null ? t.requestTimeoutMs : this.data.deadline_ms - Date.now();
+    const hardStop = Math.max(0, untilDeadline) + DEADLINE_GRACE_MS;
     this.timers.push(setTimeout(() => this.abandon('request_timeout', 'The request timed out.'), hardStop));
     this.timers.push(setInterval(() => void this.poll(), t.pollMs));
     this.timers.push(setInterval(() => this.checkHeartbeat(), t.heartbeatCheckMs));
@@ -204,7 +207,9 @@ export class JobRun {
   private async onQueueTimeout(): Promise<void> {
     this.queueTimer = null;
     if (this.settled || this.workerId !== null) return;
+    this.removing = true;
     const removed = await this.deps.queues.removeIfWaiting(this.data.model, this.jobId).catch(() => false);
+    this.removing = false;
     if (removed) {
       return this.abandon('queue_timeout', 'No worker could take this request in time: the server is busy. Please retry.');
     }
@@ -213,11 +218,12 @@ export class JobRun {
   }
 
   private async poll(): Promise<void> {
-    if (this.settled || this.polling || Date.now() - this.lastHeardMs < this.deps.timings.pollMs) return;
+    if (this.settled || this.polling || this.removing) return;
+    if (Date.now() - this.lastHeardMs < this.deps.timings.pollMs) return;
     this.polling = true;
     try {
       const snap = await this.deps.queues.snapshot(this.data.model, this.jobId);
-      if (this.settled) return;
+      if (this.settled || this.removing) return;
       if (snap === null) return this.fail(new ApiError('internal_error', 'The job was lost.'));
       if (snap.state === 'completed') this.finishFromStored(snap.returnvalue);
       else if (snap.state === 'failed') this.fail(failedReasonToApiError(snap.failedReason));

@@ -31,6 +31,11 @@ export function healthRoutes(config: Config, redis: Redis, registry: WorkerRegis
   return router;
 }
 
+/** Resolves null after `ms`: a Redis that does not answer is not ready, and /ready must answer anyway. */
 function withTimeout<T>(p: Promise<T>, ms: number): Promise<T | null> {
-  return Promise.race([p, new Promise<null>((resolve) => setTimeout(() => resolve(null), ms).unref())]);
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<null>((resolve) => {
+    timer = setTimeout(() => resolve(null), ms);
+  });
+  return Promise.race([p, timeout]).finally(() => clearTimeout(timer));
 }

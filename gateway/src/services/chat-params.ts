@@ -43,7 +43,12 @@ const notText = (v: unknown) => typeof v === 'object' && v !== null && (v as { t
 
 export const PARAM_TABLE: readonly ParamRule[] = [
   { field: 'temperature', supported: true, apply: (v: number, p) => void (p.temperature = v) },
-  { field: 'top_p', supported: true, apply: (v: number, p) => void (p.top_p = v) },
+  {
+    field: 'top_p',
+    supported: true,
+    // OpenAI accepts 0 (keep only the most likely token); the worker, like vLLM, wants (0, 1]. Same thing: greedy.
+    apply: (v: number, p) => void (v === 0 ? ((p.temperature = 0), (p.top_p = 1)) : (p.top_p = v)),
+  },
   { field: 'seed', supported: true, apply: (v: number, p) => void (p.seed = v) },
   {
     field: 'stop',

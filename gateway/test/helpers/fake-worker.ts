@@ -10,6 +10,7 @@ import {
   CANCEL_CHANNEL,
   cancelledKey,
   type JobData,
+  jobDataSchema,
   jobChannel,
   type JobResult,
   queueName,
@@ -101,6 +102,7 @@ export class FakeWorker {
       stalledInterval: 1000,
       maxStalledCount: 1,
     });
+    this.worker.on('error', () => undefined); // connection errors while a test stops Redis on purpose
     await this.worker.waitUntilReady();
   }
 
@@ -138,7 +140,8 @@ export class FakeWorker {
   }
 
   private async process(job: Job<JobData>): Promise<JobResult> {
-    const data = job.data;
+    // What the gateway enqueues must satisfy the contract (the real worker's pydantic model checks the same).
+    const data = jobDataSchema.parse(job.data);
     const id = job.id as string;
     this.jobs.push(data);
     const s = this.script;

@@ -185,6 +185,7 @@ class CpuBatchEngine(Engine):
                     layer.keys, layer.values = layer.keys[keep], layer.values[keep]
             self._batch.add(cache, len(req.prompt_ids))
             self._rows.extend(rows[i] for i in keep)
+            self._kv_bytes = self._batch.nbytes()
 
     def _decode_step(self) -> None:
         rows = self._rows
@@ -248,6 +249,7 @@ class CpuBatchEngine(Engine):
             keep = [i for i in range(len(self._rows)) if i not in done]
             self._batch.keep(keep)
             self._rows = [self._rows[i] for i in keep]
+            self._kv_bytes = self._batch.nbytes()
 
     def _fail_all(self, error: Optional[str]) -> None:
         """Engine stop (error None → "cancelled") or a failed step: every request ends now and the cache is freed."""

@@ -305,6 +305,13 @@ class CudaContinuousBatchingEngine(Engine):
                                       pad_token_id=self.model.generation_config.pad_token_id)
         self.manager = self.model.init_continuous_batching(generation_config=gen_config,
                                                            continuous_batching_config=self._cb_config())
+        # Allocate the paged cache now and zero it: the manager's warm-up attends over the whole (torch.empty) cache,
+        # and NaN bit patterns left in reused GPU memory then reach multinomial sampling, a device-side assert that
+        # kills the CUDA context. (Private API; the manager reuses this processor in start().)
+        self.manager.batch_processor = self.manager._create_batch_processor()
+        cache = self.manager.batch_processor.cache
+        for tensor in list(cache.key_cache) + list(cache.value_cache):
+            tensor.zero_()
         if self.config.warmup:
             self.manager.warmup()
         self.manager.start()

@@ -1,0 +1,243 @@
+"""Load generator: N concurrent streaming chat completions against any OpenAI-compatible server; prints figures.
+
+Why our own and not a well-known tool: the figures the issue asks for need (1) exact output lengths on three different
+servers, each of which honours a different knob (`ignore_eos` here, a `generation_config` JSON in `transformers serve`),
+and (2) the worker's own timestamps joined per request to the client's, to get the stack's overhead. vLLM's
+benchmark_serving needs vLLM installed (GBs, GPU-oriented); llmperf/genai-perf/guidellm likewise bring large stacks and
+know nothing of our worker's timestamps; wrk/k6/hey do not parse SSE token streams. This is ~250 lines of asyncio+aiohttp.
+
+Closed loop: `concurrency` clients, each sends its next request as soon as its previous one ends, until `requests` are
+done. Every request has the same prompt (fixed token count) and asks for exactly `max_tokens` output tokens.
+
+Figures (all from the client's clock, time.perf_counter):
+- output tokens/s = Σ usage.completion_tokens / (last response end − first request sent)
+- TTFT = first chunk with non-empty content − request sent
+- ITL (client-seen) = gaps between successive content chunks. Servers coalesce tokens (ours every STREAM_FLUSH_MS), so a
+  chunk may carry several tokens: we also report tokens per chunk (Σ completion_tokens / Σ content chunks) and
+  TPOT = (last content chunk − first content chunk) / (completion_tokens − 1) per request, the per-token figure.
+- stack overhead (our stack only; needs --redis-url): the worker stores JobResult.timing {picked_up_ms, first_token_ms}
+  and the gateway stores enqueued_at_ms in the BullMQ job (docs/PROTOCOL.md); after the run we read both from Redis by
+  job id (= the completion id of the chunks) — nothing is read during the run, so measuring costs the stack nothing.
+  overhead = client TTFT − worker TTFT, worker TTFT = first_token_ms − picked_up_ms. Split: "in" = picked_up − sent
+  (gateway parse/validate/tokenize, Queue.add, BullMQ hand-over), "out" = client receipt − first_token_ms (pub/sub, gateway,
+  SSE, client parse). Worker timestamps are integer ms (epoch), so each figure carries ±1 ms of rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import aiohttp
+
+# About 64 prompt tokens with SmolLM2's chat template (the template adds its default system prompt). The output is
+# forced to max_tokens by each server's own knob, so the prompt's content only has to be stable.
+PROMPT = ("Write a long, detailed story about a lighthouse keeper who finds a mysterious map inside a bottle. "
+          "Describe the journey, the places and the people in many paragraphs.")
+
+
+@dataclass
+class Req:
+    sent: float = 0.0
+    sent_wall_ms: float = 0.0
+    first: Optional[float] = None
+    first_wall_ms: Optional[float] = None
+    chunk_times: list[float] = field(default_factory=list)
+    end: float = 0.0
+    completion_tokens: Optional[int] = None
+    prompt_tokens: Optional[int] = None
+    job_id: Optional[str] = None
+    error: Optional[str] = None
+
+
+def pct(xs: list[float], p: float) -> Optional[float]:
+    """Nearest-rank percentile (p in 0..100); None for an empty list."""
+    if not xs:
+        return None
+    s = sorted(xs)
+    k = max(0, min(len(s) - 1, int(round(p / 100.0 * len(s) + 0.5)) - 1))
+    return s[k]
+
+
+def body_for(flavor: str, model: Optional[str], max_tokens: int, prompt: str) -> dict[str, Any]:
+    b: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}], "stream": True, "max_tokens": max_tokens,
+                         "temperature": 0}
+    if model:
+        b["model"] = model
+    if flavor == "ours":  # gateway/src/protocol/chat.ts: ignore_eos (vLLM's extension) is accepted and forwarded
+        b["ignore_eos"] = True
+        b["stream_options"] = {"include_usage": True}
+    elif flavor == "hf-serve":  # transformers serve: no ignore_eos; a GenerationConfig JSON is its per-request knob
+        b["generation_config"] = json.dumps({"max_new_tokens": max_tokens, "min_new_tokens": max_tokens,
+                                             "do_sample": False})
+    elif flavor == "tutorial":  # bench/baselines/tutorial_server.py
+        b["ignore_eos"] = True
+    return b
+
+
+async def one(session: aiohttp.ClientSession, url: str, headers: dict, body: dict, r: Req) -> None:
+    r.sent_wall_ms = time.time() * 1000.0
+    r.sent = time.perf_counter()
+    try:
+        async with session.post(url, json=body, headers=headers) as resp:
+            if resp.status != 200:
+                r.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                now = time.perf_counter()
+                obj = json.loads(data)
+                if "error" in obj:
+                    r.error = f"stream error: {str(obj['error'])[:200]}"
+                    return
+                r.job_id = r.job_id or obj.get("id")
+                for ch in obj.get("choices") or []:
+                    if (ch.get("delta") or {}).get("content"):
+                        if r.first is None:
+                            r.first, r.first_wall_ms = now, time.time() * 1000.0
+                        r.chunk_times.append(now)
+                usage = obj.get("usage")
+                if usage:
+                    r.completion_tokens = usage.get("completion_tokens")
+                    r.prompt_tokens = usage.get("prompt_tokens")
+    except Exception as exc:  # noqa: BLE001 — recorded per request, reported in the summary
+        r.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        r.end = time.perf_counter()
+
+
+async def run_load(base_url: str, *, flavor: str, concurrency: int, requests: int, max_tokens: int,
+                   model: Optional[str] = None, api_key: Optional[str] = None, prompt: str = PROMPT,
+                   warmup: int = 1, timeout_s: float = 900) -> tuple[list[Req], float, float]:
+    """Runs the load; returns (requests, t_start, t_end) with perf_counter times. `warmup` requests run first, unmeasured."""
+    url = base_url.rstrip("/") + "/chat/completions"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    body = body_for(flavor, model, max_tokens, prompt)
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+        for _ in range(warmup):
+            w = Req()
+            await one(session, url, headers, body_for(flavor, model, min(max_tokens, 8), prompt), w)
+            if w.error:
+                raise RuntimeError(f"warm-up request failed: {w.error}")
+        results: list[Req] = []
+        todo = iter(range(requests))
+
+        async def client() -> None:
+            for _ in todo:
+                r = Req()
+                results.append(r)
+                await one(session, url, headers, body, r)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        t1 = time.perf_counter()
+    return results, t0, t1
+
+
+def fetch_worker_timing(redis_url: str, queue: str, reqs: list[Req]) -> None:
+    """Joins the worker's timestamps (stored BullMQ job: data.enqueued_at_ms, returnvalue.timing) to each request."""
+    import redis  # the worker's dependency (bullmq pins it); present in bench/.venv through the worker venv
+
+    cli = redis.Redis.from_url(redis_url)
+    pipe = cli.pipeline()
+    ids = [r.job_id for r in reqs if r.job_id]
+    for jid in ids:
+        pipe.hmget(f"bull:{queue}:{jid}", "data", "returnvalue")
+    for r, (data, ret) in zip([r for r in reqs if r.job_id], pipe.execute()):
+        if data and ret:
+            d, rv = json.loads(data), json.loads(ret)
+            timing = rv.get("timing") or {}
+            r.worker = {"enqueued_at_ms": d.get("enqueued_at_ms"), **timing}  # type: ignore[attr-defined]
+
+
+def summarize(reqs: list[Req], t0: float, t1: float) -> dict[str, Any]:
+    ok = [r for r in reqs if not r.error]
+    toks = [r.completion_tokens or 0 for r in ok]
+    ttft = [(r.first - r.sent) * 1000 for r in ok if r.first is not None]
+    gaps = [(b - a) * 1000 for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:])]
+    tpot = [(r.chunk_times[-1] - r.chunk_times[0]) * 1000 / (r.completion_tokens - 1)
+            for r in ok if r.completion_tokens and r.completion_tokens > 1 and len(r.chunk_times) > 1]
+    chunks = sum(len(r.chunk_times) for r in ok)
+    s: dict[str, Any] = {
+        "requests": len(reqs), "errors": len(reqs) - len(ok), "first_error": next((r.error for r in reqs if r.error), None),
+        "wall_s": t1 - t0, "output_tokens": sum(toks), "tok_per_s": sum(toks) / (t1 - t0) if t1 > t0 else 0.0,
+        "completion_tokens_min": min(toks) if toks else None, "completion_tokens_max": max(toks) if toks else None,
+        "prompt_tokens": next((r.prompt_tokens for r in ok if r.prompt_tokens), None),
+        "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
+        "itl_p50_ms": pct(gaps, 50), "itl_p99_ms": pct(gaps, 99),
+        "tpot_p50_ms": pct(tpot, 50), "tpot_p99_ms": pct(tpot, 99),
+        "tokens_per_chunk": (sum(toks) / chunks) if chunks else None,
+    }
+    joined = [r for r in ok if getattr(r, "worker", None) and r.worker.get("first_token_ms") and r.first_wall_ms]
+    if joined:
+        over, o_in, o_out, pick = [], [], [], []
+        for r in joined:
+            w = r.worker
+            client_ttft = r.first_wall_ms - r.sent_wall_ms
+            over.append(client_ttft - (w["first_token_ms"] - w["picked_up_ms"]))
+            o_in.append(w["picked_up_ms"] - r.sent_wall_ms)
+            o_out.append(r.first_wall_ms - w["first_token_ms"])
+            if w.get("enqueued_at_ms"):
+                pick.append(w["picked_up_ms"] - w["enqueued_at_ms"])
+        s.update({"overhead_n": len(joined), "overhead_p50_ms": pct(over, 50), "overhead_p99_ms": pct(over, 99),
+                  "overhead_in_p50_ms": pct(o_in, 50), "overhead_in_p99_ms": pct(o_in, 99),
+                  "overhead_out_p50_ms": pct(o_out, 50), "overhead_out_p99_ms": pct(o_out, 99),
+                  "enqueue_to_pickup_p50_ms": pct(pick, 50), "enqueue_to_pickup_p99_ms": pct(pick, 99)})
+    return s
+
+
+def fmt(s: dict[str, Any]) -> str:
+    def f(v, d=0):
+        return "—" if v is None else f"{v:,.{d}f}"
+    line = (f"{f(s['tok_per_s'], 1)} tok/s | TTFT p50 {f(s['ttft_p50_ms'])} p99 {f(s['ttft_p99_ms'])} ms | "
+            f"ITL(chunk) p50 {f(s['itl_p50_ms'], 1)} p99 {f(s['itl_p99_ms'], 1)} ms | TPOT p50 {f(s['tpot_p50_ms'], 1)} "
+            f"p99 {f(s['tpot_p99_ms'], 1)} ms | {f(s['tokens_per_chunk'], 2)} tok/chunk | tokens/req "
+            f"{s['completion_tokens_min']}–{s['completion_tokens_max']} | {s['requests']} req, {s['errors']} errors")
+    if "overhead_p50_ms" in s:
+        line += (f"\n    stack overhead p50 {f(s['overhead_p50_ms'], 1)} p99 {f(s['overhead_p99_ms'], 1)} ms "
+                 f"(in p50 {f(s['overhead_in_p50_ms'], 1)} / out p50 {f(s['overhead_out_p50_ms'], 1)} ms; "
+                 f"enqueue→pickup p50 {f(s['enqueue_to_pickup_p50_ms'], 1)} p99 {f(s['enqueue_to_pickup_p99_ms'], 1)} ms)")
+    if s.get("first_error"):
+        line += f"\n    first error: {s['first_error']}"
+    return line
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base-url", required=True, help="…/v1")
+    ap.add_argument("--flavor", choices=["ours", "hf-serve", "tutorial"], required=True)
+    ap.add_argument("--model")
+    ap.add_argument("--api-key")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--redis-url", help="our stack: join the worker's timestamps (stack overhead)")
+    ap.add_argument("--queue", default="gen.smollm2-135m-instruct")
+    ap.add_argument("--json", help="write the summary here")
+    a = ap.parse_args()
+    reqs, t0, t1 = asyncio.run(run_load(a.base_url, flavor=a.flavor, concurrency=a.concurrency, requests=a.requests,
+                                        max_tokens=a.max_tokens, model=a.model, api_key=a.api_key, warmup=a.warmup))
+    if a.redis_url:
+        fetch_worker_timing(a.redis_url, a.queue, reqs)
+    s = summarize(reqs, t0, t1)
+    print(fmt(s))
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(s, fh, indent=2)
+    sys.exit(1 if s["errors"] else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+/**
+ * The queue/stream layer against real Redis and BullMQ, with a FAKE worker that can lose messages, fail, stall or die:
+ * the failures a real worker rarely shows on demand. Each test uses a fresh model (so a fresh queue).
+ */
+import { randomUUID } from 'node:crypto';
+import { Queue } from 'bullmq';
+import Redis from 'ioredis';
+import request from 'supertest';
+import { cancelledKey, queueName } from '../src/protocol/job';
+import { FakeWorker, type FakeScript } from './helpers/fake-worker';
+import { parseSse, sleep, startGateway, TEST_KEY, type TestGateway, waitFor } from './helpers/gateway';
+import { startRedis, type TestRedis } from './helpers/redis-server';
+
+jest.setTimeout(30_000);
+
+let redisServer: TestRedis;
+let redis: Redis;
+let gw: TestGateway;
+const workers: FakeWorker[] = [];
+
+beforeAll(async () => {
+  redisServer = await startRedis();
+  redis = new Redis(redisServer.url);
+  gw = await startGateway(redisServer.url, { QUEUE_TIMEOUT_MS: '600', SSE_KEEPALIVE_MS: '100', JOB_POLL_MS: '300' });
+});
+afterEach(async () => {
+  await Promise.all(workers.splice(0).map((w) => w.close()));
+});
+afterAll(async () => {
+  redis.disconnect();
+  await gw.close();
+  await redisServer.stop();
+});
+
+async function fake(script: FakeScript = {}, extra: Partial<ConstructorParameters<typeof FakeWorker>[0]> = {}) {
+  const w = new FakeWorker({ redisUrl: redisServer.url, model: extra.model ?? `m-${randomUUID().slice(0, 8)}`, script, ...extra });
+  await w.start();
+  workers.push(w);
+  return w;
+}
+
+const post = (body: object) => request(gw.url).post('/v1/chat/completions').set('authorization', `Bearer ${TEST_KEY}`).send(body);
+const ask = (model: string, extra: object = {}) => ({ model, messages: [{ role: 'user', content: 'Hi' }], ...extra });
+
+function streamText(body: string) {
+  const { data, comments } = parseSse(body);
+  const chunks = data.filter((d) => d !== '[DONE]') as Array<Record<string, any>>;
+  const text = chunks.flatMap((c) => c.choices ?? []).map((c: any) => c.delta?.content ?? '').join('');
+  const error = chunks.find((c) => c.error)?.error;
+  const finish = chunks.flatMap((c) => c.choices ?? []).find((c: any) => c.finish_reason)?.finish_reason;
+  return { data, chunks, comments, text, error, finish, done: data.at(-1) === '[DONE]' };
+}
+
+const REPLY = 'The quick brown fox jumps over the lazy dog.';
+const reply = () => REPLY;
+
+describe('lost pub/sub messages never lose a response', () => {
+  it('a gap in deltas: forwarding stops and the rest comes from the stored result', async () => {
+    const w = await fake({ reply, pieceChars: 5, dropSeqs: [2, 3] });
+    const s = streamText((await post(ask(w.model, { stream: true }))).text);
+    expect(s.text).toBe(REPLY);
+    expect(s.finish).toBe('stop');
+    expect(s.done).toBe(true);
+  });
+
+  it('a lost `done`: the end comes from BullMQ (QueueEvents), stream and non-stream', async () => {
+    // 44 chars / 11 per delta = 4 deltas, so `done` is seq 5.
+    const w = await fake({ reply, pieceChars: 11, dropSeqs: [5] });
+    const s = streamText((await post(ask(w.model, { stream: true, stream_options: { include_usage: true } }))).text);
+    expect(s.text).toBe(REPLY);
+    expect(s.chunks.at(-1)!.usage.completion_tokens).toBe(4);
+    const ns = await post(ask(w.model));
+    expect(ns.status).toBe(200);
+    expect(ns.body.choices[0].message.content).toBe(REPLY);
+  });
+
+  it('every message lost: still the whole text', async () => {
+    const w = await fake({ reply, pieceChars: 11, dropSeqs: [1, 2, 3, 4, 5] });
+    const s = streamText((await post(ask(w.model, { stream: true }))).text);
+    expect(s.text).toBe(REPLY);
+    expect(s.done).toBe(true);
+  });
+});
+
+describe('worker failures', () => {
+  it('an error event before any text: non-stream is a plain HTTP error, stream an in-stream error then [DONE]', async () => {
+    const w = await fake({ fail: { code: 'invalid_request', message: 'token id 99999 is outside the vocabulary' } });
+    const ns = await post(ask(w.model));
+    expect(ns.status).toBe(400);
+    expect(ns.body.error).toMatchObject({ code: 'invalid_request', message: 'token id 99999 is outside the vocabulary' });
+    const s = streamText((await post(ask(w.model, { stream: true }))).text);
+    expect(s.error).toMatchObject({ code: 'invalid_request', type: 'invalid_request_error' });
+    expect(s.done).toBe(true);
+  });
+
+  it('an internal error after some text: the text, then the error, then [DONE]; internals are not leaked', async () => {
+    const w = await fake({ reply, pieceChars: 5, fail: { code: 'internal_error', message: 'CUDA OOM at 0xdeadbeef' }, failAfterDeltas: 2 });
+    const s = streamText((await post(ask(w.model, { stream: true }))).text);
+    expect(s.text).toBe(REPLY.slice(0, 10));
+    expect(s.error).toMatchObject({ code: 'internal_error', type: 'server_error' });
+    expect(JSON.stringify(s.error)).not.toContain('deadbeef');
+    expect(s.done).toBe(true);
+  });
+
+  it('a lost error event: the failure comes from BullMQ failedReason "<code>: <message>"', async () => {
+    const w = await fake({ fail: { code: 'context_length_exceeded', message: 'too long for this worker' }, dropSeqs: [1] });
+    const ns = await post(ask(w.model));
+    expect(ns.status).toBe(400);
+    expect(ns.body.error).toMatchObject({ code: 'context_length_exceeded', message: 'too long for this worker', param: 'messages' });
+  });
+
+  it('the worker dies after streaming text: error worker_lost at once, then [DONE]', async () => {
+    const w = await fake({ reply, pieceChars: 5, dieAfterDeltas: 2, delayMs: 20 });
+    const started = Date.now();
+    const s = streamText((await post(ask(w.model, { stream: true }))).text);
+    expect(s.text).toBe(REPLY.slice(0, 10));
+    expect(s.error).toMatchObject({ code: 'worker_lost', type: 'server_error' });
+    expect(s.done).toBe(true);
+    expect(Date.now() - started).toBeLessThan(3000);
+  });
+
+  it('the worker dies before any text: the gateway waits for BullMQ to retry the job on another worker', async () => {
+    const model = `m-${randomUUID().slice(0, 8)}`;
+    const doomed = await fake({ reply, dieAfterDeltas: 0 }, { model });
+    const res = post(ask(model, { stream: true })).then((r) => r);
+    await waitFor(() => doomed.jobs.length === 1, 5000, 'the first worker to take the job');
+    const healthy = await fake({ reply: () => 'second attempt' }, { model });
+    const s = streamText((await res).text);
+    expect(s.error).toBeUndefined();
+    expect(s.text).toBe('second attempt');
+    expect(healthy.jobs.length).toBe(1);
+  });
+});
+
+describe('queueing', () => {
+  it('SSE keep-alive comments while the job waits for a worker', async () => {
+    const w = await fake({ reply, startDelayMs: 450 });
+    const s = streamText((await post(ask(w.model, { stream: true }))).text);
+    expect(s.comments.filter((c) => c === 'keep-alive').length).toBeGreaterThanOrEqual(2);
+    expect(s.text).toBe(REPLY);
+  });
+
+  it('no worker takes the job within QUEUE_TIMEOUT_MS: 503 + retry-after, and the job is removed', async () => {
+    const w = await fake({}, { consume: false });
+    const res = await post(ask(w.model));
+    expect(res.status).toBe(503);
+    expect(res.body.error.code).toBe('queue_timeout');
+    expect(Number(res.headers['retry-after'])).toBeGreaterThanOrEqual(1);
+    const q = new Queue(queueName(w.model), { connection: redis });
+    expect(await q.getJobCounts('waiting', 'prioritized', 'active')).toEqual({ waiting: 0, prioritized: 0, active: 0 });
+    await q.close();
+  });
+
+  it('stream: queue timeout is an in-stream error after keep-alives', async () => {
+    const w = await fake({}, { consume: false });
+    const s = streamText((await post(ask(w.model, { stream: true }))).text);
+    expect(s.error).toMatchObject({ code: 'queue_timeout' });
+    expect(s.done).toBe(true);
+  });
+});
+
+describe('client disconnect cancels the job', () => {
+  async function openAndDrop(body: object, afterMs: number, untilFirstChunk: boolean) {
+    const ctrl = new AbortController();
+    const resp = fetch(`${gw.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${TEST_KEY}`, 'content-type': 'application/json' },
+      body: JSON.stringify(body),
+      signal: ctrl.signal,
+    });
+    if (untilFirstChunk) {
+      const r = await resp;
+      const reader = r.body!.getReader();
+      await reader.read();
+    } else {
+      resp.catch(() => undefined);
+      await sleep(afterMs);
+    }
+    ctrl.abort();
+  }
+
+  it('streaming: the worker is told (llm:cancel and the llm:cancelled key)', async () => {
+    const w = await fake({ reply, pieceChars: 2, delayMs: 100 });
+    await openAndDrop(ask(w.model, { stream: true }), 0, true);
+    await waitFor(() => w.jobs.length === 1, 5000, 'job picked up');
+    await waitFor(() => w.cancelled.size === 1, 5000, 'cancel message');
+    const [jobId] = [...w.cancelled];
+    expect(await redis.get(cancelledKey(jobId))).toBe('1');
+    expect(await redis.ttl(cancelledKey(jobId))).toBeGreaterThan(500);
+  });
+
+  it('non-stream, still queued: the job is removed from the queue', async () => {
+    const w = await fake({}, { consume: false });
+    await openAndDrop(ask(w.model), 200, false);
+    const q = new Queue(queueName(w.model), { connection: redis });
+    await waitFor(async () => w.cancelled.size === 1, 5000, 'cancel message');
+    expect(await q.getJobCounts('waiting')).toEqual({ waiting: 0 });
+    await q.close();
+  });
+});

@@ -1,0 +1,156 @@
+"""The worker's Redis side against a real redis-server: events, results, failures, cancel, registration."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from conftest import chat_ids
+from transport_util import job_data, serve
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def check_seq(events):
+    numbered = [e for e in events if e["type"] != "started"]
+    assert [e["seq"] for e in numbered] == list(range(1, len(numbered) + 1))
+
+
+def delta_text(events, index=0):
+    return "".join(c["text"] for e in events if e["type"] == "delta" for c in e["choices"] if c["index"] == index)
+
+
+def test_stream_events_and_result(redis_url, engine, loaded):
+    async def body():
+        async with serve(redis_url, engine, loaded) as (svc, gw):
+            events, job = await gw.run(job_data("What is the capital of France?", max_tokens=20, temperature=0))
+            return events, job
+
+    events, job = run(body())
+    assert events[0]["type"] == "started" and events[-1]["type"] == "done"
+    check_seq(events)
+    result = events[-1]["result"]
+    assert job.returnvalue == result
+    assert delta_text(events) == result["choices"][0]["text"] and "Paris" in result["choices"][0]["text"]
+    assert result["usage"]["prompt_tokens"] == len(chat_ids(loaded.tokenizer, "What is the capital of France?"))
+    assert events[0]["prompt_tokens"] == result["usage"]["prompt_tokens"]
+    t = result["timing"]
+    assert t["picked_up_ms"] <= t["first_token_ms"] <= t["finished_ms"]
+
+
+def test_stop_string_spanning_tokens_never_streamed(redis_url, engine, loaded):
+    async def body():
+        async with serve(redis_url, engine, loaded) as (svc, gw):
+            base, _ = await gw.run(job_data("Describe the sun in one sentence.", max_tokens=30, temperature=0))
+            text = base[-1]["result"]["choices"][0]["text"]
+            ids = loaded.tokenizer.encode(text, add_special_tokens=False)
+            # A stop string from the middle of the greedy text, spanning the boundary of tokens 3 and 4.
+            pre = loaded.tokenizer.decode(ids[:4])
+            stop = pre[-2:] + loaded.tokenizer.decode(ids[:6])[len(pre):][:3]
+            events, job = await gw.run(job_data("Describe the sun in one sentence.", max_tokens=30, temperature=0,
+                                                stop=[stop]))
+            return text, stop, events
+
+    text, stop, events = run(body())
+    result = events[-1]["result"]["choices"][0]
+    assert result["finish_reason"] == "stop"
+    assert result["text"] == text[:text.index(stop)]
+    assert stop not in delta_text(events) and delta_text(events) == result["text"]
+
+
+def test_n_choices_with_logprobs_interleave(redis_url, engine, loaded):
+    async def body():
+        async with serve(redis_url, engine, loaded) as (svc, gw):
+            return await gw.run(job_data("Say something.", max_tokens=6, temperature=1.0, seed=3, n=2,
+                                         logprobs=True, top_logprobs=2, ignore_eos=True))
+
+    events, _ = run(body())
+    check_seq(events)
+    result = events[-1]["result"]
+    assert [c["index"] for c in result["choices"]] == [0, 1]
+    for c in result["choices"]:
+        assert len(c["logprobs"]) == 6 and len(c["logprobs"][0]["top_logprobs"]) == 2
+        assert delta_text(events, c["index"]) == c["text"]
+    assert result["usage"]["completion_tokens"] == 12
+
+
+def test_invalid_request_fails_without_quotes(redis_url, engine, loaded):
+    async def body():
+        async with serve(redis_url, engine, loaded) as (svc, gw):
+            return await gw.run(job_data("Hi", logit_bias={"49152": 1}))
+
+    events, job = run(body())
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "invalid_request"
+    assert job.failedReason.startswith("invalid_request: ") and '"' not in job.failedReason
+
+
+def test_queue_timeout_and_context_length(redis_url, engine, loaded):
+    async def body():
+        async with serve(redis_url, engine, loaded, context_length=30) as (svc, gw):
+            late = job_data("Hi")
+            late["deadline_ms"] = int(time.time() * 1000) - 1
+            a = await gw.run(late)
+            b = await gw.run(job_data("This prompt is longer than thirty tokens once the chat template is applied."))
+            return a, b
+
+    (ev_a, job_a), (ev_b, job_b) = run(body())
+    assert job_a.failedReason.startswith("queue_timeout: ") and ev_a[-1]["error"]["code"] == "queue_timeout"
+    assert job_b.failedReason.startswith("context_length_exceeded: ")
+
+
+def test_cancel_while_running_frees_sequence(redis_url, engine, loaded):
+    async def body():
+        async with serve(redis_url, engine, loaded) as (svc, gw):
+            sent = {}
+
+            async def on_event(ev, job_id):
+                if ev["type"] == "delta" and "t" not in sent:
+                    sent["t"] = time.time()
+                    await gw.cancel(job_id)
+
+            events, job = await gw.run(job_data("Write a long essay.", max_tokens=2000, temperature=0,
+                                                ignore_eos=True), on_event=on_event)
+            await asyncio.sleep(0.5)
+            return events, job, sent["t"], engine.stats(), svc.metrics
+
+    events, job, t_cancel, stats, metrics = run(body())
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "cancelled"
+    assert events[-1]["_recv"] - t_cancel < 1.0
+    assert job.failedReason.startswith("cancelled: ")
+    assert stats.running_sequences == 0 and stats.kv_cache_bytes == 0
+    assert metrics.running._value.get() == 0
+
+
+def test_cancelled_before_pickup(redis_url, engine, loaded):
+    async def body():
+        async with serve(redis_url, engine, loaded) as (svc, gw):
+            await gw.redis.set("llm:cancelled:chatcmpl-precancelled", "1", ex=600)
+            return await gw.run(job_data("Hi"), job_id="chatcmpl-precancelled")
+
+    events, job = run(body())
+    assert job.failedReason.startswith("cancelled: ") and events[-1]["error"]["code"] == "cancelled"
+
+
+def test_registration_and_deregistration(redis_url, engine, loaded):
+    async def body():
+        async with serve(redis_url, engine, loaded) as (svc, gw):
+            r = gw.redis
+            tok = await r.hgetall("llm:tokenizer:smollm2-135m-instruct")
+            info = json.loads(await r.get(f"llm:worker:{svc.info.worker_id}"))
+            score = await r.zscore("llm:workers", svc.info.worker_id)
+            ttl = await r.pttl(f"llm:worker:{svc.info.worker_id}")
+        async with serve(redis_url, engine, loaded) as (svc2, gw2):
+            gone = (await gw2.redis.zscore("llm:workers", svc.info.worker_id),
+                    await gw2.redis.exists(f"llm:worker:{svc.info.worker_id}"))
+        return tok, info, score, ttl, gone
+
+    tok, info, score, ttl, gone = run(body())
+    assert set(tok) == {"hash", "tokenizer_json", "tokenizer_config_json"}
+    cfg = json.loads(tok["tokenizer_config_json"])
+    assert "<|im_start|>assistant" in cfg["chat_template"] and info["tokenizer_hash"] == tok["hash"]
+    assert info["ready"] is True and info["context_length"] == 8192 and info["queue"].startswith("test-")
+    assert score > time.time() * 1000 and 0 < ttl <= 5000
+    assert gone == (None, 0)
