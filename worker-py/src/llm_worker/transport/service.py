@@ -55,6 +55,9 @@ class WorkerService:
             "lockDuration": self.cfg.lock_duration_ms,
             "stalledInterval": self.cfg.stalled_interval_ms,
             "maxStalledCount": 1,
+            # Seconds one idle BZPOPMIN blocks. close() waits for it, so this bounds how long an idle worker takes
+            # to stop; new jobs wake it at once whatever the value.
+            "drainDelay": 1,
             "name": self.info.worker_id,
         })
         self.worker.on("error", lambda err, *a: log.warning("bullmq error", extra={"error": str(err)}))

@@ -1,0 +1,119 @@
+"""This CPU's ceilings for the bundled model (SmolLM2-135M, fp32), measured; prints them and writes JSON.
+
+How:
+1. fp32 matmul GFLOP/s: a 2048×2048 @ 2048×2048 torch.mm (2·n³ FLOP), best of 5 after a warm-up, all torch threads.
+2. FLOP per output token, from the config: 2 × (every Linear's weights, incl. the tied lm_head) + attention
+   (QKᵀ and AV: 4 × layers × heads × head_dim × context, at the benchmark's mean context).
+   Compute ceiling (roofline) = GFLOP/s ÷ GFLOP per token — what batching can reach at best on this CPU.
+3. Memory bandwidth: copying a 512 MiB fp32 tensor (read + write bytes ÷ time), best of 5. Single-stream ceiling =
+   bandwidth ÷ weight bytes (each decode step reads every weight once).
+4. The model's own batched decode step, measured: prefill B sequences of the benchmark's prompt length, then time 10
+   decode steps (after 2 warm-up steps) with a DynamicCache, as an engine would; tokens/s = B ÷ median step time, for
+   B = 1, 16, 32, 64. This is what eager PyTorch reaches on this model with no serving around it.
+Usage: python bench/cpu/ceiling.py [--json out.json] [--prompt-tokens 64] [--decode-tokens 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_model import load_bundled_model  # noqa: E402
+
+
+def best_of(fn, n: int = 5) -> float:
+    fn()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
+def matmul_gflops(n: int = 2048) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / best_of(lambda: torch.mm(a, b)) / 1e9
+
+
+def copy_gbps(mib: int = 512) -> float:
+    src = torch.empty(mib * 2**20 // 4).uniform_()
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / best_of(lambda: dst.copy_(src)) / 1e9
+
+
+def flop_per_token(model, context: int) -> float:
+    cfg = model.config
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attn = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * context
+    return 2.0 * linear + attn
+
+
+@torch.inference_mode()
+def decode_step_ms(model, batch: int, prompt_tokens: int, steps: int = 10) -> float:
+    from transformers import DynamicCache
+
+    ids = torch.randint(100, int(model.config.vocab_size) - 100, (batch, prompt_tokens))
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    nxt = out.logits[:, -1:].argmax(-1)
+    mask = torch.ones(batch, prompt_tokens, dtype=torch.long)
+    ts = []
+    for i in range(steps + 2):
+        mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)
+        t = time.perf_counter()
+        out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        if i >= 2:
+            ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--decode-tokens", type=int, default=100)
+    ap.add_argument("--batches", default="1,16,32,64")
+    a = ap.parse_args()
+
+    gflops = matmul_gflops()
+    gbps = copy_gbps()
+    model, _ = load_bundled_model()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied lm_head counted once
+    fpt = flop_per_token(model, a.prompt_tokens + a.decode_tokens // 2)
+    res = {
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "matmul_fp32_gflops": gflops,
+        "copy_gbps": gbps, "params": sum(p.numel() for p in model.parameters()), "weight_bytes": weight_bytes,
+        "gflop_per_token": fpt / 1e9, "compute_ceiling_tok_s": gflops * 1e9 / fpt,
+        "single_stream_ceiling_tok_s": gbps * 1e9 / weight_bytes, "decode": {},
+    }
+    for b in [int(x) for x in a.batches.split(",")]:
+        ms = decode_step_ms(model, b, a.prompt_tokens)
+        res["decode"][str(b)] = {"step_ms": ms, "tok_s": b * 1000 / ms}
+    best = max(res["decode"].items(), key=lambda kv: kv[1]["tok_s"])
+    res["forward_ceiling_tok_s"], res["forward_ceiling_batch"] = best[1]["tok_s"], int(best[0])
+
+    print(f"fp32 matmul (2048³ torch.mm, {res['threads']} threads): {gflops:.1f} GFLOP/s; memory copy {gbps:.1f} GB/s")
+    print(f"model: {res['params'] / 1e6:.1f} M params, {weight_bytes / 1e6:.0f} MB fp32, "
+          f"{res['gflop_per_token']:.3f} GFLOP per output token")
+    print(f"compute ceiling (roofline) = {gflops:.1f} / {res['gflop_per_token']:.3f} = "
+          f"{res['compute_ceiling_tok_s']:.0f} tok/s; single-stream ceiling = bandwidth / weights = "
+          f"{res['single_stream_ceiling_tok_s']:.0f} tok/s")
+    print("measured decode step (eager forward, no serving): " + "; ".join(
+        f"B={b}: {d['step_ms']:.1f} ms → {d['tok_s']:.0f} tok/s" for b, d in res["decode"].items()))
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(res, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

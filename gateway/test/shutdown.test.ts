@@ -1,0 +1,102 @@
+/**
+ * SIGTERM on the real entry point (src/main.ts as a child process): stop accepting, let open streams finish within
+ * SHUTDOWN_GRACE_MS (or end them with an in-stream error when it runs out), close Redis, exit 0.
+ */
+import { type ChildProcess, spawn } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { join } from 'node:path';
+import { FakeWorker } from './helpers/fake-worker';
+import { parseSse, sleep, TEST_KEY, waitFor } from './helpers/gateway';
+import { freePort, startRedis, type TestRedis } from './helpers/redis-server';
+
+jest.setTimeout(60_000);
+
+let redis: TestRedis;
+let worker: FakeWorker;
+const MODEL = `m-${randomUUID().slice(0, 8)}`;
+const REPLY = 'abcdefghijklmnopqrstuvwxyz0123456789';
+
+beforeAll(async () => {
+  redis = await startRedis();
+  // One character every 60 ms: a stream of ~2.2 s.
+  worker = new FakeWorker({ redisUrl: redis.url, model: MODEL, script: { reply: () => REPLY, pieceChars: 1, delayMs: 60 } });
+  await worker.start();
+});
+afterAll(async () => {
+  await worker.close();
+  await redis.stop();
+});
+
+async function startMain(env: Record<string, string>) {
+  const port = await freePort();
+  const tsx = join(__dirname, '..', '..', 'node_modules', '.bin', 'tsx');
+  const child: ChildProcess = spawn(tsx, [join(__dirname, '..', 'src', 'main.ts')], {
+    env: { ...process.env, REDIS_URL: redis.url, PORT: String(port), API_KEYS: TEST_KEY, DEFAULT_MODEL: MODEL, LOG_LEVEL: 'warn', ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let out = '';
+  child.stdout!.on('data', (d) => (out += d));
+  child.stderr!.on('data', (d) => (out += d));
+  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+  const url = `http://127.0.0.1:${port}`;
+  await waitFor(async () => (await fetch(`${url}/ready`).catch(() => null))?.status === 200, 30_000, 'gateway ready');
+  return { url, child, exited, output: () => out };
+}
+
+async function openStream(url: string) {
+  const resp = await fetch(`${url}/v1/chat/completions`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${TEST_KEY}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ model: MODEL, messages: [{ role: 'user', content: 'Hi' }], stream: true }),
+  });
+  const reader = resp.body!.getReader();
+  const decoder = new TextDecoder();
+  let body = '';
+  const first = await reader.read();
+  body += decoder.decode(first.value);
+  const rest = (async () => {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return body;
+      body += decoder.decode(value);
+    }
+  })();
+  return rest;
+}
+
+function textOf(body: string) {
+  const { data } = parseSse(body);
+  const chunks = data.filter((d) => d !== '[DONE]') as Array<Record<string, any>>;
+  return {
+    text: chunks.flatMap((c) => c.choices ?? []).map((c: any) => c.delta?.content ?? '').join(''),
+    error: chunks.find((c) => c.error)?.error,
+    done: data.at(-1) === '[DONE]',
+  };
+}
+
+it('lets an open stream finish, refuses new work, and exits 0', async () => {
+  const gw = await startMain({ SHUTDOWN_GRACE_MS: '20000' });
+  const stream = openStream(gw.url);
+  await sleep(300);
+  gw.child.kill('SIGTERM');
+  await sleep(200);
+  const late = await fetch(`${gw.url}/health`).then((r) => r.status).catch(() => 'refused');
+  expect(late).toBe('refused');
+  const s = textOf(await stream);
+  expect(s.text).toBe(REPLY);
+  expect(s.error).toBeUndefined();
+  expect(s.done).toBe(true);
+  expect(await gw.exited).toBe(0);
+});
+
+it('when the grace period runs out, open streams end with an in-stream error, then exit 0', async () => {
+  const gw = await startMain({ SHUTDOWN_GRACE_MS: '300' });
+  const stream = openStream(gw.url);
+  await sleep(200);
+  gw.child.kill('SIGTERM');
+  const s = textOf(await stream);
+  expect(s.text.length).toBeLessThan(REPLY.length);
+  expect(s.error).toMatchObject({ code: 'shutting_down', type: 'server_error' });
+  expect(s.done).toBe(true);
+  expect(await gw.exited).toBe(0);
+});
