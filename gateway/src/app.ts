@@ -15,6 +15,7 @@ import { chatRoutes } from './routes/chat';
 import { healthRoutes } from './routes/health';
 import { modelRoutes } from './routes/models';
 import type { ChatService } from './services/chat-service';
+import type { TokenizerCache } from './services/tokenizer';
 import type { WorkerRegistry } from './services/worker-registry';
 
 export interface AppDeps {
@@ -23,10 +24,12 @@ export interface AppDeps {
   redis: Redis;
   registry: WorkerRegistry;
   chat: ChatService;
+  tokenizers: TokenizerCache;
   auth: Authenticator;
   lifecycle: Lifecycle;
 }
 
+const PROBES = new Set(['/health', '/ready']);
 const VALID_REQUEST_ID = /^[A-Za-z0-9._:\-]{1,128}$/;
 
 /** x-request-id on every response: the client's own when it is sane, else ours. Also the per-request logger/signal. */
@@ -46,7 +49,9 @@ function requestContext(logger: Logger, lifecycle: Lifecycle): RequestHandler {
       // 'close' before the response finished: the client went away. Aborting cancels its job.
       if (!res.writableFinished && !controller.signal.aborted) controller.abort('client');
       const ms = Number(process.hrtime.bigint() - startedAt) / 1e6;
-      res.locals.log.info('request', {
+      // Probes arrive every few seconds from orchestrators; keep them out of the info log.
+      const level = PROBES.has(req.path) && res.statusCode < 500 ? 'debug' : 'info';
+      res.locals.log[level]('request', {
         method: req.method,
         path: req.path,
         status: res.statusCode,
@@ -75,7 +80,7 @@ export function createApp(deps: AppDeps): Express {
 
   app.use(requestContext(logger, lifecycle));
   app.use(drainGuard(lifecycle));
-  app.use(healthRoutes(config, deps.redis, deps.registry));
+  app.use(healthRoutes(config, deps.redis, deps.registry, deps.tokenizers));
 
   app.use('/v1', requireAuth(deps.auth));
   // Any content type is read as JSON, as OpenAI does; a body that is not a JSON object is a 400 (strict).

@@ -44,6 +44,7 @@ export function buildGateway(config: Config, logger: Logger, keys: readonly stri
     redis,
     registry,
     chat,
+    tokenizers,
     auth: auth ?? new StaticKeyAuthenticator(keys),
     lifecycle,
   });

@@ -5,7 +5,7 @@
 import { randomUUID } from 'node:crypto';
 import request from 'supertest';
 import { FakeWorker } from './helpers/fake-worker';
-import { parseSse, startGateway, TEST_KEY, type TestGateway } from './helpers/gateway';
+import { parseSse, startGateway, TEST_KEY, type TestGateway, waitFor } from './helpers/gateway';
 import { startRedis, type TestRedis } from './helpers/redis-server';
 import { tokenizerFixture } from './helpers/tokenizer-fixture';
 
@@ -46,9 +46,10 @@ describe('probes', () => {
     const w = new FakeWorker({ redisUrl: redis.url, model: DEFAULT_MODEL });
     await w.start();
     try {
+      // Ready once the registry has seen the worker and the gateway has built the model's tokenizer.
+      await waitFor(async () => (await request(gw.url).get('/ready')).status === 200, 5000, '/ready');
       const after = await request(gw.url).get('/ready');
-      expect(after.status).toBe(200);
-      expect(after.body).toMatchObject({ status: 'ready', workers: 1 });
+      expect(after.body).toMatchObject({ status: 'ready', workers: 1, tokenizer: true });
     } finally {
       await w.close();
     }

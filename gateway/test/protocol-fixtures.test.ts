@@ -17,7 +17,7 @@ import {
   startedEventSchema,
   workerInfoSchema,
 } from '../src/protocol/job';
-import { failedReasonToApiError } from '../src/queue/job-run';
+import { failedReasonToApiError } from '../src/queue/worker-errors';
 
 const DIR = join(__dirname, '..', '..', 'tests', 'fixtures', 'protocol');
 const SCHEMAS: Record<string, z.ZodType> = {

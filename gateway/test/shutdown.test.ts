@@ -54,6 +54,7 @@ async function openStream(url: string) {
   let body = '';
   const first = await reader.read();
   body += decoder.decode(first.value);
+  // Resolves to a promise of the whole body, once the first chunk has arrived (so the request is surely open).
   const rest = (async () => {
     for (;;) {
       const { value, done } = await reader.read();
@@ -61,7 +62,7 @@ async function openStream(url: string) {
       body += decoder.decode(value);
     }
   })();
-  return rest;
+  return { body: rest };
 }
 
 function textOf(body: string) {
@@ -76,13 +77,13 @@ function textOf(body: string) {
 
 it('lets an open stream finish, refuses new work, and exits 0', async () => {
   const gw = await startMain({ SHUTDOWN_GRACE_MS: '20000' });
-  const stream = openStream(gw.url);
+  const stream = await openStream(gw.url);
   await sleep(300);
   gw.child.kill('SIGTERM');
   await sleep(200);
   const late = await fetch(`${gw.url}/health`).then((r) => r.status).catch(() => 'refused');
   expect(late).toBe('refused');
-  const s = textOf(await stream);
+  const s = textOf(await stream.body);
   expect(s.text).toBe(REPLY);
   expect(s.error).toBeUndefined();
   expect(s.done).toBe(true);
@@ -91,10 +92,10 @@ it('lets an open stream finish, refuses new work, and exits 0', async () => {
 
 it('when the grace period runs out, open streams end with an in-stream error, then exit 0', async () => {
   const gw = await startMain({ SHUTDOWN_GRACE_MS: '300' });
-  const stream = openStream(gw.url);
+  const stream = await openStream(gw.url);
   await sleep(200);
   gw.child.kill('SIGTERM');
-  const s = textOf(await stream);
+  const s = textOf(await stream.body);
   expect(s.text.length).toBeLessThan(REPLY.length);
   expect(s.error).toMatchObject({ code: 'shutting_down', type: 'server_error' });
   expect(s.done).toBe(true);

@@ -117,11 +117,6 @@ export class JobQueues {
     await this.removeIfWaiting(model, jobId).catch(() => false);
   }
 
-  /** Waiting + prioritized + delayed + active jobs of a model (for /ready detail and, later, metrics). */
-  async counts(model: string): Promise<Record<string, number>> {
-    return this.get(model).queue.getJobCounts('waiting', 'prioritized', 'delayed', 'active');
-  }
-
   async close(): Promise<void> {
     const all = [...this.queues.values()];
     this.queues.clear();

@@ -8,18 +8,10 @@
  */
 import { ApiError } from '../errors';
 import type { Logger } from '../logger';
-import {
-  type JobData,
-  type JobEvent,
-  jobEventSchema,
-  type JobResult,
-  jobResultSchema,
-  parseFailedReason,
-  type TokenLogprob,
-  type WorkerError,
-} from '../protocol/job';
+import { type JobData, type JobEvent, jobEventSchema, type JobResult, jobResultSchema, type TokenLogprob } from '../protocol/job';
 import type { JobEventBus } from './job-events';
 import type { JobQueues, Settlement } from './job-queue';
+import { failedReasonToApiError, safeJson, workerErrorToApiError } from './worker-errors';
 
 export interface RunHooks {
   /** Text of one choice in order; not called after a gap (the rest arrives with the final result). */
@@ -72,6 +64,9 @@ export class JobRun {
   private workerId: string | null = null;
   private readonly forwarded = new Map<number, { chars: number; logprobs: number }>();
   private lastHeardMs = Date.now();
+  /** Quiet time before the next poll; doubles while a job stays pending (long queues cost Redis little). */
+  private pollAfterMs: number;
+  private lastPollMs = 0;
   private timers: NodeJS.Timeout[] = [];
   private queueTimer: NodeJS.Timeout | null = null;
   private unsubscribe: (() => Promise<void>) | null = null;
@@ -88,6 +83,7 @@ export class JobRun {
     private readonly hooks: RunHooks = {},
   ) {
     this.log = deps.logger.child({ jobId, requestId: data.request_id, model: data.model });
+    this.pollAfterMs = deps.timings.pollMs;
     this.outcome = new Promise<RunOutcome>((res, rej) => {
       this.resolve = res;
       this.reject = rej;
@@ -115,10 +111,10 @@ export class JobRun {
     this.timers.push(setInterval(() => this.checkHeartbeat(), t.heartbeatCheckMs));
   }
 
-  /** The client went away: tell the worker, drop the job if still queued. */
+  /** The client went away (or we are shutting down): tell the worker, drop the job if still queued. */
   cancel(): void {
     if (this.settled) return;
-    this.log.info('job cancelled by client disconnect');
+    this.log.info('job cancelled: the client went away or the gateway is shutting down');
     this.abandon('cancelled', 'The client closed the request.');
   }
 
@@ -131,6 +127,7 @@ export class JobRun {
   private onMessage(raw: string): void {
     if (this.settled) return;
     this.lastHeardMs = Date.now();
+    this.pollAfterMs = this.deps.timings.pollMs;
     let event: JobEvent;
     try {
       const parsed = jobEventSchema.safeParse(JSON.parse(raw));
@@ -219,8 +216,10 @@ export class JobRun {
 
   private async poll(): Promise<void> {
     if (this.settled || this.polling || this.removing) return;
-    if (Date.now() - this.lastHeardMs < this.deps.timings.pollMs) return;
+    if (Date.now() - Math.max(this.lastHeardMs, this.lastPollMs) < this.pollAfterMs) return;
     this.polling = true;
+    this.lastPollMs = Date.now();
+    this.pollAfterMs = Math.min(this.pollAfterMs * 2, this.deps.timings.pollMs * 16);
     try {
       const snap = await this.deps.queues.snapshot(this.data.model, this.jobId);
       if (this.settled || this.removing) return;
@@ -286,46 +285,4 @@ export class JobRun {
     this.unsubscribe = null;
     await unsubscribe?.();
   }
-}
-
-function safeJson(raw: string): unknown {
-  try {
-    return JSON.parse(raw);
-  } catch {
-    return raw;
-  }
-}
-
-/** A worker's failure code (docs/PROTOCOL.md, Failures) as the client sees it. */
-export function workerErrorToApiError(e: WorkerError): ApiError {
-  switch (e.code) {
-    case 'context_length_exceeded':
-      return new ApiError('context_length_exceeded', e.message, { param: 'messages' });
-    case 'invalid_request':
-      return new ApiError('invalid_request', e.message);
-    case 'queue_timeout':
-      return new ApiError('queue_timeout', 'No worker could take this request in time: the server is busy. Please retry.', {
-        retryAfterMs: 1000,
-      });
-    case 'cancelled':
-      return new ApiError('cancelled', 'The request was cancelled.');
-    default:
-      return new ApiError('internal_error', 'The server had an error while generating the response. Please retry.', {
-        cause: e,
-      });
-  }
-}
-
-export function failedReasonToApiError(reason: string | undefined): ApiError {
-  // BullMQ's own reason when a job's worker died more often than maxStalledCount allows.
-  if (reason && /stalled more than allowable limit/i.test(reason)) {
-    return new ApiError('worker_lost', 'The worker generating this response was lost. Please retry.');
-  }
-  let text = reason ?? '';
-  // Python bullmq <= 3.0.4 JSON-quotes failedReason (FACTS.md, issue #4596); unwrap it rather than show the quotes.
-  if (text.startsWith('"') && text.endsWith('"')) {
-    const unquoted = safeJson(text);
-    if (typeof unquoted === 'string') text = unquoted;
-  }
-  return workerErrorToApiError(parseFailedReason(text));
 }

@@ -1,30 +1,37 @@
 /**
- * /health: the process is up (the tutorial's shape). /ready: Redis answers and a live worker serves DEFAULT_MODEL;
- * 503 otherwise, so a load balancer or `depends_on` waits for a gateway that can actually answer. Neither needs auth.
+ * /health: the process is up (the tutorial's shape). /ready: Redis answers, a live worker serves DEFAULT_MODEL and its
+ * tokenizer is built; 503 otherwise, so a load balancer or `depends_on` waits for a gateway that can actually answer
+ * at once. Neither needs auth.
  */
 import { Router } from 'express';
 import type Redis from 'ioredis';
 import type { Config } from '../config';
+import type { TokenizerCache } from '../services/tokenizer';
 import type { WorkerRegistry } from '../services/worker-registry';
 
 const VERSION = '0.1.0';
 const started = Date.now();
 
-export function healthRoutes(config: Config, redis: Redis, registry: WorkerRegistry): Router {
+export function healthRoutes(config: Config, redis: Redis, registry: WorkerRegistry, tokenizers: TokenizerCache): Router {
   const router = Router();
   router.get('/health', (_req, res) => {
     res.json({ status: 'healthy', service: 'llm-api', version: VERSION, uptime_s: Math.round((Date.now() - started) / 1000) });
   });
   router.get('/ready', async (_req, res) => {
-    const checks = { redis: false, model: config.DEFAULT_MODEL, workers: 0 };
+    const checks = { redis: false, model: config.DEFAULT_MODEL, workers: 0, tokenizer: false };
     try {
       checks.redis = (await withTimeout(redis.ping(), 1000)) === 'PONG';
       const model = checks.redis ? await registry.model(config.DEFAULT_MODEL) : null;
       checks.workers = model?.workers ?? 0;
+      if (model) {
+        // Ready means a request will not wait for the tokenizer to be built; start building it if nobody has.
+        checks.tokenizer = tokenizers.isLoaded(model.tokenizerHash);
+        if (!checks.tokenizer) tokenizers.get(model.id, model.tokenizerHash).catch(() => undefined);
+      }
     } catch {
       checks.redis = false;
     }
-    const ready = checks.redis && checks.workers > 0;
+    const ready = checks.redis && checks.workers > 0 && checks.tokenizer;
     if (!ready) res.setHeader('retry-after', '1');
     res.status(ready ? 200 : 503).json({ status: ready ? 'ready' : 'not_ready', service: 'llm-api', ...checks });
   });

@@ -108,6 +108,7 @@ export class ChatService {
     await run.start();
     const onAbort = () => run.cancel();
     ctx.signal.addEventListener('abort', onAbort, { once: true });
+    if (ctx.signal.aborted) run.cancel(); // the client left while we were preparing
     try {
       const { result } = await run.outcome;
       this.logDone(ctx, p, result.usage.completion_tokens, result.choices.map((c) => c.finish_reason), result);
@@ -139,6 +140,7 @@ export class ChatService {
     sse.open();
     const onAbort = () => run.cancel();
     ctx.signal.addEventListener('abort', onAbort, { once: true });
+    if (ctx.signal.aborted) run.cancel();
     try {
       const { result, rest } = await run.outcome;
       for (const c of rest) {

@@ -86,6 +86,7 @@ export class ModelTokenizer {
 /** Tokenizers by hash: built once (~100 ms for a 3.5 MB tokenizer.json), shared by every request of that model. */
 export class TokenizerCache {
   private readonly byHash = new Map<string, Promise<ModelTokenizer>>();
+  private readonly loaded = new Set<string>();
   private static readonly MAX_ENTRIES = 16;
 
   constructor(
@@ -98,10 +99,22 @@ export class TokenizerCache {
     if (!entry) {
       entry = this.load(model, hash);
       this.byHash.set(hash, entry);
-      entry.catch(() => this.byHash.delete(hash));
-      if (this.byHash.size > TokenizerCache.MAX_ENTRIES) this.byHash.delete(this.byHash.keys().next().value as string);
+      entry.then(
+        () => this.loaded.add(hash),
+        () => this.byHash.delete(hash),
+      );
+      if (this.byHash.size > TokenizerCache.MAX_ENTRIES) {
+        const oldest = this.byHash.keys().next().value as string;
+        this.byHash.delete(oldest);
+        this.loaded.delete(oldest);
+      }
     }
     return entry;
+  }
+
+  /** Whether the tokenizer with this hash is built (so a request will not wait for it). */
+  isLoaded(hash: string): boolean {
+    return this.loaded.has(hash);
   }
 
   /** Builds tokenizers of newly seen models in the background, so their first request does not pay for it. */
@@ -119,7 +132,12 @@ export class TokenizerCache {
     const started = Date.now();
     const fields = await this.redis.hgetall(tokenizerKey(model));
     if (!fields.tokenizer_json || !fields.tokenizer_config_json) {
-      throw new ApiError('internal_error', `The tokenizer of model '${model}' is not registered.`);
+      // A worker lists itself only after writing its tokenizer, so this is a Redis that lost data (restarted without
+      // persistence): retryable once a worker registers again.
+      this.logger.error('a live worker serves this model but its tokenizer is not in Redis', { model });
+      throw new ApiError('no_worker_available', `The tokenizer of model '${model}' is not registered. Please retry shortly.`, {
+        retryAfterMs: 5000,
+      });
     }
     if (fields.hash && fields.hash !== hash) {
       // A worker with another tokenizer version registered since; counting with it is still better than failing.

@@ -42,15 +42,21 @@ const EXPECTED: Record<string, string> = {
   boolean: 'a boolean',
   array: 'an array',
   object: 'an object',
+  record: 'an object',
 };
 
-/** Unions report one issue per branch; the most specific one (not a mere type mismatch) explains best. */
+/**
+ * Unions report one list of issues per branch. The branch that got furthest into the value (the deepest path) is the
+ * one the client meant, e.g. content given as an array whose part lacks `type`; a specific issue (not a mere type
+ * mismatch) wins next. With neither, the union itself is reported.
+ */
 function unwrapUnion(issue: Issue): { issue: Issue; basePath: PathKey[] } {
   let basePath = [...issue.path];
   let cur = issue;
   while (cur.code === 'invalid_union') {
-    const branches = cur.errors;
-    const specific = branches.flat().find((i) => i.code !== 'invalid_type');
+    const firsts = cur.errors.map((branch) => branch[0]).filter((i): i is Issue => i !== undefined);
+    const deepest = firsts.reduce<Issue | null>((best, i) => (i.path.length > (best?.path.length ?? 0) ? i : best), null);
+    const specific = deepest ?? cur.errors.flat().find((i) => i.code !== 'invalid_type');
     if (!specific) break;
     basePath = [...basePath, ...specific.path];
     cur = specific;
@@ -74,7 +80,11 @@ export function zodErrorToApiError(error: z.ZodError, input: unknown): ApiError 
       if (value === undefined) {
         return new ApiError('missing_required_parameter', `Missing required parameter: '${name}'.`, { param });
       }
-      const expected = issue.code === 'invalid_type' ? (EXPECTED[issue.expected] ?? issue.expected) : 'another type';
+      const expectedOf = (i: Issue) => (i.code === 'invalid_type' ? (EXPECTED[i.expected] ?? i.expected) : null);
+      const expected =
+        issue.code === 'invalid_type'
+          ? expectedOf(issue)
+          : [...new Set(issue.errors.map((b) => (b[0] ? expectedOf(b[0]) : null)).filter(Boolean))].join(' or ') || 'another type';
       return new ApiError(
         'invalid_type',
         `Invalid type for '${name}': expected ${expected}, but got ${describe(value)} instead.`,
@@ -86,9 +96,12 @@ export function zodErrorToApiError(error: z.ZodError, input: unknown): ApiError 
       const isArray = issue.origin === 'array';
       const bound = issue.code === 'too_small' ? issue.minimum : issue.maximum;
       const op = issue.code === 'too_small' ? (issue.inclusive ? '>=' : '>') : issue.inclusive ? '<=' : '<';
+      const side = issue.code === 'too_small' ? 'minimum' : 'maximum';
       const what = isArray
-        ? `Expected an array with ${issue.code === 'too_small' ? 'minimum' : 'maximum'} length ${String(bound)}, but got an array with length ${Array.isArray(value) ? value.length : '?'} instead.`
-        : `Expected a value ${op} ${String(bound)}, but got ${JSON.stringify(value)} instead.`;
+        ? `Expected an array with ${side} length ${String(bound)}, but got an array with length ${Array.isArray(value) ? value.length : '?'} instead.`
+        : issue.origin === 'string'
+          ? `Expected a string with ${side} length ${String(bound)}, but got a string with length ${typeof value === 'string' ? value.length : '?'} instead.`
+          : `Expected a value ${op} ${String(bound)}, but got ${JSON.stringify(value)} instead.`;
       return new ApiError('invalid_value', `Invalid '${name}': ${what}`, { param });
     }
     case 'invalid_value':

@@ -8,7 +8,8 @@ What it keeps from a real engine, so the transport is exercised exactly as in pr
 - one engine thread; ``submit``/``cancel``/``stop_choice`` are thread-safe and return at once;
 - requests join the running batch at a step boundary and get their first token at once (as cpu_batch.py's prefill);
   then every running choice gets one token per step, every ``step_ms`` milliseconds (default 20 ms = 50 tokens/s per
-  sequence, close to a GPU's decode rate), emitted through ``emit`` like a real engine does;
+  sequence, close to a GPU's decode rate; the environment variable STANDIN_STEP_MS overrides it — read here, not in
+  config.py, because it is a benchmark knob of this stand-in only), emitted through ``emit`` like a real engine does;
 - ``max_tokens``, ``n``, the deadline, cancellation (final emit "cancelled") and ``stats()``.
 What it does not do: sampling parameters, logprobs, stop on EOS. Output tokens are the prompt's own ids, cycled
 (EOS ids left out), so the detokenizer sees ordinary text of the right tokenizer; ``token_ids=`` overrides that.
@@ -18,6 +19,7 @@ Every choice ends with finish_reason "length" after exactly ``max_tokens`` token
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -43,13 +45,15 @@ class StandInEngine(Engine):
     """Benchmark stand-in: fixed tokens at a fixed rate, no model (see the module docstring)."""
 
     def __init__(self, model=None, *, eos_token_ids: Sequence[int] = (), max_batch: int = 1024,
-                 context_length: int = 8192, step_ms: float = 20.0, token_ids: Optional[Sequence[int]] = None,
+                 context_length: int = 8192, step_ms: Optional[float] = None, token_ids: Optional[Sequence[int]] = None,
                  **_ignored):
         # ``model`` and unknown keyword arguments are accepted and ignored so that the worker's factory can build this
         # engine with the same arguments as the real ones.
         self.eos_token_ids = set(eos_token_ids)
         self.max_batch = max_batch  # informational: the transport already bounds concurrency with MAX_BATCH
         self.context_length = context_length
+        if step_ms is None:
+            step_ms = float(os.environ.get("STANDIN_STEP_MS", "20"))
         self.step_s = step_ms / 1000.0
         self.token_ids = list(token_ids) if token_ids else None
         self._cv = threading.Condition()

@@ -122,7 +122,8 @@ class JobRun:
             raise JobError("cancelled", "cancelled by the client")
 
         def emit(_rid: str, outputs: list[ChoiceOutput]) -> None:  # engine thread
-            loop.call_soon_threadsafe(self._on_outputs, stream, outputs)
+            if not loop.is_closed():  # after a forced shutdown the engine's final "cancelled" emits go nowhere
+                loop.call_soon_threadsafe(self._on_outputs, stream, outputs)
 
         self._submitted = True
         ctx.engine.submit(GenerationRequest(self.job_id, prompt_ids, params, deadline), emit)

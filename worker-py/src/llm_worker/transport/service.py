@@ -80,9 +80,13 @@ class WorkerService:
         if self.heartbeat is not None:
             self.heartbeat.set_ready(False)  # still listed (streams in flight depend on it), but not ready
         if self.worker is not None:
-            close = asyncio.ensure_future(self.worker.close())
+            # pause() stops fetching and waits for in-flight jobs while locks keep being renewed. Not close() first:
+            # in bullmq 3.4.4 a closing worker's run loop exits and closes its LockManager while jobs still run, so a
+            # job finishing after lockDuration fails with "Missing lock" (seen here with a 12 s drain).
+            pause = asyncio.ensure_future(self.worker.pause())
             try:
-                await asyncio.wait_for(asyncio.shield(close), self.cfg.shutdown_grace_ms / 1000)
+                await asyncio.wait_for(asyncio.shield(pause), self.cfg.shutdown_grace_ms / 1000)
+                await self.worker.close()
             except asyncio.TimeoutError:
                 # Unfinished jobs are handed back: their locks lapse, BullMQ's stalled check re-queues them once.
                 log.warning("grace period over; handing back unfinished jobs", extra={"jobs": list(self.runs)})
