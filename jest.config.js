@@ -1,4 +1,4 @@
-// Jest projects. `gateway`: the gateway's unit tests (npx jest gateway/test). The lead adds tests/e2e here.
+// Jest projects. `gateway`: the gateway's unit tests (npx jest gateway/test); `e2e`: tests/e2e, run by `npm test`.
 // ts-jest transpiles each file on its own (isolatedModules: fast, no type check); `npm run typecheck` checks types.
 const { compilerOptions } = require('./tsconfig.json');
 
@@ -12,6 +12,14 @@ module.exports = {
       displayName: 'gateway',
       testEnvironment: 'node',
       roots: ['<rootDir>/gateway/test'],
+      testMatch: ['**/*.test.ts'],
+      transform,
+    },
+    {
+      // End to end: the official openai Node SDK against the stack `npm test` starts (real Redis, worker, gateway).
+      displayName: 'e2e',
+      testEnvironment: 'node',
+      roots: ['<rootDir>/tests/e2e'],
       testMatch: ['**/*.test.ts'],
       transform,
     },

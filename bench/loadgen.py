@@ -88,12 +88,14 @@ async def one(session: aiohttp.ClientSession, url: str, headers: dict, body: dic
             if resp.status != 200:
                 r.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return
+            done = finished = False
             async for raw in resp.content:
                 line = raw.strip()
                 if not line.startswith(b"data:"):
                     continue
                 data = line[5:].strip()
                 if data == b"[DONE]":
+                    done = True
                     break
                 now = time.perf_counter()
                 obj = json.loads(data)
@@ -102,6 +104,7 @@ async def one(session: aiohttp.ClientSession, url: str, headers: dict, body: dic
                     return
                 r.job_id = r.job_id or obj.get("id")
                 for ch in obj.get("choices") or []:
+                    finished = finished or bool(ch.get("finish_reason"))
                     if (ch.get("delta") or {}).get("content"):
                         if r.first is None:
                             r.first, r.first_wall_ms = now, time.time() * 1000.0
@@ -110,6 +113,9 @@ async def one(session: aiohttp.ClientSession, url: str, headers: dict, body: dic
                 if usage:
                     r.completion_tokens = usage.get("completion_tokens")
                     r.prompt_tokens = usage.get("prompt_tokens")
+            # transformers serve ends with a finish_reason chunk and no [DONE]; a stream with neither was cut short.
+            if not (done or finished):
+                r.error = f"stream closed without finish_reason or [DONE] after {len(r.chunk_times)} content chunks"
     except Exception as exc:  # noqa: BLE001 — recorded per request, reported in the summary
         r.error = f"{type(exc).__name__}: {exc}"
     finally:

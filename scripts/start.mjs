@@ -54,6 +54,7 @@ try {
   log(String(err.message ?? err));
   await shutdown(1);
 }
+if (stopping) await new Promise(() => {}); // shutdown() is under way and exits the process
 const model = process.env.DEFAULT_MODEL ?? "smollm2-135m-instruct";
 log(`READY: model ${model} is served at ${baseUrl} (${((Date.now() - t0) / 1000).toFixed(1)} s after start)`);
 log(`try: curl ${baseUrl}/chat/completions -H "Authorization: Bearer ${apiKey ?? "$API_KEY"}" -H "Content-Type: application/json" ` +

@@ -24,10 +24,12 @@ function step(name, cmd, args, env = {}) {
   return ok;
 }
 
-process.on("SIGINT", async () => {
-  await stopAll(3000);
-  process.exit(130);
-});
+for (const sig of ["SIGINT", "SIGTERM"]) {
+  process.on(sig, async () => {
+    await stopAll(3000);
+    process.exit(130);
+  });
+}
 
 let t = Date.now();
 ensureNodeDeps();
@@ -44,7 +46,8 @@ const gatewayPort = await freePort();
 const apiKey = devKey();
 // Two workers would halve the CPU each gets on a 2-core machine; one real worker serves the suites, and the tests
 // that need more (kill -9, failover) start their own.
-const worker = startWorker({ redisUrl, env: { MAX_BATCH: "16" } });
+const workerMetricsPort = await freePort();
+const worker = startWorker({ redisUrl, env: { MAX_BATCH: "16", METRICS_PORT: String(workerMetricsPort) } });
 const gateway = startGateway({ redisUrl, port: gatewayPort, apiKeys: apiKey, env: { LOG_LEVEL: "warn" } });
 let stackOk = true;
 try {
@@ -63,11 +66,14 @@ if (stackOk) {
     STACK_REDIS_URL: redisUrl,
     STACK_MODEL: "smollm2-135m-instruct",
     STACK_PYTHON: VENV_PYTHON,
+    STACK_WORKER_METRICS_URL: `http://127.0.0.1:${workerMetricsPort}`,
   };
   step("jest: gateway unit tests + end-to-end (openai Node SDK)", process.execPath,
     [path.join(ROOT, "node_modules/jest/bin/jest.js"), "--runInBand", ...process.argv.slice(2)], env);
-  const suites = ["worker-py/tests", "tests/e2e_py", "tests/deploy"].filter((p) => existsSync(path.join(ROOT, p)));
-  step(`pytest: ${suites.join(", ")}`, VENV_PYTHON, ["-m", "pytest", "-q", "-p", "no:cacheprovider", ...suites], env);
+  // One pytest process per suite: each folder has its own conftest.py.
+  for (const suite of ["worker-py/tests", "tests/e2e_py", "tests/deploy"]) {
+    if (existsSync(path.join(ROOT, suite))) step(`pytest ${suite}`, VENV_PYTHON, ["-m", "pytest", "-q", "-p", "no:cacheprovider", suite], env);
+  }
 }
 
 await stopAll();

@@ -103,7 +103,7 @@ def wait_idle(max_wait_s: float, threshold_pct: float = 15.0, log=print) -> floa
     t0 = time.monotonic()
     load = foreign_load()
     while load > threshold_pct and time.monotonic() - t0 < max_wait_s:
-        log(f"[bench] other processes use {load:.0f}% of the CPUs; waiting for a quiet machine "
+        log(f"other processes use {load:.0f}% of the CPUs; waiting for a quiet machine "
             f"({max_wait_s - (time.monotonic() - t0):.0f} s left)…")
         time.sleep(10)
         load = foreign_load()

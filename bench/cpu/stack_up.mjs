@@ -3,12 +3,13 @@
 // stays up until SIGTERM/SIGINT, when it stops everything it started. Extra worker settings come from the environment
 // (e.g. ENGINE=standin MAX_BATCH=256 for the stand-in runs). Logs: .run/bench-worker.log, .run/bench-gateway.log.
 import {
-  devKey, ensureNodeDeps, freePort, startGateway, startRedis, startWorker, stopAll, waitReady,
+  devKey, ensureNodeDeps, freePort, ROOT, startChild, startGateway, startRedis, startWorker, stopAll, VENV_PYTHON, waitReady,
 } from "../../scripts/lib/stack.mjs";
+import path from "node:path";
 
 let stopping = false;
 async function shutdown(code) {
-  if (stopping) return;
+  if (stopping) return new Promise(() => {}); // the first caller exits the process
   stopping = true;
   await stopAll(5_000);
   process.exit(code);
@@ -22,7 +23,13 @@ const { url: redisUrl } = await startRedis(await freePort());
 const port = await freePort();
 const apiKey = devKey();
 const workerEnv = { METRICS_PORT: String(await freePort()) };
-const worker = startWorker({ redisUrl, env: workerEnv, name: "bench-worker" });
+// BENCH_STANDIN_SHIM=1: run the worker through bench/cpu/standin_worker.py, which selects the stand-in engine without
+// the worker's factory knowing ENGINE=standin (used only until that one line exists in llm_worker/engine/__init__.py).
+const worker = process.env.BENCH_STANDIN_SHIM === "1"
+  ? startChild("bench-worker", VENV_PYTHON, [path.join(ROOT, "bench/cpu/standin_worker.py")], {
+      env: { REDIS_URL: redisUrl, PYTHONUNBUFFERED: "1", ...workerEnv },
+    })
+  : startWorker({ redisUrl, env: workerEnv, name: "bench-worker" });
 const gateway = startGateway({ redisUrl, port, apiKeys: apiKey, name: "bench-gateway" });
 for (const c of [worker, gateway]) {
   c.exited.then(({ code, signal }) => {

@@ -134,7 +134,8 @@ export function errorMiddleware(logger: Logger): ErrorRequestHandler {
   return (err, req, res, _next) => {
     const apiErr = toApiError(err);
     const fields = { requestId: res.locals.requestId, method: req.method, path: req.path, code: apiErr.code };
-    if (apiErr.status >= 500) logger.error('request failed', { ...fields, status: apiErr.status, err: apiErr.cause ?? apiErr });
+    if (apiErr.retryAfterMs !== undefined) logger.warn('request refused for now', { ...fields, status: apiErr.status });
+    else if (apiErr.status >= 500) logger.error('request failed', { ...fields, status: apiErr.status, err: apiErr.cause ?? apiErr });
     else logger.debug('request rejected', { ...fields, status: apiErr.status, param: apiErr.param });
     if (res.headersSent) {
       res.end();

@@ -73,6 +73,12 @@ async function main(): Promise<void> {
   };
   process.on('SIGTERM', () => void shutdown('SIGTERM'));
   process.on('SIGINT', () => void shutdown('SIGINT'));
+  // Last resort: a rejection nobody handled is a bug to log, not a reason to drop every open stream.
+  process.on('unhandledRejection', (err) => logger.error('unhandled rejection', { err }));
+  process.on('uncaughtException', (err) => {
+    logger.error('uncaught exception: exiting', { err });
+    process.exit(1);
+  });
 }
 
 function redactUrl(url: string): string {

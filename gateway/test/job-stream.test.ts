@@ -132,6 +132,18 @@ describe('worker failures', () => {
   });
 });
 
+describe('no worker left', () => {
+  it('the only worker dies before any text: 503 queue_timeout soon after QUEUE_TIMEOUT_MS, not a hang', async () => {
+    const w = await fake({ reply, dieAfterDeltas: 0 });
+    const t0 = Date.now();
+    const res = await post(ask(w.model));
+    expect(res.status).toBe(503);
+    expect(res.body.error.code).toBe('queue_timeout');
+    expect(res.headers['retry-after']).toBeDefined();
+    expect(Date.now() - t0).toBeLessThan(5000);
+  });
+});
+
 describe('queueing', () => {
   it('SSE keep-alive comments while the job waits for a worker', async () => {
     const w = await fake({ reply, startDelayMs: 450 });
@@ -196,5 +208,27 @@ describe('client disconnect cancels the job', () => {
     await waitFor(async () => w.cancelled.size === 1, 5000, 'cancel message');
     expect(await q.getJobCounts('waiting')).toEqual({ waiting: 0 });
     await q.close();
+  });
+});
+
+describe('logprobs', () => {
+  const tokensOf = (lp: any) => (lp?.content ?? []).map((t: any) => t.token).join('');
+
+  it('non-stream: {content: [...], refusal: null} covering the text, with top_logprobs', async () => {
+    const w = await fake({ reply, pieceChars: 5 });
+    const res = await post(ask(w.model, { logprobs: true, top_logprobs: 2 }));
+    const lp = res.body.choices[0].logprobs;
+    expect(lp.refusal).toBeNull();
+    expect(tokensOf(lp)).toBe(REPLY);
+    expect(lp.content[0]).toMatchObject({ logprob: -0.5, top_logprobs: [{ logprob: -0.5 }, { logprob: -1.5 }] });
+    expect(w.jobs.at(-1)!.params).toMatchObject({ logprobs: true, top_logprobs: 2 });
+  });
+
+  it('stream: each content chunk carries the logprobs of its text, also across a gap', async () => {
+    const w = await fake({ reply, pieceChars: 5, dropSeqs: [3, 4] });
+    const s = streamText((await post(ask(w.model, { stream: true, logprobs: true }))).text);
+    expect(s.text).toBe(REPLY);
+    const contentChunks = s.chunks.flatMap((c) => c.choices).filter((c: any) => c.delta.content);
+    expect(contentChunks.map((c: any) => tokensOf(c.logprobs)).join('')).toBe(REPLY);
   });
 });

@@ -59,6 +59,20 @@ describe('SseWriter', () => {
     expect(data).toEqual(['[DONE]']);
   });
 
+  it('holds events written before open() and sends them right after the headers', async () => {
+    const a = express();
+    a.get('/s', (_req, res) => {
+      const sse = new SseWriter(res, { keepAliveMs: 60_000 });
+      sse.data({ early: true });
+      sse.open();
+      sse.data({ late: true });
+      sse.done();
+    });
+    const res = await request(a).get('/s');
+    expect(res.headers['content-type']).toBe('text/event-stream; charset=utf-8');
+    expect(parseSse(res.text).data).toEqual([{ early: true }, { late: true }, '[DONE]']);
+  });
+
   it('stops writing once the client has gone', async () => {
     let writableAfterClose: boolean | null = null;
     const a = express();

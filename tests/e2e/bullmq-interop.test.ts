@@ -32,18 +32,22 @@ describe("BullMQ Node → Python worker", () => {
   let queue: Queue;
   let events: QueueEvents;
   let connection: Redis;
+  let eventsConnection: Redis;
 
   beforeAll(async () => {
     connection = new Redis(stack.redisUrl, { maxRetriesPerRequest: null });
     queue = new Queue(queueName(), { connection });
-    events = new QueueEvents(queueName(), { connection: new Redis(stack.redisUrl, { maxRetriesPerRequest: null }) });
+    eventsConnection = new Redis(stack.redisUrl, { maxRetriesPerRequest: null });
+    events = new QueueEvents(queueName(), { connection: eventsConnection });
     await events.waitUntilReady();
   });
 
   afterAll(async () => {
     await events.close();
     await queue.close();
+    // Connections handed to BullMQ stay ours to close.
     await connection.quit();
+    eventsConnection.disconnect();
   });
 
   test("Queue.add → Python processes it → waitUntilFinished returns the JobResult", async () => {

@@ -183,7 +183,7 @@ describe("errors as a user of the SDK sees them", () => {
     });
     expect(res.status).toBe(413);
     expect(res.headers.get("x-request-id")).toBeTruthy();
-    const body = await res.json();
+    const body = (await res.json()) as { error: Record<string, unknown> };
     expect(body.error).toMatchObject({ type: "invalid_request_error" });
     expect(Object.keys(body.error).sort()).toEqual(["code", "message", "param", "type"]);
   });

@@ -22,6 +22,8 @@ export interface RunHooks {
 /** Where the heartbeat of the worker named in `started` is read (services/worker-registry.ts). */
 export interface WorkerLiveness {
   isAlive(workerId: string): boolean;
+  /** Whether any live, ready worker serves the model (from the last snapshot; no Redis call). */
+  hasLiveWorker(model: string): boolean;
 }
 
 export interface RunTimings {
@@ -29,6 +31,8 @@ export interface RunTimings {
   requestTimeoutMs: number;
   pollMs: number;
   heartbeatCheckMs: number;
+  /** Extra time past the job's deadline before the gateway gives up on hearing from the worker. */
+  deadlineGraceMs: number;
 }
 
 export interface RunDeps {
@@ -50,9 +54,6 @@ export interface RunOutcome {
   result: JobResult;
   rest: FinalChoice[];
 }
-
-/** Extra time past the job's deadline before the gateway gives up on hearing from the worker. */
-const DEADLINE_GRACE_MS = 5000;
 
 export class JobRun {
   readonly outcome: Promise<RunOutcome>;
@@ -105,7 +106,7 @@ export class JobRun {
     const t = this.deps.timings;
     this.queueTimer = setTimeout(() => void this.onQueueTimeout(), t.queueTimeoutMs);
     const untilDeadline = this.data.deadline_ms === null ? t.requestTimeoutMs : this.data.deadline_ms - Date.now();
-    const hardStop = Math.max(0, untilDeadline) + DEADLINE_GRACE_MS;
+    const hardStop = Math.max(0, untilDeadline) + t.deadlineGraceMs;
     this.timers.push(setTimeout(() => this.abandon('request_timeout', 'The request timed out.'), hardStop));
     this.timers.push(setInterval(() => void this.poll(), t.pollMs));
     this.timers.push(setInterval(() => this.checkHeartbeat(), t.heartbeatCheckMs));
@@ -139,6 +140,10 @@ export class JobRun {
     }
     switch (event.type) {
       case 'started':
+        if (event.prompt_tokens !== undefined && event.prompt_tokens !== this.data.prompt_tokens) {
+          // The gateway's count decides context errors; a mismatch means its tokenizer or template differs.
+          this.log.warn('prompt token counts differ', { gateway: this.data.prompt_tokens, worker: event.prompt_tokens });
+        }
         return this.onStarted(event.worker_id);
       case 'delta':
         if (!this.checkSeq(event.seq)) return;
@@ -209,6 +214,10 @@ export class JobRun {
     this.removing = false;
     if (removed) {
       return this.abandon('queue_timeout', 'No worker could take this request in time: the server is busy. Please retry.');
+    }
+    if (!this.deps.liveness.hasLiveWorker(this.data.model)) {
+      // Held by a dead worker's lock and no live worker left to retry it: waiting longer would only hang the client.
+      return this.abandon('queue_timeout', 'No worker could take this request in time. Please retry.');
     }
     // Not removable: a worker holds it (its `started` was lost) or it has ended; the poll settles the latter.
     this.log.info('queue timeout reached but the job is not waiting; still following it');

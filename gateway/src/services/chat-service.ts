@@ -153,8 +153,10 @@ export class ChatService {
       this.logDone(ctx, p, result.usage.completion_tokens, result.choices.map((c) => c.finish_reason), result);
     } catch (err) {
       const apiErr = shutdownAware(err, ctx.signal);
-      if (apiErr.status >= 500) ctx.log.error('stream failed', { jobId: p.meta.id, code: apiErr.code, err: apiErr.cause ?? apiErr });
-      else ctx.log.info('stream ended early', { jobId: p.meta.id, code: apiErr.code });
+      // Retryable conditions (busy, shutting down) are expected under load: warn; anything else 5xx is a fault.
+      if (apiErr.status >= 500 && apiErr.retryAfterMs === undefined) {
+        ctx.log.error('stream failed', { jobId: p.meta.id, code: apiErr.code, err: apiErr.cause ?? apiErr });
+      } else ctx.log.info('stream ended early', { jobId: p.meta.id, code: apiErr.code });
       if (sse.writable) sse.error(apiErr);
     } finally {
       ctx.signal.removeEventListener('abort', onAbort);
@@ -174,6 +176,8 @@ export class ChatService {
         requestTimeoutMs: config.REQUEST_TIMEOUT_MS,
         pollMs: config.JOB_POLL_MS,
         heartbeatCheckMs: config.WORKER_REFRESH_MS,
+        // The worker cuts generation at the deadline itself; this only covers a worker that went silent.
+        deadlineGraceMs: 5000,
       },
     };
   }

@@ -123,6 +123,12 @@ export class WorkerRegistry {
     return w !== undefined && w.expiresAtMs >= this.now();
   }
 
+  /** Whether the last snapshot shows a live, ready worker for the model; unknown (no snapshot) counts as yes. */
+  hasLiveWorker(model: string): boolean {
+    if (!this.snap) return true;
+    return this.viewOf(model) !== null;
+  }
+
   private *liveWorkers(): Iterable<LiveWorker> {
     if (!this.snap) return;
     const now = this.now();

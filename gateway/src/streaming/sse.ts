@@ -15,6 +15,8 @@ export class SseWriter {
   private keepAlive: NodeJS.Timeout | null = null;
   private lastWriteMs = 0;
   private ended = false;
+  /** Events written before open() (a fast worker can beat the enqueue's reply); sent right after the headers. */
+  private pending: string[] | null = [];
 
   constructor(
     private readonly res: Response,
@@ -33,6 +35,9 @@ export class SseWriter {
     // nginx and some proxies buffer responses unless told not to.
     res.setHeader('x-accel-buffering', 'no');
     res.flushHeaders();
+    const pending = this.pending ?? [];
+    this.pending = null;
+    for (const chunk of pending) this.write(chunk);
     this.lastWriteMs = Date.now();
     const period = Math.max(50, Math.floor(this.opts.keepAliveMs / 2));
     this.keepAlive = setInterval(() => {
@@ -75,6 +80,10 @@ export class SseWriter {
   }
 
   private write(chunk: string): void {
+    if (this.pending) {
+      this.pending.push(chunk);
+      return;
+    }
     if (!this.writable) return;
     this.lastWriteMs = Date.now();
     this.res.write(chunk);

@@ -39,6 +39,13 @@ export interface FakeScript {
   finishReason?: 'stop' | 'length';
 }
 
+/** One OpenAI ChatCompletionTokenLogprob per delta when the job asks for logprobs (a fake "token" = one delta). */
+function fakeLogprob(text: string, topN: number) {
+  const bytes = [...Buffer.from(text, 'utf8')];
+  const top = Array.from({ length: topN }, (_, i) => ({ token: i === 0 ? text : `alt${i}`, logprob: -0.5 - i, bytes }));
+  return { token: text, logprob: -0.5, bytes, top_logprobs: top };
+}
+
 export interface FakeWorkerOptions {
   redisUrl: string;
   model?: string;
@@ -159,6 +166,7 @@ export class FakeWorker {
     const replies = Array.from({ length: data.params.n }, (_, i) => (s.reply ?? defaultReply)(data, i));
     const piece = s.pieceChars ?? 4;
     let deltas = 0;
+    const logprobs: Array<Array<ReturnType<typeof fakeLogprob>>> = replies.map(() => []);
     const longest = Math.max(...replies.map((r) => r.length));
     for (let at = 0; at < longest; at += piece) {
       if (this.cancelled.has(id)) throw new UnrecoverableError('cancelled: cancelled by the client');
@@ -171,14 +179,24 @@ export class FakeWorker {
         await new Promise(() => undefined); // hang forever, like a killed process (the test closes us)
       }
       const choices = replies
-        .map((r, index) => ({ index, text: r.slice(at, at + piece), tokens: 1, logprobs: null }))
+        .map((r, index) => {
+          const text = r.slice(at, at + piece);
+          const lp = data.params.logprobs ? [fakeLogprob(text, data.params.top_logprobs)] : null;
+          if (lp) logprobs[index].push(lp[0]);
+          return { index, text, tokens: 1, logprobs: lp };
+        })
         .filter((c) => c.text.length > 0);
       await publish({ type: 'delta', choices });
       deltas += 1;
       if (s.delayMs) await sleep(s.delayMs);
     }
     const result: JobResult = {
-      choices: replies.map((text, index) => ({ index, text, finish_reason: s.finishReason ?? 'stop', logprobs: null })),
+      choices: replies.map((text, index) => ({
+        index,
+        text,
+        finish_reason: s.finishReason ?? 'stop',
+        logprobs: data.params.logprobs ? logprobs[index] : null,
+      })),
       usage: { prompt_tokens: data.prompt_tokens, completion_tokens: Math.max(1, deltas) },
       worker_id: this.workerId,
       timing: { picked_up_ms: Date.now(), first_token_ms: Date.now(), finished_ms: Date.now() },

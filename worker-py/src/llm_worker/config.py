@@ -25,7 +25,8 @@ class Config(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     device_map: Optional[str] = None  # "auto" on cuda when unset
     trust_remote_code: bool = False
-    engine: Literal["auto", "cpu-batch", "cuda-cb"] = "auto"
+    # "standin": the benchmark stand-in (engine/standin.py: no model, fixed-rate tokens) — bench/cpu only.
+    engine: Literal["auto", "cpu-batch", "cuda-cb", "standin"] = "auto"
     max_batch: int = Field(16, ge=1, le=1024)
     context_length: Optional[int] = Field(None, ge=16)
     default_max_tokens: int = Field(512, ge=1)

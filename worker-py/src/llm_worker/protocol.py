@@ -56,7 +56,7 @@ class JobParams(_Wire):
 
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)  # 0 keeps only the most likely token
     seed: Optional[int] = None
     stop: list[str] = Field(default_factory=list, max_length=4)
     n: int = Field(1, ge=1, le=128)

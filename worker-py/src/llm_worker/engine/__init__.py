@@ -24,6 +24,10 @@ def create_engine(name: str, model, *, eos_token_ids: set[int], max_batch: int, 
 
         return CudaContinuousBatchingEngine(model, eos_token_ids=eos_token_ids, max_batch=max_batch,
                                             context_length=context_length)
+    if name == "standin":
+        from .standin import StandInEngine  # benchmark only: no model runs (see its docstring)
+
+        return StandInEngine(model, eos_token_ids=eos_token_ids, max_batch=max_batch, context_length=context_length)
     from .cpu_batch import CpuBatchEngine
 
     return CpuBatchEngine(model, eos_token_ids=eos_token_ids, max_batch=max_batch, context_length=context_length,

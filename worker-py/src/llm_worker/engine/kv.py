@@ -14,6 +14,43 @@ from typing import Optional
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+# Spare token slots allocated per row whenever a layer's buffer is (re)built: one copy per GROW steps instead of the
+# full-cache torch.cat that DynamicLayer.update does at every step.
+GROW = 64
+
+
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose keys/values are views into buffers with spare room at the end of the sequence dim."""
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        b, h, t, d = keys.shape
+        self._k = keys.new_empty((b, h, t + GROW, d))
+        self._v = values.new_empty((b, h, t + GROW, d))
+        self._k[:, :, :t].copy_(keys)
+        self._v[:, :, :t].copy_(values)
+        self.keys, self.values = self._k[:, :, :t], self._v[:, :, :t]
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        t, q = self.keys.shape[2], key_states.shape[2]
+        if t + q > self._k.shape[2]:
+            self.adopt(self.keys, self.values)
+        self._k[:, :, t:t + q].copy_(key_states)
+        self._v[:, :, t:t + q].copy_(value_states)
+        self.keys, self.values = self._k[:, :, :t + q], self._v[:, :, :t + q]
+        return self.keys, self.values
+
+
+def _adopt_all(cache: DynamicCache) -> DynamicCache:
+    layers = []
+    for old in cache.layers:
+        new = GrowingLayer()
+        new.adopt(old.keys, old.values)
+        layers.append(new)
+    cache.layers = layers
+    return cache
 
 
 def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -41,7 +78,7 @@ class BatchCache:
     def nbytes(self) -> int:
         if self.cache is None:
             return 0
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.cache.layers if layer.is_initialized)
+        return sum(layer._k.nbytes + layer._v.nbytes for layer in self.cache.layers)
 
     def add(self, cache: DynamicCache, prompt_len: int) -> None:
         """Append the rows of a freshly prefilled cache (no padding in it, length ``prompt_len``)."""
@@ -49,12 +86,12 @@ class BatchCache:
         new_mask = torch.ones((n, prompt_len), dtype=torch.long, device=self.device)
         new_pos = torch.full((n,), prompt_len, dtype=torch.long, device=self.device)
         if self.cache is None or self.rows == 0:
-            self.cache, self.mask, self.pos = cache, new_mask, new_pos
+            self.cache, self.mask, self.pos = _adopt_all(cache), new_mask, new_pos
             return
         length = max(self.mask.shape[1], prompt_len)
         for old, new in zip(self.cache.layers, cache.layers):
-            old.keys = torch.cat([_left_pad(old.keys, length, 2), _left_pad(new.keys, length, 2)], dim=0)
-            old.values = torch.cat([_left_pad(old.values, length, 2), _left_pad(new.values, length, 2)], dim=0)
+            old.adopt(torch.cat([_left_pad(old.keys, length, 2), _left_pad(new.keys, length, 2)], dim=0),
+                      torch.cat([_left_pad(old.values, length, 2), _left_pad(new.values, length, 2)], dim=0))
         self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(new_mask, length, 1)], dim=0)
         self.pos = torch.cat([self.pos, new_pos])
 
@@ -74,9 +111,8 @@ class BatchCache:
         start = int(used[0]) if used.numel() else 0
         self.mask = self.mask[:, start:]
         for layer in self.cache.layers:
-            # .contiguous(): a sliced view would keep the dropped rows' memory alive.
-            layer.keys = layer.keys[idx, :, start:, :].contiguous()
-            layer.values = layer.values[idx, :, start:, :].contiguous()
+            # New buffers: a sliced view would keep the dropped rows' memory alive.
+            layer.adopt(layer.keys[idx, :, start:, :], layer.values[idx, :, start:, :])
 
     def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention mask (with a column for the token being fed) and position ids for one decode step."""

@@ -127,7 +127,11 @@ class JobRun:
 
         self._submitted = True
         ctx.engine.submit(GenerationRequest(self.job_id, prompt_ids, params, deadline), emit)
-        await self._done
+        try:
+            await self._done
+        finally:
+            if not self._done.done():  # the processor itself was cancelled (forced shutdown): free the rows
+                ctx.engine.cancel(self.job_id)
         if self._engine_error is not None:
             raise JobError("internal_error", self._engine_error)
         if self.cancelled and any(c.finish_reason in (None, "cancelled") for c in self._choices.values()):
@@ -135,6 +139,18 @@ class JobRun:
         return self._result(len(prompt_ids))
 
     def _on_outputs(self, stream: JobStream, outputs: list[ChoiceOutput]) -> None:
+        try:
+            self._consume(stream, outputs)
+        except Exception as exc:  # a bug here must fail the job, not leave it waiting forever
+            log.exception("output handling failed", extra={"jobId": self.job_id})
+            self._engine_error = f"{type(exc).__name__}: {exc}"
+            self.ctx.engine.cancel(self.job_id)
+            if not self._done.done():
+                self._done.set_result(None)
+
+    def _consume(self, stream: JobStream, outputs: list[ChoiceOutput]) -> None:
+        if self._done.done():
+            return
         for out in outputs:
             c = self._choices.get(out.index)
             if c is None or c.finish_reason is not None:

@@ -1,0 +1,63 @@
+"""JobStream in isolation (a recording stand-in for Redis): coalescing, first-token flush, seq numbering."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from llm_worker.transport.publisher import JobStream
+
+
+class RecordingRedis:
+    def __init__(self, delay: float = 0.0):
+        self.sent: list[tuple[float, dict]] = []
+        self.delay = delay
+
+    async def publish(self, channel: str, message: str) -> None:
+        await asyncio.sleep(self.delay)
+        self.sent.append((time.monotonic(), json.loads(message)))
+
+
+def test_first_text_immediate_then_coalesced_then_done():
+    async def body():
+        r = RecordingRedis()
+        s = JobStream(r, "job1", flush_ms=200)
+        await s.publish_started("w1", 10)
+        t0 = time.monotonic()
+        s.add(0, "Hel", 1, None)
+        await asyncio.sleep(0.005)
+        for piece in ["lo", ",", " wor", "ld"]:
+            s.add(0, piece, 1, None)
+            await asyncio.sleep(0.002)
+        await asyncio.sleep(0.4)
+        await s.finish({"type": "done", "result": {"ok": True}})
+        return t0, r.sent
+
+    t0, sent = asyncio.run(body())
+    types = [m["type"] for _, m in sent]
+    assert types == ["started", "delta", "delta", "done"]
+    first_t, first = sent[1]
+    assert first["choices"][0]["text"] == "Hel" and first_t - t0 < 0.1  # not held for the flush interval
+    assert sent[2][1]["choices"][0] == {"index": 0, "text": "lo, world", "tokens": 4, "logprobs": None}
+    assert sent[2][0] - first_t >= 0.19  # coalesced: one message for four tokens, one interval later
+    assert [m["seq"] for _, m in sent[1:]] == [1, 2, 3]
+
+
+def test_choices_interleave_and_empty_text_waits():
+    async def body():
+        r = RecordingRedis(delay=0.001)
+        s = JobStream(r, "job2", flush_ms=10)
+        await s.publish_started("w1", 3)
+        s.add(0, "A", 1, None)
+        s.add(1, "", 1, None)  # held-back bytes: no text yet
+        await asyncio.sleep(0.03)
+        s.add(1, "é", 1, [{"token": "é", "logprob": -0.1, "bytes": [195, 169], "top_logprobs": []}])
+        await s.finish({"type": "error", "error": {"code": "cancelled", "message": "x"}})
+        return r.sent
+
+    sent = asyncio.run(body())
+    deltas = [m for _, m in sent if m["type"] == "delta"]
+    assert deltas[0]["choices"] == [{"index": 0, "text": "A", "tokens": 1, "logprobs": None}]
+    assert deltas[1]["choices"][0]["index"] == 1 and deltas[1]["choices"][0]["tokens"] == 2
+    assert sent[-1][1]["type"] == "error" and sent[-1][1]["seq"] == len(deltas) + 1
