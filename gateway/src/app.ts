@@ -4,17 +4,25 @@
  * Auth runs before the body is read, so an unauthenticated client cannot make us parse megabytes.
  */
 import { randomBytes } from 'node:crypto';
-import express, { type Express, type RequestHandler } from 'express';
+import express, { type Express, type Request, type RequestHandler } from 'express';
 import type Redis from 'ioredis';
 import { type Authenticator, requireAuth } from './auth/api-keys';
 import type { Config } from './config';
 import { ApiError, errorMiddleware, writeError } from './errors';
 import type { Lifecycle } from './lifecycle';
 import type { Logger } from './logger';
+import { observeRequest } from './metrics';
+import { routeLabeller } from './openapi/routes';
+import { adminRoutes } from './admin/routes';
+import type { KeyStore } from './auth/key-store';
 import { chatRoutes } from './routes/chat';
 import { healthRoutes } from './routes/health';
+import { metricsRoutes } from './routes/metrics';
 import { modelRoutes } from './routes/models';
 import type { ChatService } from './services/chat-service';
+import { type GovernedChat, rateLimitHeaders } from './services/governed-chat';
+import { tutorialRoutes } from './tutorial/routes';
+import type { TutorialService } from './tutorial/tutorial-service';
 import type { TokenizerCache } from './services/tokenizer';
 import type { WorkerRegistry } from './services/worker-registry';
 
@@ -27,13 +35,21 @@ export interface AppDeps {
   tokenizers: TokenizerCache;
   auth: Authenticator;
   lifecycle: Lifecycle;
+  /** Keys, limits, cache, filter, admin API and the tutorial's routes (issue 5); absent: plain /v1 only. */
+  governance?: Governance;
+}
+
+export interface Governance {
+  governed: GovernedChat;
+  tutorial: TutorialService;
+  keys: KeyStore;
 }
 
 const PROBES = new Set(['/health', '/ready']);
 const VALID_REQUEST_ID = /^[A-Za-z0-9._:\-]{1,128}$/;
 
 /** x-request-id on every response: the client's own when it is sane, else ours. Also the per-request logger/signal. */
-function requestContext(logger: Logger, lifecycle: Lifecycle): RequestHandler {
+function requestContext(logger: Logger, lifecycle: Lifecycle, routeOf: (req: Request) => string): RequestHandler {
   return (req, res, next) => {
     const incoming = req.get('x-request-id');
     const requestId = incoming && VALID_REQUEST_ID.test(incoming) ? incoming : `req_${randomBytes(16).toString('hex')}`;
@@ -58,6 +74,7 @@ function requestContext(logger: Logger, lifecycle: Lifecycle): RequestHandler {
         ms: Math.round(ms * 10) / 10,
         aborted: !res.writableFinished || undefined,
       });
+      observeRequest(routeOf(req), req.method, res.writableFinished ? res.statusCode : 499, ms / 1000);
     });
     next();
   };
@@ -78,14 +95,20 @@ export function createApp(deps: AppDeps): Express {
   app.disable('etag');
   app.set('query parser', 'simple');
 
-  app.use(requestContext(logger, lifecycle));
+  app.use(requestContext(logger, lifecycle, routeLabeller(app)));
   app.use(drainGuard(lifecycle));
   app.use(healthRoutes(config, deps.redis, deps.registry, deps.tokenizers));
+  app.use(metricsRoutes(config, deps.auth));
 
+  const gov = deps.governance;
+  if (gov) app.use(adminRoutes(config, gov.keys, deps.redis));
   app.use('/v1', requireAuth(deps.auth));
+  if (gov) app.use('/chat', requireAuth(deps.auth), express.json({ limit: config.MAX_BODY_BYTES, type: () => true, strict: true }));
   // Any content type is read as JSON, as OpenAI does; a body that is not a JSON object is a 400 (strict).
   app.use('/v1', express.json({ limit: config.MAX_BODY_BYTES, type: () => true, strict: true }));
-  app.use(chatRoutes(deps.chat));
+  if (gov) app.use('/v1', rateLimitHeaders(gov.governed));
+  app.use(chatRoutes(deps.chat, gov?.governed));
+  if (gov) app.use(tutorialRoutes(gov.tutorial, gov.governed));
   app.use(modelRoutes(deps.registry));
 
   app.use((req, _res, next) => {

@@ -4,6 +4,7 @@
  * Every variable is listed with its default in gateway/README.md; keep the two in step.
  */
 import { z } from 'zod';
+import { GOVERNANCE_SECRETS, governanceConfigShape } from './limits/governance-config';
 
 const int = (min: number, max = Number.MAX_SAFE_INTEGER) => z.coerce.number().int().min(min).max(max);
 
@@ -46,11 +47,18 @@ export const configSchema = z.object({
   LOG_LEVEL: z.enum(['error', 'warn', 'info', 'debug']).default('info'),
   /** Log prompt and output text (off: lengths and counts only). */
   LOG_PROMPTS: bool.default(false),
+  /** Prometheus metrics on PORT at this path; who may read them (docs/OBSERVABILITY.md). */
+  METRICS_PATH: z.string().regex(/^\/[A-Za-z0-9._~\/-]+$/, 'must be a path such as /metrics').default('/metrics'),
+  METRICS_AUTH: z.enum(['none', 'api_key', 'token']).default('none'),
+  /** The Bearer token scrapers send when METRICS_AUTH=token. */
+  METRICS_TOKEN: z.string().min(16, 'must be at least 16 characters').optional(),
+  /** Keys, JWT, limits, cache, output filter (issue 5): limits/governance-config.ts. */
+  ...governanceConfigShape,
 });
 
 export type Config = z.infer<typeof configSchema>;
 
-const SECRET_KEYS = new Set(['API_KEYS']);
+const SECRET_KEYS = new Set<string>(['API_KEYS', 'METRICS_TOKEN', ...GOVERNANCE_SECRETS]);
 
 export class ConfigError extends Error {
   override name = 'ConfigError';
@@ -64,6 +72,9 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     if (value !== undefined && value.trim() !== '') input[key] = value.trim();
   }
   const parsed = configSchema.safeParse(input);
+  if (parsed.success && parsed.data.METRICS_AUTH === 'token' && !parsed.data.METRICS_TOKEN) {
+    throw new ConfigError('invalid configuration:\n  METRICS_TOKEN="": required when METRICS_AUTH=token');
+  }
   if (!parsed.success) {
     const lines = parsed.error.issues.map((issue) => {
       const key = String(issue.path[0] ?? '?');

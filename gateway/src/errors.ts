@@ -33,6 +33,7 @@ export const ERROR_TABLE = {
   no_worker_available: { status: 503, type: 'server_error' },
   redis_unavailable: { status: 503, type: 'server_error' },
   queue_timeout: { status: 503, type: 'server_error' },
+  queue_full: { status: 503, type: 'server_error' },
   shutting_down: { status: 503, type: 'server_error' },
   request_timeout: { status: 504, type: 'server_error' },
 } as const satisfies Record<string, { status: number; type: ErrorType }>;

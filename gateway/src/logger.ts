@@ -1,12 +1,19 @@
 /**
- * Structured JSON logs, one object per line on stdout. Small on purpose: winston is planned (issue 6) and only this
- * file should change then. Callers pass fields (requestId, jobId, model, keyId …), never keys or, unless LOG_PROMPTS,
- * prompt/output text.
+ * Structured JSON logs with winston, one object per line on stdout: `{"ts","level","msg",…fields}` (the worker's
+ * log.py writes the same keys, so one log pipeline reads both). Callers pass fields (requestId, jobId, model, keyId,
+ * status, ms, promptTokens, completionTokens …), never keys or, unless LOG_PROMPTS, prompt/output text.
+ *
+ * The Logger interface is ours, not winston's, so callers and tests never depend on the library: a sink function
+ * receives each finished line (stdout in production, an array in tests).
  */
+import winston from 'winston';
+import Transport from 'winston-transport';
+
 export type LogLevel = 'error' | 'warn' | 'info' | 'debug';
 export type LogFields = Record<string, unknown>;
 
-const RANK: Record<LogLevel, number> = { error: 0, warn: 1, info: 2, debug: 3 };
+/** winston's npm levels less http/verbose/silly: the four LOG_LEVEL accepts. */
+const LEVELS: Record<LogLevel, number> = { error: 0, warn: 1, info: 2, debug: 3 };
 
 export interface Logger {
   error(msg: string, fields?: LogFields): void;
@@ -35,30 +42,49 @@ function serialise(value: unknown): unknown {
   return value;
 }
 
-class JsonLogger implements Logger {
-  constructor(
-    private readonly level: LogLevel,
-    private readonly base: LogFields,
-    private readonly sink: LogSink,
-  ) {}
+// winston keeps `level` and `message` on its info object, and folds a `message` meta field into the message; so the
+// call's fields travel under one key of their own and are spread only here (a field may then be named anything).
+const FIELDS = '__fields';
+const RESERVED = new Set(['level', 'message', FIELDS]);
+
+/** Builds the line: ts, level, msg first (as the worker writes them), then the fields, undefined ones dropped. */
+const toLine = winston.format((info) => {
+  const entry: LogFields = { ts: new Date().toISOString(), level: info.level, msg: info.message };
+  const add = (k: string, v: unknown) => {
+    if (v !== undefined && !(k in entry && (k === 'ts' || k === 'level' || k === 'msg'))) entry[k] = serialise(v);
+  };
+  for (const [k, v] of Object.entries(info)) if (!RESERVED.has(k)) add(k, v); // the child's and base fields
+  for (const [k, v] of Object.entries((info[FIELDS] as LogFields | undefined) ?? {})) add(k, v);
+  let line: string;
+  try {
+    line = JSON.stringify(entry);
+  } catch {
+    line = JSON.stringify({ ts: entry.ts, level: info.level, msg: info.message, note: 'unserialisable log fields' });
+  }
+  (info as Record<symbol, unknown>)[Symbol.for('message')] = line;
+  return info;
+});
+
+/** A winston transport that hands each finished line to a sink function (synchronously, so tests see it at once). */
+class SinkTransport extends Transport {
+  constructor(private readonly sink: LogSink) {
+    super();
+  }
+  override log(info: Record<symbol, unknown>, next: () => void): void {
+    this.sink(String(info[Symbol.for('message')]));
+    next();
+  }
+}
+
+class WinstonLogger implements Logger {
+  constructor(private readonly w: winston.Logger) {}
 
   isLevelEnabled(level: LogLevel): boolean {
-    return RANK[level] <= RANK[this.level];
+    return this.w.isLevelEnabled(level);
   }
-
   private write(level: LogLevel, msg: string, fields?: LogFields): void {
-    if (!this.isLevelEnabled(level)) return;
-    const entry: LogFields = { ts: new Date().toISOString(), level, msg, ...this.base };
-    if (fields) for (const [k, v] of Object.entries(fields)) if (v !== undefined) entry[k] = serialise(v);
-    let line: string;
-    try {
-      line = JSON.stringify(entry);
-    } catch {
-      line = JSON.stringify({ ts: entry.ts, level, msg, note: 'unserialisable log fields' });
-    }
-    this.sink(line);
+    if (this.w.isLevelEnabled(level)) this.w.log({ level, message: msg, [FIELDS]: fields });
   }
-
   error(msg: string, fields?: LogFields): void {
     this.write('error', msg, fields);
   }
@@ -72,12 +98,20 @@ class JsonLogger implements Logger {
     this.write('debug', msg, fields);
   }
   child(fields: LogFields): Logger {
-    return new JsonLogger(this.level, { ...this.base, ...fields }, this.sink);
+    return new WinstonLogger(this.w.child(fields));
   }
 }
 
 export function createLogger(level: LogLevel = 'info', sink: LogSink = stdoutSink, base: LogFields = {}): Logger {
-  return new JsonLogger(level, base, sink);
+  const w = winston.createLogger({
+    level,
+    levels: LEVELS,
+    format: toLine(),
+    defaultMeta: base,
+    transports: [new SinkTransport(sink)],
+    exitOnError: false,
+  });
+  return new WinstonLogger(w);
 }
 
 /** For tests and library defaults: drops everything. */

@@ -5,10 +5,13 @@
 import type { Express } from 'express';
 import type Redis from 'ioredis';
 import { createApp } from './app';
-import { type Authenticator, StaticKeyAuthenticator } from './auth/api-keys';
+import type { Authenticator } from './auth/api-keys';
+import { GatewayAuthenticator } from './auth/authenticator';
+import { buildGovernance } from './governance';
 import type { Config } from './config';
 import { Lifecycle } from './lifecycle';
 import type { Logger } from './logger';
+import { attachGaugeSource } from './metrics';
 import { JobEventBus } from './queue/job-events';
 import { JobQueues } from './queue/job-queue';
 import { createRedis } from './queue/redis';
@@ -38,6 +41,15 @@ export function buildGateway(config: Config, logger: Logger, keys: readonly stri
   const bus = new JobEventBus(sub, logger.child({ module: 'events' }));
   const chat = new ChatService({ config, redis, registry, tokenizers, queues, bus, logger: logger.child({ module: 'chat' }) });
   const lifecycle = new Lifecycle();
+  const governance = buildGovernance(config, redis, chat, logger);
+  // /metrics reads queue depths and live workers of this gateway at scrape time.
+  const detachMetrics = attachGaugeSource({
+    redis,
+    defaultModel: config.DEFAULT_MODEL,
+    models: () => registry.models(),
+    openRequests: () => lifecycle.openRequests,
+    logger: logger.child({ module: 'metrics' }),
+  });
   const app = createApp({
     config,
     logger,
@@ -45,8 +57,9 @@ export function buildGateway(config: Config, logger: Logger, keys: readonly stri
     registry,
     chat,
     tokenizers,
-    auth: auth ?? new StaticKeyAuthenticator(keys),
+    auth: auth ?? new GatewayAuthenticator(config, keys, governance.keys, redis),
     lifecycle,
+    governance,
   });
   return {
     app,
@@ -56,6 +69,7 @@ export function buildGateway(config: Config, logger: Logger, keys: readonly stri
     redis,
     async close() {
       registry.stop();
+      await detachMetrics();
       await queues.close();
       await Promise.allSettled([redis.quit(), sub.quit()]);
       redis.disconnect();

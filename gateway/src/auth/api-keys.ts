@@ -6,10 +6,14 @@
 import { createHash } from 'node:crypto';
 import type { RequestHandler } from 'express';
 import { ApiError } from '../errors';
+import type { KeyLimits } from './key-store';
 
 export interface Principal {
-  /** Safe to log: a prefix of the key's SHA-256, never the key. */
+  /** Safe to log: a prefix of the key's SHA-256 (static keys), the key's id (stored keys) or `jwt:<sub>`; never the key. */
   keyId: string;
+  kind?: 'static' | 'key' | 'jwt';
+  /** Limits from the stored key or the JWT's claims; null fields (or none) mean the configured defaults. */
+  limits?: KeyLimits;
 }
 
 export interface Authenticator {
@@ -21,24 +25,33 @@ const digest = (key: string) => createHash('sha256').update(key, 'utf8').digest(
 
 export const keyIdOf = (key: string): string => `key_${digest(key).slice(0, 12)}`;
 
+/** The Bearer token of an Authorization header, or a 401. */
+export function bearerToken(authorization: string | undefined): string {
+  const match = authorization ? /^Bearer\s+(\S+)\s*$/i.exec(authorization) : null;
+  if (!match) {
+    throw new ApiError(
+      'invalid_api_key',
+      "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+    );
+  }
+  return match[1];
+}
+
 export class StaticKeyAuthenticator implements Authenticator {
   private readonly byDigest = new Map<string, Principal>();
 
   constructor(keys: readonly string[]) {
-    for (const key of keys) this.byDigest.set(digest(key), { keyId: keyIdOf(key) });
+    for (const key of keys) this.byDigest.set(digest(key), { keyId: keyIdOf(key), kind: 'static' });
   }
 
   authenticate(authorization: string | undefined): Principal {
-    const match = authorization ? /^Bearer\s+(\S+)\s*$/i.exec(authorization) : null;
-    if (!match) {
-      throw new ApiError(
-        'invalid_api_key',
-        "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-      );
-    }
-    const principal = this.byDigest.get(digest(match[1]));
+    const principal = this.find(bearerToken(authorization));
     if (!principal) throw new ApiError('invalid_api_key', 'Incorrect API key provided.');
     return principal;
+  }
+
+  find(token: string): Principal | undefined {
+    return this.byDigest.get(digest(token));
   }
 }
 

@@ -89,10 +89,10 @@ export class JobQueues {
     };
   }
 
-  async add(model: string, jobId: string, data: JobData): Promise<void> {
+  async add(model: string, jobId: string, data: JobData, priority?: number): Promise<void> {
     const mq = this.get(model);
     await withTimeout(mq.ready, READY_TIMEOUT_MS);
-    await mq.queue.add(JOB_NAME, data, { ...JOB_OPTIONS, jobId });
+    await mq.queue.add(JOB_NAME, data, { ...JOB_OPTIONS, jobId, ...(priority ? { priority } : {}) });
   }
 
   /** Removes a job that no worker holds. Returns false when it is active (locked) or already gone. */

@@ -17,6 +17,8 @@ export interface RunHooks {
   /** Text of one choice in order; not called after a gap (the rest arrives with the final result). */
   onDelta?(index: number, text: string, logprobs: TokenLogprob[] | null): void;
   onStarted?(workerId: string): void;
+  /** BullMQ priority of the job (1 = first); absent = none. Not a hook, but set where the run is built. */
+  priority?: number;
 }
 
 /** Where the heartbeat of the worker named in `started` is read (services/worker-registry.ts). */
@@ -97,7 +99,7 @@ export class JobRun {
     this.unsubscribe = await this.deps.bus.subscribe(this.jobId, (raw) => this.onMessage(raw));
     this.offSettled = this.deps.queues.onSettled(this.jobId, (s) => this.onSettlement(s));
     try {
-      await this.deps.queues.add(this.data.model, this.jobId, this.data);
+      await this.deps.queues.add(this.data.model, this.jobId, this.data, this.hooks.priority);
     } catch (err) {
       this.settled = true;
       await this.cleanup();

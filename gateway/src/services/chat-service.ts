@@ -9,11 +9,12 @@ import type Redis from 'ioredis';
 import type { Config } from '../config';
 import { ApiError, toApiError } from '../errors';
 import type { Logger } from '../logger';
+import { GenerationTimer } from '../metrics';
 import { chatCompletionRequestSchema, type ChatCompletion, KNOWN_REQUEST_FIELDS } from '../protocol/chat';
-import { type JobData, PROTOCOL_VERSION, tokenizerKey } from '../protocol/job';
+import { type JobData, type JobResult, PROTOCOL_VERSION, tokenizerKey } from '../protocol/job';
 import type { JobEventBus } from '../queue/job-events';
 import type { JobQueues } from '../queue/job-queue';
-import { JobRun, type RunDeps } from '../queue/job-run';
+import { JobRun, type RunDeps, type RunOutcome } from '../queue/job-run';
 import { isReady } from '../queue/redis';
 import { SseWriter } from '../streaming/sse';
 import { ChunkFactory, type CompletionMeta, toChatCompletion } from './chat-format';
@@ -27,6 +28,19 @@ export interface RequestContext {
   log: Logger;
   /** Aborted when the client goes away (reason "client") or the gateway shuts down (reason "shutdown"). */
   signal: AbortSignal;
+  /** Governance hooks (issue 5, services/governed-chat.ts): output filter and the final result (cache, usage). */
+  output?: OutputHooks;
+}
+
+export interface OutputHooks {
+  /** Streamed text of one choice → what may be sent now. */
+  text(index: number, text: string): string;
+  /** The choice ended: what was held back. */
+  flush(index: number): string;
+  /** The whole result (non-stream): filtered copy to answer with. */
+  final(result: JobResult): JobResult;
+  /** The job finished with this (unfiltered) result. */
+  done(result: JobResult): void;
 }
 
 export interface PreparedChat {
@@ -35,6 +49,8 @@ export interface PreparedChat {
   stream: boolean;
   includeUsage: boolean;
   wantLogprobs: boolean;
+  /** BullMQ priority (the caller's tier); absent = none. */
+  priority?: number;
 }
 
 export interface ChatServiceDeps {
@@ -104,15 +120,18 @@ export class ChatService {
 
   /** Non-stream: waits for the job and returns the ChatCompletion object. */
   async complete(p: PreparedChat, ctx: RequestContext): Promise<ChatCompletion> {
-    const run = new JobRun(this.runDeps(), p.meta.id, p.data);
+    const timer = new GenerationTimer(p.meta.model, p.data.enqueued_at_ms, false);
+    const run = new JobRun(this.runDeps(), p.meta.id, p.data, { priority: p.priority });
     await run.start();
     const onAbort = () => run.cancel();
     ctx.signal.addEventListener('abort', onAbort, { once: true });
     if (ctx.signal.aborted) run.cancel(); // the client left while we were preparing
     try {
       const { result } = await run.outcome;
+      timer.finish(result.usage, result.choices.length, result.timing);
       this.logDone(ctx, p, result.usage.completion_tokens, result.choices.map((c) => c.finish_reason), result);
-      return toChatCompletion(p.meta, result, p.wantLogprobs);
+      ctx.output?.done(result);
+      return toChatCompletion(p.meta, ctx.output ? ctx.output.final(result) : result, p.wantLogprobs);
     } catch (err) {
       throw shutdownAware(err, ctx.signal);
     } finally {
@@ -130,11 +149,15 @@ export class ChatService {
       opened.add(index);
       sse.data(chunks.role(index));
     };
+    const timer = new GenerationTimer(p.meta.model, p.data.enqueued_at_ms, true);
     const run = new JobRun(this.runDeps(), p.meta.id, p.data, {
-      onDelta: (index, text, logprobs) => {
+      onDelta: (index, raw, logprobs) => {
+        const text = ctx.output ? ctx.output.text(index, raw) : raw;
+        if (text.length > 0) timer.text();
         openChoice(index);
         if (text.length > 0 || logprobs?.length) sse.data(chunks.content(index, text, logprobs));
       },
+      priority: p.priority,
     });
     await run.start(); // throws before any header: plain HTTP error
     sse.open();
@@ -145,11 +168,14 @@ export class ChatService {
       const { result, rest } = await run.outcome;
       for (const c of rest) {
         openChoice(c.index);
-        if (c.rest.length > 0 || c.restLogprobs?.length) sse.data(chunks.content(c.index, c.rest, c.restLogprobs));
+        const text = ctx.output ? ctx.output.text(c.index, c.rest) + ctx.output.flush(c.index) : c.rest;
+        if (text.length > 0 || c.restLogprobs?.length) sse.data(chunks.content(c.index, text, c.restLogprobs));
       }
       for (const c of [...result.choices].sort((a, b) => a.index - b.index)) sse.data(chunks.finish(c.index, c.finish_reason));
       if (p.includeUsage) sse.data(chunks.usage(result));
       sse.done();
+      ctx.output?.done(result);
+      timer.finish(result.usage, result.choices.length, result.timing);
       this.logDone(ctx, p, result.usage.completion_tokens, result.choices.map((c) => c.finish_reason), result);
     } catch (err) {
       const apiErr = shutdownAware(err, ctx.signal);
@@ -161,6 +187,30 @@ export class ChatService {
     } finally {
       ctx.signal.removeEventListener('abort', onAbort);
       sse.end();
+    }
+  }
+
+  /** Runs a prepared job for another response shape (the tutorial's routes); `onEnqueued` fires once it is queued. */
+  async run(
+    p: PreparedChat,
+    ctx: RequestContext,
+    hooks: { onDelta?: (index: number, text: string) => void; onEnqueued?: () => void } = {},
+  ): Promise<RunOutcome> {
+    const run = new JobRun(this.runDeps(), p.meta.id, p.data, { onDelta: hooks.onDelta, priority: p.priority });
+    await run.start();
+    hooks.onEnqueued?.();
+    const onAbort = () => run.cancel();
+    ctx.signal.addEventListener('abort', onAbort, { once: true });
+    if (ctx.signal.aborted) run.cancel();
+    try {
+      const outcome = await run.outcome;
+      const { result } = outcome;
+      this.logDone(ctx, p, result.usage.completion_tokens, result.choices.map((c) => c.finish_reason), result);
+      return outcome;
+    } catch (err) {
+      throw shutdownAware(err, ctx.signal);
+    } finally {
+      ctx.signal.removeEventListener('abort', onAbort);
     }
   }
 

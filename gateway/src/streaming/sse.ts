@@ -59,6 +59,11 @@ export class SseWriter {
     this.write(`data: ${JSON.stringify(payload)}\n\n`);
   }
 
+  /** Plain text as the tutorial's /chat/stream sends it: `data: <text>`; each newline in the text starts a `data:` line. */
+  text(text: string): void {
+    this.write(`data: ${text.split(/\r\n|\r|\n/).join('\ndata: ')}\n\n`);
+  }
+
   /** `data: [DONE]` and the end of the response. */
   done(): void {
     if (!this.writable) return;

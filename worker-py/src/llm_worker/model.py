@@ -105,7 +105,7 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token != tokenizer.bos_token:
         ids.add(tokenizer.eos_token_id)  # a bos==eos tokenizer (the bundled GGUF) would stop before starting
-    vocab = tokenizer.get_vocab()
+    vocab = _vocab(tokenizer)
     ids.update(vocab[t] for t in _STOP_TOKENS if t in vocab)
     return {int(i) for i in ids if i is not None}
 
@@ -136,11 +136,37 @@ def load(cfg: Config) -> LoadedModel:
         model.to(dtype=dtype)  # GGUF dequantises to the requested dtype, but make sure nothing stayed bf16
     model.eval()
     context = cfg.context_length or _context_of(model, tokenizer)
-    if not tokenizer.chat_template:
-        raise ConfigError(f"model {target} has no chat template in its tokenizer")
+    _ensure_chat_template(tokenizer, target)
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, device=device,
                        dtype=str(dtype).removeprefix("torch."), context_length=context,
                        eos_token_ids=stop_token_ids(model, tokenizer), load_seconds=time.monotonic() - started)
+
+
+# ChatML, the format of Qwen-7B-Chat (whose remote-code tokenizer ships no chat_template) and of many others.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def _ensure_chat_template(tokenizer, target: str) -> None:
+    if tokenizer.chat_template:
+        return
+    vocab = _vocab(tokenizer)
+    if "<|im_start|>" in vocab and "<|im_end|>" in vocab:
+        log.warning("tokenizer has no chat template; using ChatML (its special tokens are in the vocabulary)",
+                    extra={"source": target})
+        tokenizer.chat_template = CHATML_TEMPLATE
+        return
+    raise ConfigError(f"model {target} has no chat template in its tokenizer")
+
+
+def _vocab(tokenizer) -> dict[str, int]:
+    vocab = dict(tokenizer.get_vocab())
+    for tok in getattr(tokenizer, "all_special_tokens", []) or []:
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int):
+            vocab.setdefault(tok, tid)
+    return vocab
 
 
 def _context_of(model, tokenizer) -> int:
@@ -161,7 +187,11 @@ def export_tokenizer(tokenizer) -> tuple[str, str, str]:
     """
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        tok_json = (Path(tmp) / "tokenizer.json").read_text(encoding="utf-8")
+        tok_path = Path(tmp) / "tokenizer.json"
+        if tok_path.is_file():
+            tok_json = tok_path.read_text(encoding="utf-8")
+        else:  # a slow (e.g. remote-code) tokenizer: the gateway needs the fast form
+            tok_json = _convert_to_fast_json(tokenizer)
         config = json.loads((Path(tmp) / "tokenizer_config.json").read_text(encoding="utf-8"))
     config["chat_template"] = tokenizer.chat_template
     if config.get("eos_token") == config.get("bos_token") and "<|im_end|>" in tokenizer.get_vocab():
@@ -169,6 +199,16 @@ def export_tokenizer(tokenizer) -> tuple[str, str, str]:
     config_json = json.dumps(config, ensure_ascii=False)
     digest = hashlib.sha256((tok_json + config_json).encode("utf-8")).hexdigest()
     return tok_json, config_json, digest
+
+
+def _convert_to_fast_json(tokenizer) -> str:
+    try:
+        from transformers.convert_slow_tokenizer import convert_slow_tokenizer
+
+        return convert_slow_tokenizer(tokenizer).to_str()
+    except Exception as exc:
+        raise ConfigError(f"cannot export tokenizer.json for the gateway ({type(tokenizer).__name__} has no fast "
+                          f"form: {exc}); use a model with a fast tokenizer") from exc
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:

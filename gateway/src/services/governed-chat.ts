@@ -1,0 +1,256 @@
+/**
+ * Governance around ChatService (issue 5): what a caller may ask for and how much, before a job exists, and what
+ * happens to the answer after. One path for /v1/chat/completions and the tutorial's routes:
+ *   input limits → allowed models → degradation (fallback model) → prepare (validation, tokens) → max_tokens cap →
+ *   cache lookup → rate limits (RPM + TPM, prompt + max_tokens) → concurrency → queue depth → job (priority by tier)
+ *   → output filter → cache store, real usage replaces the estimate in the token budget, usage counters.
+ */
+import type { RequestHandler, Response } from 'express';
+import type Redis from 'ioredis';
+import type { Principal } from '../auth/api-keys';
+import { addUsage } from '../auth/key-store';
+import { cacheKey, isCacheable, type ResponseCache } from '../cache/response-cache';
+import type { Config } from '../config';
+import { ApiError, toApiError } from '../errors';
+import type { OutputFilter } from '../filter/output-filter';
+import {
+  bucketsFor,
+  type ConcurrencyLimiter,
+  effectiveLimits,
+  queueDepth,
+  rateLimitError,
+  setRateLimitHeaders,
+  TIER_PRIORITY,
+} from '../limits/admission';
+import type { BucketState, RateLimiter } from '../limits/rate-limiter';
+import type { JobResult } from '../protocol/job';
+import { SseWriter } from '../streaming/sse';
+import { ChunkFactory, toChatCompletion } from './chat-format';
+import type { ChatService, OutputHooks, PreparedChat, RequestContext } from './chat-service';
+
+export interface GovernanceDeps {
+  config: Config;
+  redis: Redis;
+  chat: ChatService;
+  limiter: RateLimiter;
+  concurrency: ConcurrencyLimiter;
+  cache: ResponseCache;
+  filter: OutputFilter;
+}
+
+export interface GovernOptions {
+  principal: Principal;
+  /** `cache-control: no-store` from the client: neither read nor write the cache. */
+  noStore: boolean;
+  /** Rate-limit states already drawn for this HTTP request (the tutorial's per-route budget), merged into headers. */
+  extraStates?: BucketState[];
+}
+
+/** A request that passed admission: run it with `ctx`, then call `finish` (always). */
+export interface Admitted {
+  prepared: PreparedChat;
+  ctx: RequestContext;
+  /** Set when the answer comes from the cache: answer with it, no job. */
+  cached: JobResult | null;
+  /** Accounting once the run is over: real usage when it produced a result, else a refund or the prompt's cost. */
+  finish(err?: unknown): Promise<void>;
+}
+
+export class GovernedChat {
+  constructor(private readonly deps: GovernanceDeps) {}
+
+  /** Sets x-ratelimit-* from a read-only look at the caller's budgets (responses that admit nothing). */
+  async peekHeaders(res: Response, principal: Principal, tutorial = false): Promise<void> {
+    const { config, limiter } = this.deps;
+    const buckets = bucketsFor(config, principal, effectiveLimits(config, principal), tutorial);
+    if (buckets.length === 0) return;
+    const a = await limiter.admit(buckets, 'peek', 0, true);
+    setRateLimitHeaders(res, a.states);
+  }
+
+  /** Draws one request from the tutorial routes' own budget (the tutorial's 10/minute). */
+  async admitTutorialCall(res: Response, principal: Principal, member: string): Promise<BucketState[]> {
+    const { config, limiter } = this.deps;
+    const buckets = bucketsFor(config, principal, { models: null, rpm: 0, tpm: 0, maxConcurrent: 0, tier: 'standard' }, true);
+    const a = await limiter.admit(buckets, member, 0);
+    setRateLimitHeaders(res, a.states);
+    if (!a.admitted) throw rateLimitError(res, a, 0, limiter.windowMs);
+    return a.states;
+  }
+
+  /** POST /v1/chat/completions under governance: JSON or SSE, from the cache or a job. */
+  async completions(body: unknown, res: Response, ctx: RequestContext, opts: GovernOptions): Promise<void> {
+    const { chat, config } = this.deps;
+    const a = await this.admit(body, res, ctx, opts);
+    const p = a.prepared;
+    if (a.cached) {
+      if (!p.stream) {
+        res.json(toChatCompletion(p.meta, a.cached, p.wantLogprobs));
+        return;
+      }
+      const sse = new SseWriter(res, { keepAliveMs: config.SSE_KEEPALIVE_MS });
+      const chunks = new ChunkFactory(p.meta, p.includeUsage);
+      sse.open();
+      const choices = [...a.cached.choices].sort((x, y) => x.index - y.index);
+      for (const c of choices) {
+        sse.data(chunks.role(c.index));
+        if (c.text.length > 0) sse.data(chunks.content(c.index, c.text, p.wantLogprobs ? (c.logprobs ?? []) : null));
+      }
+      for (const c of choices) sse.data(chunks.finish(c.index, c.finish_reason));
+      if (p.includeUsage) sse.data(chunks.usage(a.cached));
+      sse.done();
+      return;
+    }
+    try {
+      if (p.stream) await chat.stream(p, res, a.ctx);
+      else res.json(await chat.complete(p, a.ctx));
+    } catch (err) {
+      await a.finish(err);
+      throw err;
+    }
+    await a.finish();
+  }
+
+  async admit(body: unknown, res: Response, ctx: RequestContext, opts: GovernOptions): Promise<Admitted> {
+    try {
+      return await this.admitInner(body, res, ctx, opts);
+    } catch (err) {
+      if (!res.hasHeader('x-ratelimit-limit-requests') && !res.hasHeader('x-ratelimit-limit-tokens')) {
+        await this.peekHeaders(res, opts.principal).catch(() => undefined);
+      }
+      throw err;
+    }
+  }
+
+  private async admitInner(body: unknown, res: Response, ctx: RequestContext, opts: GovernOptions): Promise<Admitted> {
+    const { config, chat, limiter, cache, filter, redis } = this.deps;
+    const limits = effectiveLimits(config, opts.principal);
+    const raw = (typeof body === 'object' && body !== null ? body : {}) as Record<string, unknown>;
+    if (Array.isArray(raw.messages) && raw.messages.length > config.MAX_MESSAGES) {
+      throw new ApiError('invalid_value', `Too many messages: ${raw.messages.length} (at most ${config.MAX_MESSAGES}).`, { param: 'messages' });
+    }
+    if (typeof raw.model === 'string' && !allowed(limits.models, raw.model)) throw modelDenied(raw.model);
+
+    // Degradation, decided on the requested model's queue before anything is tokenized.
+    let depth: number | null = null;
+    const degraded: string[] = [];
+    let effectiveBody = body;
+    if (config.DEGRADE_QUEUE_DEPTH > 0 && typeof raw.model === 'string') {
+      depth = await queueDepth(redis, raw.model);
+      if (depth >= config.DEGRADE_QUEUE_DEPTH) {
+        const fb = config.DEGRADE_FALLBACK_MODEL;
+        if (fb && fb !== raw.model && allowed(limits.models, fb)) {
+          effectiveBody = { ...raw, model: fb };
+          degraded.push(`model=${fb}`);
+          depth = await queueDepth(redis, fb);
+        }
+      }
+    }
+    const p = await chat.prepare(effectiveBody, ctx);
+    if (config.MAX_PROMPT_TOKENS > 0 && p.data.prompt_tokens > config.MAX_PROMPT_TOKENS) {
+      throw new ApiError(
+        'invalid_value',
+        `The prompt is ${p.data.prompt_tokens} tokens; this server accepts at most ${config.MAX_PROMPT_TOKENS}.`,
+        { param: 'messages' },
+      );
+    }
+    if (filter.active && p.wantLogprobs) {
+      throw new ApiError('unsupported_parameter', "'logprobs' is not available while the output filter is on: it would reveal filtered text.", { param: 'logprobs' });
+    }
+    if (depth !== null && depth >= config.DEGRADE_QUEUE_DEPTH && config.DEGRADE_MAX_TOKENS > 0 && p.data.params.max_tokens > config.DEGRADE_MAX_TOKENS) {
+      p.data.params.max_tokens = config.DEGRADE_MAX_TOKENS;
+      degraded.push(`max_tokens=${config.DEGRADE_MAX_TOKENS}`);
+    }
+    if (degraded.length > 0) {
+      res.setHeader('x-degraded', degraded.join(', '));
+      ctx.log.info('request degraded: queue saturated', { degraded, depth });
+    }
+
+    // Cache, then the budgets: a hit costs its prompt only (no completion tokens are generated again).
+    const cacheable = cache.enabled && !opts.noStore && isCacheable(p.data);
+    const key = cacheable ? cacheKey(p.data) : null;
+    const cached = key ? await cache.get(key) : null;
+    res.setHeader('x-cache', cached ? 'hit' : 'miss');
+    const prompt = p.data.prompt_tokens;
+    const estimate = cached ? prompt : prompt + p.data.params.max_tokens * p.data.params.n;
+    const buckets = bucketsFor(config, opts.principal, limits, false);
+    const member = p.meta.id;
+    const a = await limiter.admit(buckets, member, estimate);
+    setRateLimitHeaders(res, [...a.states, ...(opts.extraStates ?? [])]);
+    if (!a.admitted) throw rateLimitError(res, a, estimate, limiter.windowMs);
+    const principalId = opts.principal.keyId;
+    if (cached) {
+      await addUsage(redis, principalId, { requests: 1, prompt_tokens: prompt, cache_hits: 1 });
+      return { prepared: p, ctx, cached: filterResult(filter, cached), finish: async () => undefined };
+    }
+
+    const refund = () => limiter.adjust(buckets, member, null).catch(() => undefined);
+    const release = await this.deps.concurrency.acquire(principalId, member, limits.maxConcurrent);
+    if (!release) {
+      await refund();
+      throw new ApiError('rate_limit_exceeded', `Too many concurrent requests: at most ${limits.maxConcurrent} at a time for this key.`, {
+        retryAfterMs: 1000,
+      });
+    }
+    if (config.MAX_QUEUE_DEPTH > 0) {
+      const d = await queueDepth(redis, p.data.model);
+      if (d >= config.MAX_QUEUE_DEPTH) {
+        await Promise.all([refund(), release()]);
+        throw new ApiError('queue_full', `The queue of model '${p.data.model}' is full (${d} waiting). Please retry shortly.`, {
+          retryAfterMs: 2000,
+        });
+      }
+    }
+    p.priority = TIER_PRIORITY[limits.tier];
+
+    let result: JobResult | null = null;
+    const stream = filter.stream();
+    const output: OutputHooks = {
+      text: (i, t) => stream.push(i, t),
+      flush: (i) => stream.flush(i),
+      final: (r) => filterResult(filter, r),
+      done: (r) => {
+        result = r;
+      },
+    };
+    const governedCtx: RequestContext = { ...ctx, output };
+    const finish = async (err?: unknown) => {
+      await release().catch(() => undefined);
+      const r = result as JobResult | null;
+      if (r) {
+        const used = r.usage.prompt_tokens + r.usage.completion_tokens;
+        await Promise.all([
+          limiter.adjust(buckets, member, used),
+          addUsage(redis, principalId, { requests: 1, prompt_tokens: r.usage.prompt_tokens, completion_tokens: r.usage.completion_tokens }),
+          key ? cache.put(key, r) : undefined,
+        ]).catch((e) => ctx.log.warn('post-completion accounting failed', { err: String(e) }));
+      } else {
+        // Nothing was generated for a request the server turned away (busy, no worker): it costs nothing.
+        const busy = err !== undefined && toApiError(err).status === 503;
+        await (busy ? refund() : limiter.adjust(buckets, member, prompt)).catch(() => undefined);
+      }
+    };
+    return { prepared: p, ctx: governedCtx, cached: null, finish };
+  }
+}
+
+const allowed = (models: string[] | null, model: string) => models === null || models.includes(model);
+
+function modelDenied(model: string): ApiError {
+  return new ApiError('model_not_found', `The model \`${model}\` does not exist or you do not have access to it.`, { param: 'model' });
+}
+
+function filterResult(filter: OutputFilter, r: JobResult): JobResult {
+  if (!filter.active) return r;
+  return { ...r, choices: r.choices.map((c) => ({ ...c, text: filter.apply(c.text) })) };
+}
+
+/** x-ratelimit-* on authenticated responses that admit nothing (GET /v1/models …); chat requests set their own. */
+export function rateLimitHeaders(governed: GovernedChat): RequestHandler {
+  return async (req, res, next) => {
+    if (!(req.method === 'POST' && req.path === '/chat/completions') && res.locals.principal) {
+      await governed.peekHeaders(res, res.locals.principal).catch(() => undefined);
+    }
+    next();
+  };
+}
