@@ -7,7 +7,9 @@ benchmark_serving needs vLLM installed (GBs, GPU-oriented); llmperf/genai-perf/g
 know nothing of our worker's timestamps; wrk/k6/hey do not parse SSE token streams. This is ~250 lines of asyncio+aiohttp.
 
 Closed loop: `concurrency` clients, each sends its next request as soon as its previous one ends, until `requests` are
-done. Every request has the same prompt (fixed token count) and asks for exactly `max_tokens` output tokens.
+done. Every request has the same prompt but for a 4-digit request number at its start (so the token count is fixed
+and no server can answer from a cache: our gateway caches deterministic requests, on by default) and asks for exactly
+`max_tokens` output tokens.
 
 Figures (all from the client's clock, time.perf_counter):
 - output tokens/s = Σ usage.completion_tokens / (last response end − first request sent)
@@ -62,6 +64,11 @@ def pct(xs: list[float], p: float) -> Optional[float]:
     s = sorted(xs)
     k = max(0, min(len(s) - 1, int(round(p / 100.0 * len(s) + 0.5)) - 1))
     return s[k]
+
+
+def numbered(prompt: str, i: int) -> str:
+    """A unique prompt of the same token count (SmolLM2's tokenizer splits digits: 4 digits = 4 tokens)."""
+    return f"Request {i % 10000:04d}. {prompt}"
 
 
 def body_for(flavor: str, model: Optional[str], max_tokens: int, prompt: str) -> dict[str, Any]:
@@ -128,22 +135,21 @@ async def run_load(base_url: str, *, flavor: str, concurrency: int, requests: in
     """Runs the load; returns (requests, t_start, t_end) with perf_counter times. `warmup` requests run first, unmeasured."""
     url = base_url.rstrip("/") + "/chat/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    body = body_for(flavor, model, max_tokens, prompt)
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
-        for _ in range(warmup):
+        for k in range(warmup):
             w = Req()
-            await one(session, url, headers, body_for(flavor, model, min(max_tokens, 8), prompt), w)
+            await one(session, url, headers, body_for(flavor, model, min(max_tokens, 8), numbered(prompt, 9999 - k)), w)
             if w.error:
                 raise RuntimeError(f"warm-up request failed: {w.error}")
         results: list[Req] = []
         todo = iter(range(requests))
 
         async def client() -> None:
-            for _ in todo:
+            for i in todo:
                 r = Req()
                 results.append(r)
-                await one(session, url, headers, body, r)
+                await one(session, url, headers, body_for(flavor, model, max_tokens, numbered(prompt, i)), r)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))

@@ -75,12 +75,16 @@ class CpuMeter:
         self.pids = _tree(self.roots)
         self.ours0 = {p: _proc_cpu_s(p) for p in self.pids}
         self.busy0, self.t0 = _busy_s(), time.monotonic()
+        t = os.times()
+        self.waited0 = t.children_user + t.children_system  # children this process waited for (e.g. ceiling.py)
         return self
 
     def __exit__(self, *exc) -> None:
         busy, wall = _busy_s() - self.busy0, time.monotonic() - self.t0
         pids = self.pids | _tree(self.roots)
         ours = sum(_proc_cpu_s(p) - self.ours0.get(p, 0.0) for p in pids)
+        t = os.times()
+        ours += t.children_user + t.children_system - self.waited0
         cap = wall * (os.cpu_count() or 1)
         self.busy_pct = 100 * busy / cap if cap else 0.0
         self.ours_pct = 100 * ours / cap if cap else 0.0

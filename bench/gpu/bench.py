@@ -197,7 +197,8 @@ def engine_single_stream(engine, prompt, n_new, reference=None, runs=2):
             same = next((i for i, (x, y) in enumerate(zip(got, reference)) if x != y), len(reference))
             out[f"run{r}"]["greedy_prefix_equal_to_generate"] = f"{same}/{len(reference)}"
     out["decode_tok_s"] = out[f"run{runs - 1}"]["decode_tok_s"]
-    out["how"] = "one greedy request (top_k=1 through the per-request processors), ignore_eos; last run reported"
+    out["how"] = ("one greedy request (argmax when the batch is all greedy, else top_k=1), ignore_eos; "
+                  "last run reported")
     return out
 
 

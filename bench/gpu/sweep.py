@@ -52,13 +52,48 @@ def left(budget):
 
 # name, config kwargs: the new defaults first, the previous run's configuration second (same-machine baseline)
 CONFIGS = [
+    ("fastsampling_only", dict(decode_path="off")),
     ("new_mbt2048", dict()),
     ("baseline_mbt2048", dict(decode_path="off", fast_sampling=False)),
-    ("fastsampling_only", dict(decode_path="off")),
     ("new_mbt4096", dict(max_batch_tokens=4096)),
     ("decode_only", dict(fast_sampling=False)),
     ("new_mbt8192", dict(max_batch_tokens=8192)),
 ]
+# Every configuration leaves 20 % of the memory free after the weights to activations and sampling temporaries (a
+# decode batch of 1024 sequences sorts 1024 x 152k logits); the workload needs ~13 GB of the ~50 GB of cache left.
+COMMON = dict(memory_fraction=0.8)
+
+
+def time_decode_kernel(device, dtype, cases=((1, 456), (64, 400), (512, 300))):
+    """One layer's paged decode attention (28 q heads, 4 KV heads, head 128, blocks of 64) on random data: median of
+    20 CUDA-event timings; bytes = K and V of every cached token read once."""
+    from llm_worker.engine.cuda_cb import paged_decode_triton
+
+    out = {}
+    for batch, length in cases:
+        bs, hkv, hq, d = 64, 4, 28, 128
+        nb = (length + bs - 1) // bs
+        blocks = batch * nb + 1
+        kc = torch.randn((blocks + 2) * bs, hkv, d, device=device, dtype=dtype)
+        vc = torch.randn_like(kc)
+        table = torch.randperm(batch * nb, device=device).to(torch.int32).view(batch, nb)
+        seq = torch.full((batch,), length, dtype=torch.int32, device=device)
+        q = torch.randn(batch, hq, d, device=device, dtype=dtype)
+        for _ in range(3):
+            paged_decode_triton(q, kc, vc, table, seq, d ** -0.5, bs, blocks)
+        times = []
+        for _ in range(20):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            paged_decode_triton(q, kc, vc, table, seq, d ** -0.5, bs, blocks)
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1000)
+        med = sorted(times)[len(times) // 2]
+        nbytes = 2 * batch * length * hkv * d * kc.element_size()
+        out[f"B{batch}_L{length}"] = {"us": round(med * 1e6, 1), "GBps": round(nbytes / med / 1e9, 1)}
+        del kc, vc
+    return out
 
 
 def install_step_counter(engine):
@@ -112,6 +147,9 @@ def run_config(model, name, kwargs, args, prompts, single_prompt, budget):
     res = {"kwargs": kwargs}
     RESULTS["configs"][name] = res
     t = time.monotonic()
+    kwargs = {**COMMON, **kwargs}
+    if args.no_decode:
+        kwargs["decode_path"] = "off"
     cfg = CudaCBConfig(attn_implementation=VARLEN_ATTN, **kwargs)
     if args.tiny:
         cfg = CudaCBConfig(attn_implementation=VARLEN_ATTN, cpu_cache_bytes=64 << 20,
@@ -205,13 +243,13 @@ def profile(engine, prompts, single_prompt, args, on_gpu):
             sampler.stop_event.set()
             sampler.join()
         ka = prof.key_averages()
-        sort_cuda = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+        sort_cuda = "self_device_time_total" if on_gpu else "self_cpu_time_total"
         table_cuda = ka.table(sort_by=sort_cuda, row_limit=15, max_name_column_width=60)
         table_cpu = ka.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)
         print(f"\n==== profile {label}: top by {sort_cuda} (wall {wall:.1f} s) ====\n{table_cuda}")
         print(f"\n==== profile {label}: top by self_cpu_time_total ====\n{table_cpu}")
         rows = []
-        for e in sorted(ka, key=lambda e: getattr(e, sort_cuda.replace("_total", "_total"), 0), reverse=True)[:25]:
+        for e in sorted(ka, key=lambda e: getattr(e, sort_cuda, 0) or 0, reverse=True)[:25]:
             rows.append({"name": e.key, "count": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1000, 2),
                          "self_device_ms": round(getattr(e, "self_device_time_total", 0) / 1000, 2)})
         out[label] = {"wall_s": round(wall, 2), "run": info, "top_device_ops": rows,
@@ -237,6 +275,8 @@ def main():
     ap.add_argument("--config-min-s", type=float, default=42.0, help="start a configuration only with this much left")
     ap.add_argument("--configs", default="", help="comma-separated subset of configuration names")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--profile-config", default="new_mbt2048", help="profile after this configuration's runs")
+    ap.add_argument("--no-decode", action="store_true", help="decode_path=off everywhere")
     args = ap.parse_args()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     OUT.append(Path(args.out))
@@ -256,6 +296,15 @@ def main():
                      "single_stream_len": args.single_len},
     })
     log(f"device {RESULTS['device']} torch {torch.__version__} transformers {transformers.__version__}")
+    probe = None
+    if on_gpu and not args.no_decode:  # the Triton kernel's self-test in a child first: a fault there can't kill us
+        import subprocess
+
+        code = ("import sys, torch; sys.path.insert(0, %r); from llm_worker.engine.cuda_cb import "
+                "decode_kernel_self_test as t; print('SELFTEST', t(torch.device('cuda'), torch.bfloat16) or 'ok')"
+                % str(HERE.parents[1] / "worker-py" / "src"))
+        probe = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True)
     t = time.monotonic()
     model = build_model(shape, device, dtype)
     sync(device)
@@ -263,11 +312,29 @@ def main():
     RESULTS["model"] = {"build_s": round(time.monotonic() - t, 1), "weight_bytes": weight_bytes}
     a = bench.bandwidth(device, weight_bytes, gib=4 if on_gpu else 0.25)
     RESULTS["bandwidth"] = a
-    if on_gpu:
+    if probe is not None:
+        try:
+            text = probe.communicate(timeout=max(5.0, 90 - (time.monotonic() - T0)))[0]
+        except Exception as e:  # noqa: BLE001
+            probe.kill()
+            text = f"probe failed: {e}"
+        verdict = next((ln.split(" ", 1)[1] for ln in text.splitlines() if ln.startswith("SELFTEST ")), None)
+        RESULTS["decode_kernel_child_self_test"] = {"verdict": verdict, "rc": probe.returncode, "tail": text[-1500:]}
+        log(f"child self-test of the triton decode kernel: {verdict!r} rc={probe.returncode}")
+        if verdict != "ok":
+            args.no_decode = True
+            log("decode fast path disabled for every configuration")
+    if on_gpu and not args.no_decode:
         t = time.monotonic()
         RESULTS["decode_kernel_self_test"] = {"result": decode_kernel_self_test(device, dtype, "triton") or "ok",
                                               "s": round(time.monotonic() - t, 1)}
         log(f"triton decode kernel self-test: {RESULTS['decode_kernel_self_test']}")
+        try:
+            RESULTS["decode_kernel_timing"] = time_decode_kernel(device, dtype)
+            log(f"triton decode kernel timing (one layer): {RESULTS['decode_kernel_timing']}")
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            RESULTS["decode_kernel_timing"] = {"error": f"{type(e).__name__}: {e}"}
     save()
 
     prompts = random_prompts(args.requests, args.prompt_len, shape["vocab_size"], seed=2)
@@ -282,7 +349,7 @@ def main():
             RESULTS["configs"][name] = {"kwargs": kwargs, "skipped": "time budget"}
             continue
         engine, res = run_config(model, name, kwargs, args, prompts, single_prompt, args.budget_s)
-        if not profiled and "error" not in res:
+        if not profiled and "error" not in res and name == args.profile_config:
             try:
                 RESULTS["profile"] = {"config": name, **profile(engine, prompts, single_prompt, args, on_gpu)}
             except Exception as e:  # noqa: BLE001

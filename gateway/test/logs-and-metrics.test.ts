@@ -97,7 +97,7 @@ describe('metrics', () => {
       .post('/v1/chat/completions')
       .set(auth)
       .send({ model: IDLE_MODEL, messages: [{ role: 'user', content: 'hi' }] })
-      .then((r) => r.status);
+      .then((r) => { console.log('QUEUED', r.status, r.text); return r.status; });
     await waitFor(async () => sumOf(await scrape(), 'llm_queue_jobs', { model: IDLE_MODEL, state: 'waiting' }) === 1, 5000, 'a waiting job');
     const m = await scrape();
     for (const state of ['prioritized', 'active', 'delayed']) {
@@ -140,6 +140,7 @@ describe('logs', () => {
     const quiet = await startGateway(redis.url, { DEFAULT_MODEL: MODEL, LOG_LEVEL: 'warn' });
     try {
       for (const g of [verbose, quiet]) {
+        await waitFor(async () => (await request(g.url).get('/ready')).status === 200, 10_000, '/ready');
         const r = await request(g.url).post('/v1/chat/completions').set(auth).send(hello());
         expect(r.status).toBe(200);
       }

@@ -13,6 +13,17 @@ the square of the batch. On CUDA we register ``paged|torch_flash_varlen``: the s
 built-in FlashAttention-2 varlen kernel (``aten::_flash_attention_forward``), which ships inside torch and needs no
 download. The name contains "flash", which is what makes the manager skip the dense mask and allow CUDA graphs.
 
+Decode fast path: when every sequence of a batch adds one token, the manager can pass a block table instead of
+per-token read/write index lists, but Transformers enables that only for flash-attn's ``flash_attn_with_kvcache``. The
+engine turns it on for VARLEN_ATTN and serves it with its own split-K Triton kernel that reads K/V in place through the
+block table (``paged_decode_triton``; self-tested against a torch reference at start, CPU runs use the reference). That
+removes the host-side index lists (~150k entries per step at 512 sequences) and the per-layer KV gather.
+
+Sampling: the manager's per-request temperature / top-k / top-p processors sort the whole vocabulary twice per row per
+step even when a request needs neither. ``install_fast_sampling`` keeps their per-request arguments but picks the work per
+batch on the host (the choice is part of the CUDA-graph key): all-greedy batches take an argmax, batches without top-k /
+top-p only scale by temperature, the others do one sort for both filters (same kept set as Transformers' processors).
+
 What the manager cannot do per request is refused by ``check_params`` / ``submit`` with ``UnsupportedParameter``
 (code ``invalid_request``): logit_bias, presence/frequency/repetition penalties, min_p, logprobs, and a seed when
 sampling (the manager has one random stream for the whole batch). See ``PARAMETER_SUPPORT``.
@@ -71,7 +82,9 @@ class CudaCBConfig:
     block_size: int = 64  # tokens per cache block
     num_blocks: Optional[int] = None  # None: sized from free memory
     max_batch_tokens: Optional[int] = None  # tokens per forward pass; None: 2048 on CUDA, 256 on CPU
-    memory_fraction: float = 0.9  # CUDA: share of the memory free after the model is loaded for cache + activations
+    # CUDA: share of the memory free after the model is loaded that goes to the KV cache. 0.8 is what the H100 sweep
+    # of 2026-11-25 ran with: the decode path's warm-up samples 1024 rows of 152k logits (a few GB of temporaries).
+    memory_fraction: float = 0.8
     cpu_cache_bytes: Optional[int] = None  # CPU: KV cache budget; None: min(25% of available RAM, 2 GiB)
     max_requests_per_batch: Optional[int] = None
     use_cuda_graph: Optional[bool] = None  # None: on for the varlen flash path on CUDA
