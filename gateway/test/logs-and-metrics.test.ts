@@ -98,6 +98,7 @@ describe('metrics', () => {
       .set(auth)
       .send({ model: IDLE_MODEL, messages: [{ role: 'user', content: 'hi' }] })
       .then((r) => { console.log('QUEUED', r.status, r.text); return r.status; });
+    await new Promise((r) => setTimeout(r, 1500)); console.log('SCRAPE', JSON.stringify(select(await scrape(), 'llm_queue_jobs').concat(select(await scrape(), 'llm_gateway_live_workers'))), gw.logs.slice(-5));
     await waitFor(async () => sumOf(await scrape(), 'llm_queue_jobs', { model: IDLE_MODEL, state: 'waiting' }) === 1, 5000, 'a waiting job');
     const m = await scrape();
     for (const state of ['prioritized', 'active', 'delayed']) {

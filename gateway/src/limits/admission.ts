@@ -9,11 +9,16 @@ import type { Principal } from '../auth/api-keys';
 import type { Config } from '../config';
 import { ApiError } from '../errors';
 import { queueName } from '../protocol/job';
+import type { JobPlacement } from '../queue/job-queue';
 import type { Tier } from './governance-config';
 import type { Admission, Bucket, BucketState, RateLimiter } from './rate-limiter';
 
-/** BullMQ priority per tier (1 is served first; all our jobs carry one, so FIFO holds within a tier). */
-export const TIER_PRIORITY: Record<Tier, number> = { high: 1, standard: 2, low: 3 };
+/**
+ * Queue placement per tier. BullMQ serves its wait list before its prioritized set, so: standard = plain FIFO (the
+ * wait list, as with no governance), high = head of the wait list (lifo: ahead of every standard job; LIFO among
+ * themselves), low = the prioritized set (served only when no high or standard job waits).
+ */
+export const TIER_PLACEMENT: Record<Tier, JobPlacement> = { high: { lifo: true }, standard: {}, low: { priority: 1 } };
 
 export interface EffectiveLimits {
   models: string[] | null;

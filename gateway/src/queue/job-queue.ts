@@ -11,6 +11,10 @@ import { CANCEL_CHANNEL, cancelledKey, JOB_NAME, type JobData, queueName } from 
 
 export type Settlement = { kind: 'completed'; returnvalue: unknown } | { kind: 'failed'; failedReason: string };
 type SettleHandler = (s: Settlement) => void;
+export interface JobPlacement {
+  priority?: number;
+  lifo?: boolean;
+}
 
 /** The job options of docs/PROTOCOL.md: kept only as long as the gateway may need the result. */
 export const JOB_OPTIONS = {
@@ -89,10 +93,11 @@ export class JobQueues {
     };
   }
 
-  async add(model: string, jobId: string, data: JobData, priority?: number): Promise<void> {
+  /** `placement`: BullMQ priority (1 = first, in the prioritized set) or lifo (head of the wait list); none = FIFO. */
+  async add(model: string, jobId: string, data: JobData, placement: JobPlacement = {}): Promise<void> {
     const mq = this.get(model);
     await withTimeout(mq.ready, READY_TIMEOUT_MS);
-    await mq.queue.add(JOB_NAME, data, { ...JOB_OPTIONS, jobId, ...(priority ? { priority } : {}) });
+    await mq.queue.add(JOB_NAME, data, { ...JOB_OPTIONS, jobId, ...placement });
   }
 
   /** Removes a job that no worker holds. Returns false when it is active (locked) or already gone. */

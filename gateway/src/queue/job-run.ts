@@ -10,15 +10,15 @@ import { ApiError } from '../errors';
 import type { Logger } from '../logger';
 import { type JobData, type JobEvent, jobEventSchema, type JobResult, jobResultSchema, type TokenLogprob } from '../protocol/job';
 import type { JobEventBus } from './job-events';
-import type { JobQueues, Settlement } from './job-queue';
+import type { JobPlacement, JobQueues, Settlement } from './job-queue';
 import { failedReasonToApiError, safeJson, workerErrorToApiError } from './worker-errors';
 
 export interface RunHooks {
   /** Text of one choice in order; not called after a gap (the rest arrives with the final result). */
   onDelta?(index: number, text: string, logprobs: TokenLogprob[] | null): void;
   onStarted?(workerId: string): void;
-  /** BullMQ priority of the job (1 = first); absent = none. Not a hook, but set where the run is built. */
-  priority?: number;
+  /** Where the job goes in its BullMQ queue (the caller's tier); absent = FIFO. Not a hook, but set with them. */
+  placement?: JobPlacement;
 }
 
 /** Where the heartbeat of the worker named in `started` is read (services/worker-registry.ts). */
@@ -99,7 +99,7 @@ export class JobRun {
     this.unsubscribe = await this.deps.bus.subscribe(this.jobId, (raw) => this.onMessage(raw));
     this.offSettled = this.deps.queues.onSettled(this.jobId, (s) => this.onSettlement(s));
     try {
-      await this.deps.queues.add(this.data.model, this.jobId, this.data, this.hooks.priority);
+      await this.deps.queues.add(this.data.model, this.jobId, this.data, this.hooks.placement);
     } catch (err) {
       this.settled = true;
       await this.cleanup();

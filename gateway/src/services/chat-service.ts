@@ -14,6 +14,7 @@ import { chatCompletionRequestSchema, type ChatCompletion, KNOWN_REQUEST_FIELDS 
 import { type JobData, type JobResult, PROTOCOL_VERSION, tokenizerKey } from '../protocol/job';
 import type { JobEventBus } from '../queue/job-events';
 import type { JobQueues } from '../queue/job-queue';
+import type { JobPlacement } from '../queue/job-queue';
 import { JobRun, type RunDeps, type RunOutcome } from '../queue/job-run';
 import { isReady } from '../queue/redis';
 import { SseWriter } from '../streaming/sse';
@@ -49,8 +50,8 @@ export interface PreparedChat {
   stream: boolean;
   includeUsage: boolean;
   wantLogprobs: boolean;
-  /** BullMQ priority (the caller's tier); absent = none. */
-  priority?: number;
+  /** Where the job goes in the queue (the caller's tier); absent = FIFO. */
+  placement?: JobPlacement;
 }
 
 export interface ChatServiceDeps {
@@ -121,7 +122,7 @@ export class ChatService {
   /** Non-stream: waits for the job and returns the ChatCompletion object. */
   async complete(p: PreparedChat, ctx: RequestContext): Promise<ChatCompletion> {
     const timer = new GenerationTimer(p.meta.model, p.data.enqueued_at_ms, false);
-    const run = new JobRun(this.runDeps(), p.meta.id, p.data, { priority: p.priority });
+    const run = new JobRun(this.runDeps(), p.meta.id, p.data, { placement: p.placement });
     await run.start();
     const onAbort = () => run.cancel();
     ctx.signal.addEventListener('abort', onAbort, { once: true });
@@ -157,7 +158,7 @@ export class ChatService {
         openChoice(index);
         if (text.length > 0 || logprobs?.length) sse.data(chunks.content(index, text, logprobs));
       },
-      priority: p.priority,
+      placement: p.placement,
     });
     await run.start(); // throws before any header: plain HTTP error
     sse.open();
@@ -196,7 +197,7 @@ export class ChatService {
     ctx: RequestContext,
     hooks: { onDelta?: (index: number, text: string) => void; onEnqueued?: () => void } = {},
   ): Promise<RunOutcome> {
-    const run = new JobRun(this.runDeps(), p.meta.id, p.data, { onDelta: hooks.onDelta, priority: p.priority });
+    const run = new JobRun(this.runDeps(), p.meta.id, p.data, { onDelta: hooks.onDelta, placement: p.placement });
     await run.start();
     hooks.onEnqueued?.();
     const onAbort = () => run.cancel();

@@ -20,9 +20,10 @@ import {
   queueDepth,
   rateLimitError,
   setRateLimitHeaders,
-  TIER_PRIORITY,
+  TIER_PLACEMENT,
 } from '../limits/admission';
 import type { BucketState, RateLimiter } from '../limits/rate-limiter';
+import { cacheLookups, rateLimitRejections } from '../metrics';
 import type { JobResult } from '../protocol/job';
 import { SseWriter } from '../streaming/sse';
 import { ChunkFactory, toChatCompletion } from './chat-format';
@@ -74,7 +75,10 @@ export class GovernedChat {
     const buckets = bucketsFor(config, principal, { models: null, rpm: 0, tpm: 0, maxConcurrent: 0, tier: 'standard' }, true);
     const a = await limiter.admit(buckets, member, 0);
     setRateLimitHeaders(res, a.states);
-    if (!a.admitted) throw rateLimitError(res, a, 0, limiter.windowMs);
+    if (!a.admitted) {
+      rateLimitRejections.inc();
+      throw rateLimitError(res, a, 0, limiter.windowMs);
+    }
     return a.states;
   }
 
@@ -170,6 +174,7 @@ export class GovernedChat {
     const cacheable = cache.enabled && !opts.noStore && isCacheable(p.data);
     const key = cacheable ? cacheKey(p.data) : null;
     const cached = key ? await cache.get(key) : null;
+    if (key) cacheLookups.inc({ result: cached ? 'hit' : 'miss' });
     res.setHeader('x-cache', cached ? 'hit' : 'miss');
     const prompt = p.data.prompt_tokens;
     const estimate = cached ? prompt : prompt + p.data.params.max_tokens * p.data.params.n;
@@ -177,7 +182,10 @@ export class GovernedChat {
     const member = p.meta.id;
     const a = await limiter.admit(buckets, member, estimate);
     setRateLimitHeaders(res, [...a.states, ...(opts.extraStates ?? [])]);
-    if (!a.admitted) throw rateLimitError(res, a, estimate, limiter.windowMs);
+    if (!a.admitted) {
+      rateLimitRejections.inc();
+      throw rateLimitError(res, a, estimate, limiter.windowMs);
+    }
     const principalId = opts.principal.keyId;
     if (cached) {
       await addUsage(redis, principalId, { requests: 1, prompt_tokens: prompt, cache_hits: 1 });
@@ -187,6 +195,7 @@ export class GovernedChat {
     const refund = () => limiter.adjust(buckets, member, null).catch(() => undefined);
     const release = await this.deps.concurrency.acquire(principalId, member, limits.maxConcurrent);
     if (!release) {
+      rateLimitRejections.inc();
       await refund();
       throw new ApiError('rate_limit_exceeded', `Too many concurrent requests: at most ${limits.maxConcurrent} at a time for this key.`, {
         retryAfterMs: 1000,
@@ -201,7 +210,7 @@ export class GovernedChat {
         });
       }
     }
-    p.priority = TIER_PRIORITY[limits.tier];
+    p.placement = TIER_PLACEMENT[limits.tier];
 
     let result: JobResult | null = null;
     const stream = filter.stream();
