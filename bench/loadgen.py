@@ -193,7 +193,7 @@ def summarize(reqs: list[Req], t0: float, t1: float) -> dict[str, Any]:
     }
     joined = [r for r in ok if getattr(r, "worker", None) and r.worker.get("first_token_ms") and r.first_wall_ms]
     if joined:
-        over, o_in, o_out, pick = [], [], [], []
+        over, o_in, o_out, pick, gw = [], [], [], [], []
         for r in joined:
             w = r.worker
             client_ttft = r.first_wall_ms - r.sent_wall_ms
@@ -202,10 +202,12 @@ def summarize(reqs: list[Req], t0: float, t1: float) -> dict[str, Any]:
             o_out.append(r.first_wall_ms - w["first_token_ms"])
             if w.get("enqueued_at_ms"):
                 pick.append(w["picked_up_ms"] - w["enqueued_at_ms"])
+                gw.append(w["enqueued_at_ms"] - r.sent_wall_ms)
         s.update({"overhead_n": len(joined), "overhead_p50_ms": pct(over, 50), "overhead_p99_ms": pct(over, 99),
                   "overhead_in_p50_ms": pct(o_in, 50), "overhead_in_p99_ms": pct(o_in, 99),
                   "overhead_out_p50_ms": pct(o_out, 50), "overhead_out_p99_ms": pct(o_out, 99),
-                  "enqueue_to_pickup_p50_ms": pct(pick, 50), "enqueue_to_pickup_p99_ms": pct(pick, 99)})
+                  "enqueue_to_pickup_p50_ms": pct(pick, 50), "enqueue_to_pickup_p99_ms": pct(pick, 99),
+                  "sent_to_enqueued_p50_ms": pct(gw, 50), "sent_to_enqueued_p99_ms": pct(gw, 99)})
     return s
 
 
@@ -218,8 +220,9 @@ def fmt(s: dict[str, Any]) -> str:
             f"{s['completion_tokens_min']}–{s['completion_tokens_max']} | {s['requests']} req, {s['errors']} errors")
     if "overhead_p50_ms" in s:
         line += (f"\n    stack overhead p50 {f(s['overhead_p50_ms'], 1)} p99 {f(s['overhead_p99_ms'], 1)} ms "
-                 f"(in p50 {f(s['overhead_in_p50_ms'], 1)} / out p50 {f(s['overhead_out_p50_ms'], 1)} ms; "
-                 f"enqueue→pickup p50 {f(s['enqueue_to_pickup_p50_ms'], 1)} p99 {f(s['enqueue_to_pickup_p99_ms'], 1)} ms)")
+                 f"= in p50 {f(s['overhead_in_p50_ms'], 1)} [sent→enqueued p50 {f(s['sent_to_enqueued_p50_ms'], 1)}, "
+                 f"enqueued→picked up p50 {f(s['enqueue_to_pickup_p50_ms'], 1)} p99 {f(s['enqueue_to_pickup_p99_ms'], 1)}]"
+                 f" + out p50 {f(s['overhead_out_p50_ms'], 1)} ms")
     if s.get("first_error"):
         line += f"\n    first error: {s['first_error']}"
     return line

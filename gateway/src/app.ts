@@ -16,6 +16,7 @@ import { routeLabeller } from './openapi/routes';
 import { adminRoutes } from './admin/routes';
 import type { KeyStore } from './auth/key-store';
 import { chatRoutes } from './routes/chat';
+import { docsRoutes } from './routes/docs';
 import { healthRoutes } from './routes/health';
 import { metricsRoutes } from './routes/metrics';
 import { modelRoutes } from './routes/models';
@@ -99,6 +100,7 @@ export function createApp(deps: AppDeps): Express {
   app.use(drainGuard(lifecycle));
   app.use(healthRoutes(config, deps.redis, deps.registry, deps.tokenizers));
   app.use(metricsRoutes(config, deps.auth));
+  app.use(docsRoutes(config));
 
   const gov = deps.governance;
   if (gov) app.use(adminRoutes(config, gov.keys, deps.redis));

@@ -44,7 +44,7 @@ def wait_idle(quiet_s: int, limit_s: int) -> None:
     """Other processes on a shared box skew every figure: wait until the CPUs have been quiet for ``quiet_s``."""
     start, quiet = time.time(), 0
     while quiet < quiet_s and time.time() - start < limit_s:
-        quiet = quiet + 1 if cpu_busy() < 0.1 else 0
+        quiet = quiet + 1 if cpu_busy() < 0.2 else 0
     print(f"waited {time.time() - start:.0f} s for idle CPUs ({'ok' if quiet >= quiet_s else 'gave up: figures skewed'})")
 
 
