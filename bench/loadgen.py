@@ -7,7 +7,7 @@ benchmark_serving needs vLLM installed (GBs, GPU-oriented); llmperf/genai-perf/g
 know nothing of our worker's timestamps; wrk/k6/hey do not parse SSE token streams. This is ~250 lines of asyncio+aiohttp.
 
 Closed loop: `concurrency` clients, each sends its next request as soon as its previous one ends, until `requests` are
-done. Every request has the same prompt but for a 4-digit request number at its start (so the token count is fixed
+done. Every request has the same prompt but for a 6-digit request number at its start (so the token count is fixed
 and no server can answer from a cache: our gateway caches deterministic requests, on by default) and asks for exactly
 `max_tokens` output tokens.
 
@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -66,9 +68,14 @@ def pct(xs: list[float], p: float) -> Optional[float]:
     return s[k]
 
 
-def numbered(prompt: str, i: int) -> str:
-    """A unique prompt of the same token count (SmolLM2's tokenizer splits digits: 4 digits = 4 tokens)."""
-    return f"Request {i % 10000:04d}. {prompt}"
+# Request numbers never repeat within a process and start at a random point, so two runs against one server (the
+# stand-in levels share a stack; a CLI run may follow another) do not meet the same prompt twice.
+_numbers = itertools.count(random.randrange(10**6))
+
+
+def numbered(prompt: str) -> str:
+    """A unique prompt of the same token count (SmolLM2's tokenizer splits digits: 6 digits = 6 tokens)."""
+    return f"Request {next(_numbers) % 10**6:06d}. {prompt}"
 
 
 def body_for(flavor: str, model: Optional[str], max_tokens: int, prompt: str) -> dict[str, Any]:
@@ -139,7 +146,7 @@ async def run_load(base_url: str, *, flavor: str, concurrency: int, requests: in
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
         for k in range(warmup):
             w = Req()
-            await one(session, url, headers, body_for(flavor, model, min(max_tokens, 8), numbered(prompt, 9999 - k)), w)
+            await one(session, url, headers, body_for(flavor, model, min(max_tokens, 8), numbered(prompt)), w)
             if w.error:
                 raise RuntimeError(f"warm-up request failed: {w.error}")
         results: list[Req] = []
@@ -149,7 +156,7 @@ async def run_load(base_url: str, *, flavor: str, concurrency: int, requests: in
             for i in todo:
                 r = Req()
                 results.append(r)
-                await one(session, url, headers, body_for(flavor, model, max_tokens, numbered(prompt, i)), r)
+                await one(session, url, headers, body_for(flavor, model, max_tokens, numbered(prompt)), r)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -193,11 +200,12 @@ def summarize(reqs: list[Req], t0: float, t1: float) -> dict[str, Any]:
     }
     joined = [r for r in ok if getattr(r, "worker", None) and r.worker.get("first_token_ms") and r.first_wall_ms]
     if joined:
-        over, o_in, o_out, pick, gw = [], [], [], [], []
+        over, o_in, o_out, pick, gw, wt = [], [], [], [], [], []
         for r in joined:
             w = r.worker
             client_ttft = r.first_wall_ms - r.sent_wall_ms
             over.append(client_ttft - (w["first_token_ms"] - w["picked_up_ms"]))
+            wt.append(w["first_token_ms"] - w["picked_up_ms"])
             o_in.append(w["picked_up_ms"] - r.sent_wall_ms)
             o_out.append(r.first_wall_ms - w["first_token_ms"])
             if w.get("enqueued_at_ms"):
@@ -207,7 +215,8 @@ def summarize(reqs: list[Req], t0: float, t1: float) -> dict[str, Any]:
                   "overhead_in_p50_ms": pct(o_in, 50), "overhead_in_p99_ms": pct(o_in, 99),
                   "overhead_out_p50_ms": pct(o_out, 50), "overhead_out_p99_ms": pct(o_out, 99),
                   "enqueue_to_pickup_p50_ms": pct(pick, 50), "enqueue_to_pickup_p99_ms": pct(pick, 99),
-                  "sent_to_enqueued_p50_ms": pct(gw, 50), "sent_to_enqueued_p99_ms": pct(gw, 99)})
+                  "sent_to_enqueued_p50_ms": pct(gw, 50), "sent_to_enqueued_p99_ms": pct(gw, 99),
+                  "worker_ttft_p50_ms": pct(wt, 50), "worker_ttft_p99_ms": pct(wt, 99)})
     return s
 
 
@@ -222,7 +231,8 @@ def fmt(s: dict[str, Any]) -> str:
         line += (f"\n    stack overhead p50 {f(s['overhead_p50_ms'], 1)} p99 {f(s['overhead_p99_ms'], 1)} ms "
                  f"= in p50 {f(s['overhead_in_p50_ms'], 1)} [sent→enqueued p50 {f(s['sent_to_enqueued_p50_ms'], 1)}, "
                  f"enqueued→picked up p50 {f(s['enqueue_to_pickup_p50_ms'], 1)} p99 {f(s['enqueue_to_pickup_p99_ms'], 1)}]"
-                 f" + out p50 {f(s['overhead_out_p50_ms'], 1)} ms")
+                 f" + out p50 {f(s['overhead_out_p50_ms'], 1)} ms; worker TTFT (picked up → first token, excluded) "
+                 f"p50 {f(s['worker_ttft_p50_ms'], 1)} p99 {f(s['worker_ttft_p99_ms'], 1)} ms")
     if s.get("first_error"):
         line += f"\n    first error: {s['first_error']}"
     return line

@@ -8,7 +8,7 @@ How:
 3. Memory bandwidth: copying a 512 MiB fp32 tensor (read + write bytes ÷ time), best of 15. Single-stream ceiling =
    bandwidth ÷ weight bytes (each decode step reads every weight once).
 4. The model's own batched decode step, measured: prefill B sequences of the benchmark's prompt length, then time 10
-   decode steps (after 2 warm-up steps) with a DynamicCache, as an engine would; tokens/s = B ÷ fastest step time, for
+   decode steps (after an unmeasured warm-up pass, and 2 warm-up steps each) with a DynamicCache, as an engine would; tokens/s = B ÷ fastest step time, for
    B = 1, 16, 32, 64. This is what eager PyTorch reaches on this model with no serving around it.
 Usage: python bench/cpu/ceiling.py [--json out.json] [--prompt-tokens 64] [--decode-tokens 100]
 """
@@ -95,6 +95,7 @@ def main() -> None:
         "gflop_per_token": fpt / 1e9, "compute_ceiling_tok_s": gflops * 1e9 / fpt,
         "single_stream_ceiling_tok_s": gbps * 1e9 / weight_bytes, "decode": {},
     }
+    decode_step_ms(model, 1, a.prompt_tokens, steps=6)  # warm-up: the first forward passes of a process are slow
     for b in [int(x) for x in a.batches.split(",")]:
         ms = decode_step_ms(model, b, a.prompt_tokens)
         res["decode"][str(b)] = {"step_ms": ms, "tok_s": b * 1000 / ms}

@@ -4,7 +4,7 @@
  * Auth runs before the body is read, so an unauthenticated client cannot make us parse megabytes.
  */
 import { randomBytes } from 'node:crypto';
-import express, { type Express, type Request, type RequestHandler } from 'express';
+import express, { type Express, type Request, type RequestHandler, type Response } from 'express';
 import type Redis from 'ioredis';
 import { type Authenticator, requireAuth } from './auth/api-keys';
 import type { Config } from './config';
@@ -50,7 +50,7 @@ const PROBES = new Set(['/health', '/ready']);
 const VALID_REQUEST_ID = /^[A-Za-z0-9._:\-]{1,128}$/;
 
 /** x-request-id on every response: the client's own when it is sane, else ours. Also the per-request logger/signal. */
-function requestContext(logger: Logger, lifecycle: Lifecycle, routeOf: (req: Request) => string): RequestHandler {
+function requestContext(logger: Logger, lifecycle: Lifecycle, routeOf: (req: Request, res: Response) => string): RequestHandler {
   return (req, res, next) => {
     const incoming = req.get('x-request-id');
     const requestId = incoming && VALID_REQUEST_ID.test(incoming) ? incoming : `req_${randomBytes(16).toString('hex')}`;
@@ -75,7 +75,7 @@ function requestContext(logger: Logger, lifecycle: Lifecycle, routeOf: (req: Req
         ms: Math.round(ms * 10) / 10,
         aborted: !res.writableFinished || undefined,
       });
-      observeRequest(routeOf(req), req.method, res.writableFinished ? res.statusCode : 499, ms / 1000);
+      observeRequest(routeOf(req, res), req.method, res.writableFinished ? res.statusCode : 499, ms / 1000);
     });
     next();
   };

@@ -5,7 +5,7 @@
  *
  * Paths are given in OpenAPI's syntax: Express's `:id` and `*id` both become `{id}`.
  */
-import type { Express, Request } from 'express';
+import type { Express, Request, Response } from 'express';
 
 export interface ServedRoute {
   method: string;
@@ -88,12 +88,16 @@ export function routeMatcher(app: Express): (method: string, path: string) => st
   };
 }
 
-/** The `route` label of a request: its route's pattern, else the pattern it was aimed at, else `unmatched`. */
-export function routeLabeller(app: Express): (req: Request) => string {
+/**
+ * The `route` label of a request: its route's pattern, else `res.locals.route` (set by middleware that serves a tree,
+ * e.g. the /docs assets), else the pattern it was aimed at, else `unmatched`.
+ */
+export function routeLabeller(app: Express): (req: Request, res: Response) => string {
   const match = routeMatcher(app);
-  return (req) => {
+  return (req, res) => {
     const route = req.route as { path?: unknown } | undefined;
     if (route && typeof route.path === 'string') return toOpenApiPath(req.baseUrl + route.path);
+    if (typeof res.locals.route === 'string') return res.locals.route;
     const path = req.originalUrl.split('?')[0];
     return match(req.method, path) ?? 'unmatched';
   };

@@ -50,7 +50,11 @@ export function docsRoutes(config: Config): Router {
   router.get('/docs', (_req, res) => {
     res.type('html').setHeader('cache-control', 'no-cache').send(PAGE);
   });
-  router.use('/docs/assets', (req, _res, next) => (ASSETS.has(req.path.slice(1)) ? next() : next('router')));
+  router.use('/docs/assets', (req, res, next) => {
+    if (!ASSETS.has(req.path.slice(1))) return next('router');
+    res.locals.route = '/docs/assets'; // the metrics' route label (no Express route serves these files)
+    next();
+  });
   router.use('/docs/assets', express.static(ASSET_DIR, { index: false, fallthrough: false, maxAge: '1h' }));
   return router;
 }

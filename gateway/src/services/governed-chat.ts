@@ -136,18 +136,17 @@ export class GovernedChat {
     if (typeof raw.model === 'string' && !allowed(limits.models, raw.model)) throw modelDenied(raw.model);
 
     // Degradation, decided on the requested model's queue before anything is tokenized.
-    let depth: number | null = null;
+    // When the requested model's queue is saturated, every configured remedy applies: fallback model, max_tokens cap.
+    let saturated = false;
     const degraded: string[] = [];
     let effectiveBody = body;
     if (config.DEGRADE_QUEUE_DEPTH > 0 && typeof raw.model === 'string') {
-      depth = await queueDepth(redis, raw.model);
-      if (depth >= config.DEGRADE_QUEUE_DEPTH) {
-        const fb = config.DEGRADE_FALLBACK_MODEL;
-        if (fb && fb !== raw.model && allowed(limits.models, fb)) {
-          effectiveBody = { ...raw, model: fb };
-          degraded.push(`model=${fb}`);
-          depth = await queueDepth(redis, fb);
-        }
+      const depth = await queueDepth(redis, raw.model);
+      saturated = depth >= config.DEGRADE_QUEUE_DEPTH;
+      const fb = config.DEGRADE_FALLBACK_MODEL;
+      if (saturated && fb && fb !== raw.model && allowed(limits.models, fb)) {
+        effectiveBody = { ...raw, model: fb };
+        degraded.push(`model=${fb}`);
       }
     }
     const p = await chat.prepare(effectiveBody, ctx);
@@ -161,13 +160,13 @@ export class GovernedChat {
     if (filter.active && p.wantLogprobs) {
       throw new ApiError('unsupported_parameter', "'logprobs' is not available while the output filter is on: it would reveal filtered text.", { param: 'logprobs' });
     }
-    if (depth !== null && depth >= config.DEGRADE_QUEUE_DEPTH && config.DEGRADE_MAX_TOKENS > 0 && p.data.params.max_tokens > config.DEGRADE_MAX_TOKENS) {
+    if (saturated && config.DEGRADE_MAX_TOKENS > 0 && p.data.params.max_tokens > config.DEGRADE_MAX_TOKENS) {
       p.data.params.max_tokens = config.DEGRADE_MAX_TOKENS;
       degraded.push(`max_tokens=${config.DEGRADE_MAX_TOKENS}`);
     }
     if (degraded.length > 0) {
       res.setHeader('x-degraded', degraded.join(', '));
-      ctx.log.info('request degraded: queue saturated', { degraded, depth });
+      ctx.log.info('request degraded: queue saturated', { degraded });
     }
 
     // Cache, then the budgets: a hit costs its prompt only (no completion tokens are generated again).
