@@ -69,7 +69,9 @@ if (stackOk) {
     STACK_WORKER_METRICS_URL: `http://127.0.0.1:${workerMetricsPort}`,
   };
   step("jest: gateway unit tests + end-to-end (openai Node SDK)", process.execPath,
-    [path.join(ROOT, "node_modules/jest/bin/jest.js"), "--runInBand", ...process.argv.slice(2)], env);
+    // --forceExit: a client library's idle timers (BullMQ/ioredis reconnect timers of connections the suites already
+    // closed) can keep jest's process alive after the last test; without it a green run could hang CI.
+    [path.join(ROOT, "node_modules/jest/bin/jest.js"), "--runInBand", "--forceExit", ...process.argv.slice(2)], env);
   // One pytest process per suite: each folder has its own conftest.py.
   for (const suite of ["worker-py/tests", "tests/e2e_py", "tests/deploy"]) {
     if (existsSync(path.join(ROOT, suite))) step(`pytest ${suite}`, VENV_PYTHON, ["-m", "pytest", "-q", "-p", "no:cacheprovider", suite], env);

@@ -296,7 +296,12 @@ def targets(results: list[dict], ceiling: Optional[dict]) -> list[str]:
         if n.startswith("standin") and "overhead_p50_ms" in s:
             ok = s["overhead_p50_ms"] <= 3 and s["overhead_p99_ms"] <= 15
             out.append(f"- stack TTFT overhead at {n.split('-')[1]} streams (stand-in engine): p50 "
-                       f"{s['overhead_p50_ms']:.1f} ms (≤ 3), p99 {s['overhead_p99_ms']:.1f} ms (≤ 15) → {verdict(ok)}")
+                       f"{s['overhead_p50_ms']:.1f} ms (≤ 3), p99 {s['overhead_p99_ms']:.1f} ms (≤ 15) → {verdict(ok)}. "
+                       f"Where: request sent → gateway stamps enqueued_at p50 {_f(s.get('sent_to_enqueued_p50_ms'), 1)}, "
+                       f"→ worker picks the job up p50 {_f(s.get('enqueue_to_pickup_p50_ms'), 1)} "
+                       f"(p99 {_f(s.get('enqueue_to_pickup_p99_ms'), 1)}), worker's first token → client p50 "
+                       f"{_f(s.get('overhead_out_p50_ms'), 1)} ms; not counted, the worker's own pickup → first token "
+                       f"with an engine that answers at once: p50 {_f(s.get('worker_ttft_p50_ms'), 1)} ms")
     if ours and "overhead_p50_ms" in ours:
         out.append(f"- (for information) stack TTFT overhead with the real model at {a_conc(results)} streams: p50 "
                    f"{ours['overhead_p50_ms']:.1f} ms, p99 {ours['overhead_p99_ms']:.1f} ms — the model's forward passes "
@@ -402,7 +407,7 @@ def append_results(started, took, a, ceiling, results, tgt, notes, idle) -> None
     parts = [f"\n## CPU benchmark — {started.strftime('%Y-%m-%d %H:%M UTC')}\n",
              f"- machine: {machine_summary()}",
              f"- command: `{cmd}` (took {took / 60:.1f} min); code: {git_rev()}",
-             f"- load: {a.concurrency} concurrent streaming requests (closed loop), same prompt "
+             f"- load: {a.concurrency} concurrent streaming requests (closed loop), same prompt but for a unique request number "
              f"({next((r['summary']['prompt_tokens'] for r in results if r['summary'].get('prompt_tokens')), '?')} prompt "
              f"tokens), exactly {a.max_tokens} output tokens each (EOS ignored), greedy; bench/loadgen.py",
              f"- other processes used {idle:.0f}% of the CPUs when the run started (per-phase figures in the last column); "

@@ -319,11 +319,11 @@ describe('queue depth and degradation', () => {
         await g2.close();
       }
       // Per-key concurrency: the held request occupies this key's only slot until it ends.
-      const k = await createKey({ max_concurrent: 1 });
+      const k = await createKey({ max_concurrent: 1, models: [idle] }); // no fallback allowed: it stays queued
       const first = request(g.url).post('/v1/chat/completions').set(bearer(k.key))
         .send({ model: idle, messages: [{ role: 'user', content: 'hold' }] }).then((r) => r.status, () => 0);
       await sleep(300);
-      const second = await request(g.url).post('/v1/chat/completions').set(bearer(k.key)).send({ model: OTHER, messages: [{ role: 'user', content: 'Hi' }] });
+      const second = await request(g.url).post('/v1/chat/completions').set(bearer(k.key)).send({ model: idle, messages: [{ role: 'user', content: 'Hi' }] });
       expect(second.status).toBe(429);
       expect(second.body.error.message).toMatch(/concurrent/);
       void held;

@@ -109,6 +109,15 @@ describe('the document and the gateway agree', () => {
     expect(d.paths!['/admin/keys']!.post!.security).toEqual([{ adminAuth: [] }]);
     const r401 = chat.responses!['401'] as { content: Record<string, { schema: unknown }> };
     expect(r401.content['application/json'].schema).toEqual({ $ref: '#/components/schemas/Error' });
+    const r503 = chat.responses!['503'] as { headers: Record<string, unknown> };
+    expect(Object.keys(r503.headers).sort()).toEqual(['retry-after', 'retry-after-ms', 'x-request-id']);
+    for (const item of Object.values(d.paths!)) {
+      for (const op of Object.values(item as object)) {
+        for (const r of Object.values((op as { responses: Record<string, { headers?: object }> }).responses)) {
+          expect(r.headers).toHaveProperty('x-request-id');
+        }
+      }
+    }
     // The request schema keeps OpenAI's fields and ranges from protocol/chat.ts.
     const req = d.components!.schemas!.ChatCompletionRequest as { properties: Record<string, unknown>; required: string[] };
     expect(req.required).toEqual(expect.arrayContaining(['model', 'messages']));
@@ -116,7 +125,9 @@ describe('the document and the gateway agree', () => {
   });
 
   it('real responses parse with the schemas the document is made from', async () => {
-    healthSchema.parse((await request(gw.url).get('/health')).body);
+    const health = await request(gw.url).get('/health');
+    expect(health.headers['x-request-id']).toMatch(/^req_/);
+    healthSchema.parse(health.body);
     readySchema.parse((await request(gw.url).get('/ready')).body);
     errorBodySchema.parse((await request(gw.url).get('/v1/models')).body);
     errorBodySchema.parse((await request(gw.url).get('/nowhere')).body);

@@ -89,6 +89,9 @@ it('lets an open stream finish, refuses new work, and exits 0', async () => {
   expect(s.error).toBeUndefined();
   expect(s.done).toBe(true);
   expect(await gw.exited).toBe(0);
+  // "stopped" is logged after every Redis connection is closed (wiring.ts close()), the last line before exit.
+  const lines = gw.output().split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l));
+  expect(lines.at(-1)).toMatchObject({ level: 'info', msg: 'stopped' });
 });
 
 it('when the grace period runs out, open streams end with an in-stream error, then exit 0', async () => {

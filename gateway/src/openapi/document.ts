@@ -211,9 +211,34 @@ function operationsPaths(config: Config): ZodOpenApiPathsObject {
   };
 }
 
+type OpenApiDocument = ReturnType<typeof createDocument>;
+
+const HEADERS = {
+  'x-request-id': { description: 'The request id (the client\'s own when sane, else ours); it is in every log line of the request', schema: { type: 'string' } },
+  'retry-after': { description: 'Seconds to wait before retrying (429, 503)', schema: { type: 'integer' } },
+  'retry-after-ms': { description: 'The same in milliseconds (read by the openai SDKs)', schema: { type: 'integer' } },
+} as const;
+
+/** Headers every response carries (x-request-id), and those of retryable errors, on every documented response. */
+function addResponseHeaders(doc: OpenApiDocument): OpenApiDocument {
+  doc.components = { ...doc.components, headers: { ...HEADERS } };
+  const ref = (name: keyof typeof HEADERS) => ({ $ref: `#/components/headers/${name}` });
+  for (const item of Object.values(doc.paths ?? {})) {
+    for (const op of Object.values(item ?? {})) {
+      const responses = (op as { responses?: Record<string, { headers?: Record<string, unknown> }> }).responses;
+      for (const [status, r] of Object.entries(responses ?? {})) {
+        if ('$ref' in r) continue;
+        r.headers = { ...r.headers, 'x-request-id': ref('x-request-id') };
+        if (status === '429' || status === '503') Object.assign(r.headers, { 'retry-after': ref('retry-after'), 'retry-after-ms': ref('retry-after-ms') });
+      }
+    }
+  }
+  return doc;
+}
+
 /** The document for a gateway built from `config` (the admin paths exist only when ADMIN_API_KEY is set). */
-export function buildOpenApiDocument(config: Config): ReturnType<typeof createDocument> {
-  return createDocument(
+export function buildOpenApiDocument(config: Config): OpenApiDocument {
+  return addResponseHeaders(createDocument(
     {
       openapi: '3.1.0',
       info: {
@@ -258,5 +283,5 @@ export function buildOpenApiDocument(config: Config): ReturnType<typeof createDo
       },
     },
     { reused: 'inline' },
-  );
+  ));
 }

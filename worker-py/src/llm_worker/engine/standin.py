@@ -12,7 +12,7 @@ What it keeps from a real engine, so the transport is exercised exactly as in pr
   config.py, because it is a benchmark knob of this stand-in only), emitted through ``emit`` like a real engine does;
 - ``max_tokens``, ``n``, the deadline, cancellation (final emit "cancelled") and ``stats()``.
 What it does not do: sampling parameters, logprobs, stop on EOS. Output tokens are the prompt's own ids, cycled
-(EOS ids left out), so the detokenizer sees ordinary text of the right tokenizer; ``token_ids=`` overrides that.
+(EOS, BOS, pad and unk ids left out), so the detokenizer sees ordinary text of the right tokenizer; ``token_ids=`` overrides that.
 Every choice ends with finish_reason "length" after exactly ``max_tokens`` tokens (as with ``ignore_eos``).
 """
 
@@ -50,6 +50,11 @@ class StandInEngine(Engine):
         # ``model`` and unknown keyword arguments are accepted and ignored so that the worker's factory can build this
         # engine with the same arguments as the real ones.
         self.eos_token_ids = set(eos_token_ids)
+        # Left out of the echoed ids with the EOS ids: special tokens the model's config names (BOS is <|im_start|> in
+        # SmolLM2), which detokenize to no text and would delay the first visible text by a step.
+        cfg = getattr(model, "config", None)
+        self.skip_ids = self.eos_token_ids | {getattr(cfg, k, None) for k in ("bos_token_id", "pad_token_id",
+                                                                             "unk_token_id")} - {None}
         self.max_batch = max_batch  # informational: the transport already bounds concurrency with MAX_BATCH
         self.context_length = context_length
         if step_ms is None:
@@ -142,7 +147,7 @@ class StandInEngine(Engine):
         self._rows = keep
 
     def _admit(self, request: GenerationRequest, emit: EmitFn) -> None:
-        ids = self.token_ids or [t for t in request.prompt_ids if t not in self.eos_token_ids] or [0]
+        ids = self.token_ids or [t for t in request.prompt_ids if t not in self.skip_ids] or [0]
         rows = [_Choice(request.request_id, i, ids, request.params.max_tokens, request.deadline, emit)
                 for i in range(request.params.n)]
         self._rows.extend(self._emit_tokens(rows))

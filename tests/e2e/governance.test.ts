@@ -1,0 +1,195 @@
+// Governance against the real stack (Redis + the real Python worker), with two gateway processes of our own on the
+// stack's Redis: shared limits under racing load, revocation seen by both within 1 s, a 429 that the official
+// openai SDK retries successfully, and a cache hit that returns the same body and enqueues no job.
+import { randomUUID } from "node:crypto";
+import Redis from "ioredis";
+import OpenAI from "openai";
+import { stack } from "./helpers";
+import { type GatewayProcess, startGatewayProcess } from "./governance-helpers";
+
+jest.setTimeout(240_000);
+
+const ADMIN = `admin-${randomUUID()}`;
+const WINDOW_MS = 5000;
+let a: GatewayProcess;
+let b: GatewayProcess;
+let redis: Redis;
+
+beforeAll(async () => {
+  const env = { ADMIN_API_KEY: ADMIN, API_KEYS: `sk-gov-${randomUUID()}`, RATE_LIMIT_WINDOW_MS: String(WINDOW_MS) };
+  [a, b] = await Promise.all([startGatewayProcess(env), startGatewayProcess(env)]);
+  redis = new Redis(stack.redisUrl);
+});
+afterAll(async () => {
+  await Promise.all([a?.stop(), b?.stop()]);
+  redis?.disconnect();
+});
+
+async function createKey(fields: Record<string, unknown>): Promise<{ id: string; key: string }> {
+  const r = await fetch(`${a.url}/admin/keys`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" },
+    body: JSON.stringify({ name: `e2e-${randomUUID().slice(0, 6)}`, ...fields }),
+  });
+  expect(r.status).toBe(201);
+  return (await r.json()) as { id: string; key: string };
+}
+
+const post = (base: string, key: string, body: unknown, headers: Record<string, string> = {}) =>
+  fetch(`${base}/v1/chat/completions`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${key}`, "content-type": "application/json", ...headers },
+    body: JSON.stringify(body),
+  });
+
+/** A deterministic request: the first answer is cached, so the racing copies cost the worker nothing. */
+const cachedBody = () => ({
+  model: stack.model,
+  messages: [{ role: "user", content: `Say OK. (${randomUUID()})` }],
+  max_tokens: 2,
+  temperature: 0,
+});
+
+async function race(key: string, body: unknown, perGateway: number): Promise<number[]> {
+  const calls = [];
+  for (let i = 0; i < perGateway; i++) for (const g of [a, b]) calls.push(post(g.url, key, body).then(async (r) => (await r.text(), r.status)));
+  return Promise.all(calls);
+}
+
+test("two gateways share one RPM budget under racing load (within ±5%)", async () => {
+  const rpm = 40;
+  const primer = await createKey({});
+  const body = cachedBody();
+  expect((await post(a.url, primer.key, body)).status).toBe(200); // warms the cache (a real job)
+  const k = await createKey({ rpm });
+  const statuses = await race(k.key, body, 50);
+  const ok = statuses.filter((s) => s === 200).length;
+  console.log(`RPM ${rpm}: ${ok} of ${statuses.length} admitted through two gateways`);
+  expect(statuses.every((s) => s === 200 || s === 429)).toBe(true);
+  expect(ok).toBeGreaterThanOrEqual(Math.floor(rpm * 0.95));
+  expect(ok).toBeLessThanOrEqual(Math.ceil(rpm * 1.05));
+});
+
+test("two gateways share one TPM budget under racing load (within ±5%)", async () => {
+  const primer = await createKey({});
+  const body = cachedBody();
+  const first = await post(a.url, primer.key, body);
+  const prompt = ((await first.json()) as OpenAI.ChatCompletion).usage!.prompt_tokens;
+  const fits = 20;
+  const k = await createKey({ tpm: prompt * fits }); // a cache hit costs its prompt tokens
+  const statuses = await race(k.key, body, 30);
+  const ok = statuses.filter((s) => s === 200).length;
+  console.log(`TPM ${prompt * fits} (${prompt} per hit): ${ok} of ${statuses.length} admitted`);
+  expect(ok).toBeGreaterThanOrEqual(Math.floor(fits * 0.95));
+  expect(ok).toBeLessThanOrEqual(Math.ceil(fits * 1.05));
+});
+
+test("a revoked key is refused on both gateways within 1 s", async () => {
+  const k = await createKey({});
+  const models = (g: GatewayProcess) => fetch(`${g.url}/v1/models`, { headers: { authorization: `Bearer ${k.key}` } });
+  expect((await models(a)).status).toBe(200);
+  expect((await models(b)).status).toBe(200);
+  const t0 = Date.now();
+  const r = await fetch(`${a.url}/admin/keys/${k.id}`, { method: "DELETE", headers: { authorization: `Bearer ${ADMIN}` } });
+  expect(r.status).toBe(200);
+  const refusedAfter = await Promise.all(
+    [a, b].map(async (g) => {
+      while (Date.now() - t0 < 3000) {
+        if ((await models(g)).status === 401) return Date.now() - t0;
+        await new Promise((res) => setTimeout(res, 25));
+      }
+      return Infinity;
+    }),
+  );
+  console.log(`revocation seen after ${refusedAfter.join(" ms, ")} ms`);
+  for (const ms of refusedAfter) expect(ms).toBeLessThan(1000);
+});
+
+test("a 429 with retry-after-ms, then the official SDK's own retry succeeds", async () => {
+  const k = await createKey({ rpm: 1 });
+  const statuses: number[] = [];
+  const openai = new OpenAI({
+    baseURL: `${b.url}/v1`,
+    apiKey: k.key,
+    maxRetries: 2,
+    timeout: 120_000,
+    fetch: async (url, init) => {
+      const r = await fetch(url, init);
+      statuses.push(r.status);
+      return r;
+    },
+  });
+  const first = await post(a.url, k.key, { model: stack.model, messages: [{ role: "user", content: "Hi" }], max_tokens: 1 });
+  expect(first.status).toBe(200);
+  const t0 = Date.now();
+  const r = await openai.chat.completions.create({ model: stack.model, messages: [{ role: "user", content: "Hi" }], max_tokens: 1 });
+  expect(r.choices[0].message.content).toEqual(expect.any(String));
+  expect(statuses[0]).toBe(429);
+  expect(statuses.at(-1)).toBe(200);
+  // The SDK waited for the window to open (retry-after-ms), not its own short backoff.
+  expect(Date.now() - t0).toBeGreaterThan(1000);
+  expect(Date.now() - t0).toBeLessThan(WINDOW_MS + 60_000);
+});
+
+test("x-ratelimit-* headers and a 429 carrying retry-after and retry-after-ms", async () => {
+  const k = await createKey({ rpm: 1, tpm: 100_000 });
+  const body = cachedBody();
+  const ok = await post(a.url, k.key, body);
+  expect(ok.headers.get("x-ratelimit-limit-requests")).toBe("1");
+  expect(ok.headers.get("x-ratelimit-remaining-requests")).toBe("0");
+  expect(ok.headers.get("x-ratelimit-reset-requests")).toMatch(/^[\d.]+m?s$/);
+  expect(ok.headers.get("x-ratelimit-limit-tokens")).toBe("100000");
+  expect(Number(ok.headers.get("x-ratelimit-remaining-tokens"))).toBeLessThan(100_000);
+  expect(ok.headers.get("x-ratelimit-reset-tokens")).toMatch(/^[\d.]+m?s$/);
+  const refused = await post(b.url, k.key, body);
+  expect(refused.status).toBe(429);
+  const err = (await refused.json()) as { error: { code: string; type: string } };
+  expect(err.error).toMatchObject({ code: "rate_limit_exceeded", type: "rate_limit_error" });
+  const ms = Number(refused.headers.get("retry-after-ms"));
+  expect(ms).toBeGreaterThan(0);
+  expect(ms).toBeLessThanOrEqual(WINDOW_MS);
+  expect(refused.headers.get("retry-after")).toBe(String(Math.ceil(ms / 1000)));
+});
+
+test("a cache hit returns the same body, says x-cache: hit, and enqueues no job", async () => {
+  const k = await createKey({});
+  const body = cachedBody();
+  const queueEvents = `bull:gen.${stack.model.replace(/[^A-Za-z0-9._-]/g, "_")}:events`;
+  const miss = await post(a.url, k.key, body);
+  expect(miss.headers.get("x-cache")).toBe("miss");
+  const missBody = (await miss.json()) as OpenAI.ChatCompletion;
+  const [[lastId]] = (await redis.xrevrange(queueEvents, "+", "-", "COUNT", 1)) as [[string, string[]]];
+  for (const g of [a, b]) {
+    // b has it only in Redis (L2); a also in its own memory (L1).
+    const hit = await post(g.url, k.key, body);
+    expect(hit.status).toBe(200);
+    expect(hit.headers.get("x-cache")).toBe("hit");
+    const hitBody = (await hit.json()) as OpenAI.ChatCompletion;
+    expect({ ...hitBody, id: "", created: 0 }).toEqual({ ...missBody, id: "", created: 0 });
+  }
+  const after = (await redis.xrange(queueEvents, `(${lastId}`, "+")) as Array<[string, string[]]>;
+  const added = after.filter(([, fields]) => fields[1] === "added" || fields.includes("added"));
+  expect(added).toHaveLength(0);
+  // Bypass: cache-control: no-store goes to the worker again.
+  const bypass = await post(a.url, k.key, body, { "cache-control": "no-store" });
+  expect(bypass.headers.get("x-cache")).toBe("miss");
+  // Usage counts the completion once.
+  const rec = (await (await fetch(`${a.url}/admin/keys/${k.id}`, { headers: { authorization: `Bearer ${ADMIN}` } })).json()) as {
+    usage: { requests: number; cache_hits: number; completion_tokens: number };
+  };
+  expect(rec.usage).toMatchObject({ requests: 4, cache_hits: 2, completion_tokens: 2 * missBody.usage!.completion_tokens });
+});
+
+test("a cached answer can be streamed (SDK stream) with the same text", async () => {
+  const k = await createKey({});
+  const body = cachedBody();
+  const miss = (await (await post(a.url, k.key, body)).json()) as OpenAI.ChatCompletion;
+  const openai = new OpenAI({ baseURL: `${b.url}/v1`, apiKey: k.key, maxRetries: 0 });
+  const { data: stream, response } = await openai.chat.completions
+    .create({ ...(body as OpenAI.ChatCompletionCreateParamsNonStreaming), stream: true })
+    .withResponse();
+  expect(response.headers.get("x-cache")).toBe("hit");
+  let text = "";
+  for await (const chunk of stream) text += chunk.choices[0]?.delta.content ?? "";
+  expect(text).toBe(miss.choices[0].message.content);
+});
