@@ -31,6 +31,8 @@ export class JwtVerifier {
     } else {
       if (!config.JWT_PUBLIC_KEY) throw new Error(`JWT_ALGORITHM=${alg} needs JWT_PUBLIC_KEY (PEM)`);
       this.key = importSPKI(config.JWT_PUBLIC_KEY.replace(/\\n/g, '\n'), alg);
+      // An unusable key fails each JWT request with a 500 (logged), not the process with an unhandled rejection.
+      this.key.catch(() => undefined);
     }
   }
 
@@ -46,9 +48,10 @@ export class JwtVerifier {
 
   async verify(token: string): Promise<Principal> {
     const { config } = this;
+    const key = await this.key; // a key that cannot be imported is our fault: 500, not 401
     let payload: JWTPayload;
     try {
-      ({ payload } = await jwtVerify(token, await this.key, {
+      ({ payload } = await jwtVerify(token, key, {
         algorithms: [config.JWT_ALGORITHM],
         audience: config.JWT_AUDIENCE,
         issuer: config.JWT_ISSUER,

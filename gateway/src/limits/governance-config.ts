@@ -38,7 +38,7 @@ export const governanceConfigShape = {
   KEY_CACHE_MS: int(0, 1000).default(500),
   /** JWT: a shared secret (HS256) or a PEM public key (RS256/ES256). Both empty: JWTs are not accepted. */
   JWT_SECRET: z.string().min(32, 'must be at least 32 characters').optional(),
-  JWT_PUBLIC_KEY: z.string().optional(),
+  JWT_PUBLIC_KEY: z.string().regex(/-----BEGIN PUBLIC KEY-----/, 'must be a PEM public key (SPKI)').optional(),
   JWT_ALGORITHM: z.enum(['HS256', 'RS256', 'ES256']).default('HS256'),
   JWT_AUDIENCE: z.string().optional(),
   JWT_ISSUER: z.string().optional(),

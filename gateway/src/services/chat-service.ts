@@ -151,17 +151,27 @@ export class ChatService {
       sse.data(chunks.role(index));
     };
     const timer = new GenerationTimer(p.meta.model, p.data.enqueued_at_ms, true);
+    // A fast worker can send its first delta before start() has resolved, i.e. before the headers went out: hold such
+    // deltas and write them right after sse.open() (writing first would send implicit headers and break open()).
+    let early: (() => void)[] | null = [];
     const run = new JobRun(this.runDeps(), p.meta.id, p.data, {
       onDelta: (index, raw, logprobs) => {
-        const text = ctx.output ? ctx.output.text(index, raw) : raw;
-        if (text.length > 0) timer.text();
-        openChoice(index);
-        if (text.length > 0 || logprobs?.length) sse.data(chunks.content(index, text, logprobs));
+        const write = () => {
+          const text = ctx.output ? ctx.output.text(index, raw) : raw;
+          if (text.length > 0) timer.text();
+          openChoice(index);
+          if (text.length > 0 || logprobs?.length) sse.data(chunks.content(index, text, logprobs));
+        };
+        if (early) early.push(write);
+        else write();
       },
       placement: p.placement,
     });
     await run.start(); // throws before any header: plain HTTP error
     sse.open();
+    const held = early;
+    early = null;
+    for (const write of held) write();
     const onAbort = () => run.cancel();
     ctx.signal.addEventListener('abort', onAbort, { once: true });
     if (ctx.signal.aborted) run.cancel();

@@ -1,8 +1,16 @@
-"""The worker's Prometheus metrics (METRICS_PORT, 0 = off). Small on purpose: what shows batching and cancellation."""
+"""The worker's Prometheus metrics and health endpoint (METRICS_PORT, 0 = off).
+
+``GET /metrics``: Prometheus text. ``GET /health``: 200 once the model is loaded and the worker is registered (until it
+starts shutting down), else 503 — what the Kubernetes probes and compose healthchecks ask (see docs/DEPLOY.md).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .engine.base import EngineStats
 
@@ -21,10 +29,43 @@ class Metrics:
                                      buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160), registry=r)
         self.load_seconds = Gauge("llm_worker_model_load_seconds", "Model load time", registry=r)
         self._last_tokens = 0
+        self.ready = False  # set by the transport once registered, cleared when shutting down
 
     def serve(self, port: int) -> None:
-        if port:
-            start_http_server(port, registry=self.registry)
+        if not port:
+            return
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry))
+                elif path == "/health":
+                    status = 200 if metrics.ready else 503
+                    body = json.dumps({"status": "ready" if metrics.ready else "starting"}).encode()
+                    self._send(status, "application/json", body)
+                else:
+                    self._send(404, "application/json", b'{"error": "not found"}')
+
+            def _send(self, status: int, ctype: str, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:  # probes every few seconds: keep them out of the logs
+                pass
+
+        try:
+            server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+        except OSError as exc:
+            from .errors import ConfigError
+
+            raise ConfigError(f"METRICS_PORT {port} cannot be used ({exc.strerror}); set another port, or 0 to turn it off")
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
 
     def update(self, s: EngineStats) -> None:
         self.running.set(s.running_sequences)

@@ -151,6 +151,11 @@ class CpuBatchEngine(Engine):
                 if not self._waiting:
                     return
                 nxt = self._waiting[0]
+                if nxt.req.request_id in self._cancelled:  # cancelled while earlier newcomers were prefilled
+                    self._waiting.popleft()
+                    nxt.emit(nxt.req.request_id, [ChoiceOutput(i, [], finish_reason="cancelled")
+                                                  for i in range(nxt.req.params.n)])
+                    continue
                 n, plen = nxt.req.params.n, len(nxt.req.prompt_ids)
                 # A request wider than max_batch may still run alone; otherwise wait for room at a token boundary.
                 fits = (len(self._rows) + n <= self.max_batch) or not self._rows

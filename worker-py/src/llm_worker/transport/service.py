@@ -43,7 +43,10 @@ class WorkerService:
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
-        self.redis = aioredis.from_url(self.cfg.redis_url, decode_responses=True)
+        # A blocking pool sized above the batch: every running job publishes on it, and redis-py's default pool
+        # raises "Too many connections" instead of waiting when MAX_BATCH jobs publish at once.
+        self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+            self.cfg.redis_url, decode_responses=True, max_connections=self.cfg.max_batch + 16, timeout=30))
         tok_json, cfg_json, digest = self.tokenizer_export
         await publish_tokenizer(self.redis, self.info.model, tok_json, cfg_json, digest)
         self._tasks.append(asyncio.create_task(self._cancel_listener(), name="cancel-listener"))
@@ -63,6 +66,8 @@ class WorkerService:
         self.worker.on("error", lambda err, *a: log.warning("bullmq error", extra={"error": str(err)}))
         self.heartbeat = Heartbeat(self.redis, self.info, self.cfg.heartbeat_ms, self.cfg.heartbeat_ttl_ms)
         await self.heartbeat.start()
+        if self.metrics is not None:
+            self.metrics.ready = True
         log.info("worker ready", extra={"workerId": self.info.worker_id, "queue": self.info.queue,
                                         "model": self.info.model, "engine": self.info.engine})
 
@@ -79,6 +84,8 @@ class WorkerService:
         log.info("shutting down", extra={"inFlight": len(self.runs), "graceMs": self.cfg.shutdown_grace_ms})
         if self.heartbeat is not None:
             self.heartbeat.set_ready(False)  # still listed (streams in flight depend on it), but not ready
+        if self.metrics is not None:
+            self.metrics.ready = False
         if self.worker is not None:
             # pause() stops fetching and waits for in-flight jobs while locks keep being renewed. Not close() first:
             # in bullmq 3.4.4 a closing worker's run loop exits and closes its LockManager while jobs still run, so a

@@ -1,0 +1,158 @@
+/**
+ * Governance pieces on their own: configuration, the streaming output filter (every split of a blocked phrase), the
+ * L1 LRU bounds, and the Redis cache keeping inside its byte budget (real Redis: it runs with noeviction).
+ */
+import { randomUUID } from 'node:crypto';
+import Redis from 'ioredis';
+import { Lru } from '../src/cache/lru';
+import { cacheKey, isCacheable, ResponseCache } from '../src/cache/response-cache';
+import { ConfigError, loadConfig } from '../src/config';
+import { OutputFilter } from '../src/filter/output-filter';
+import { createLogger } from '../src/logger';
+import type { JobData, JobResult } from '../src/protocol/job';
+import { startRedis, type TestRedis } from './helpers/redis-server';
+
+describe('governance configuration', () => {
+  it('has the documented defaults: no limits on static keys, the tutorial at 10/minute, cache on', () => {
+    expect(loadConfig({})).toMatchObject({
+      DEFAULT_RPM: 0,
+      DEFAULT_TPM: 0,
+      DEFAULT_MAX_CONCURRENT: 0,
+      TUTORIAL_RPM: 10,
+      RATE_LIMIT_WINDOW_MS: 60_000,
+      KEY_CACHE_MS: 500,
+      CACHE_ENABLED: true,
+      MAX_QUEUE_DEPTH: 1000,
+      DEGRADE_QUEUE_DEPTH: 0,
+      OUTPUT_FILTER_BLOCKLIST: [],
+    });
+  });
+
+  it('refuses bad values and never echoes secrets', () => {
+    expect(() => loadConfig({ OUTPUT_FILTER_PATTERNS: 'ok;;(unclosed' })).toThrow(/OUTPUT_FILTER_PATTERNS/);
+    expect(() => loadConfig({ KEY_CACHE_MS: '5000' })).toThrow(/KEY_CACHE_MS/);
+    expect(() => loadConfig({ JWT_PUBLIC_KEY: 'not a pem' })).toThrow(/JWT_PUBLIC_KEY/);
+    try {
+      loadConfig({ JWT_SECRET: 'short-secret-value' });
+      throw new Error('accepted');
+    } catch (err) {
+      expect(err).toBeInstanceOf(ConfigError);
+      expect(String(err)).toContain('JWT_SECRET=<redacted>');
+      expect(String(err)).not.toContain('short-secret-value');
+    }
+  });
+});
+
+describe('OutputFilter', () => {
+  const f = new OutputFilter(['secret plan'], ['\\d{3}-\\d{4}'], '[x]', 16);
+  const text = 'Our Secret Plan: call 555-1234 now. secret plan again';
+  const expected = 'Our [x]: call [x] now. [x] again';
+
+  it('replaces phrases (case-insensitive) and patterns in whole text', () => {
+    expect(f.apply(text)).toBe(expected);
+  });
+
+  it('streamed in any two or three pieces, the output is the same and never contains a blocked part', () => {
+    for (let i = 1; i < text.length; i++) {
+      for (const j of [i + 1, i + 5, text.length - 1]) {
+        if (j <= i || j >= text.length) continue;
+        const s = f.stream();
+        const sent = [s.push(0, text.slice(0, i)), s.push(0, text.slice(i, j)), s.push(0, text.slice(j)), s.flush(0)];
+        expect(sent.join('')).toBe(expected);
+        for (const piece of sent) expect(piece).not.toMatch(/secret|plan|555|1234/i);
+      }
+    }
+  });
+
+  it('one character at a time, choices apart', () => {
+    const s = f.stream();
+    let a = '';
+    let b = '';
+    for (const ch of text) {
+      a += s.push(0, ch);
+      b += s.push(1, ch.toUpperCase());
+    }
+    expect(a + s.flush(0)).toBe(expected);
+    expect(b + s.flush(1)).toBe(expected.toUpperCase().replace(/\[X\]/g, '[x]'));
+  });
+
+  it('is a no-op without rules', () => {
+    const none = new OutputFilter([], [], '[x]', 16);
+    expect(none.active).toBe(false);
+    expect(none.stream().push(0, 'abc')).toBe('abc');
+  });
+});
+
+describe('Lru', () => {
+  it('bounds entries and bytes, evicts least recently used, expires by TTL', () => {
+    const l = new Lru<string>(3, 100);
+    l.set('a', 'A', 10, 1000, 0);
+    l.set('b', 'B', 10, 1000, 0);
+    l.set('c', 'C', 10, 1000, 0);
+    expect(l.get('a', 1)).toBe('A'); // a is now most recent
+    l.set('d', 'D', 10, 1000, 1);
+    expect(l.get('b', 1)).toBeUndefined();
+    l.set('big', 'X', 90, 1000, 2); // needs 90 of 100 bytes: evicts until it fits
+    expect(l.totalBytes).toBeLessThanOrEqual(100);
+    expect(l.get('big', 3)).toBe('X');
+    expect(l.get('big', 2000)).toBeUndefined();
+    l.set('huge', 'H', 101, 1000, 0);
+    expect(l.get('huge', 1)).toBeUndefined();
+  });
+});
+
+describe('ResponseCache (L2 in Redis)', () => {
+  let server: TestRedis;
+  let redis: Redis;
+  beforeAll(async () => {
+    server = await startRedis();
+    redis = new Redis(server.url);
+  });
+  afterAll(async () => {
+    redis.disconnect();
+    await server.stop();
+  });
+
+  const data = (content: string, extra: Partial<JobData['params']> = {}): JobData =>
+    ({
+      v: 1,
+      request_id: 'r',
+      model: 'm',
+      messages: [{ role: 'user', content }],
+      params: { max_tokens: 5, temperature: 0, top_p: 1, seed: null, stop: [], n: 1, presence_penalty: 0, frequency_penalty: 0, logit_bias: {}, logprobs: false, top_logprobs: 0, top_k: 0, min_p: 0, repetition_penalty: 1, ignore_eos: false, ...extra },
+      stream: false,
+      prompt_tokens: 3,
+      enqueued_at_ms: 0,
+      deadline_ms: null,
+    }) as unknown as JobData;
+  const result = (text: string): JobResult => ({ choices: [{ index: 0, text, finish_reason: 'stop', logprobs: null }], usage: { prompt_tokens: 3, completion_tokens: 4 } });
+
+  it('keys ignore stream and request ids, and only deterministic requests are cacheable', () => {
+    const a = data('hi');
+    expect(cacheKey(a)).toBe(cacheKey({ ...a, stream: true, request_id: 'other' }));
+    expect(cacheKey(a)).not.toBe(cacheKey(data('hi', { max_tokens: 6 })));
+    expect(isCacheable(a)).toBe(true);
+    expect(isCacheable(data('hi', { temperature: 0.7 }))).toBe(false);
+    expect(isCacheable(data('hi', { temperature: 0.7, seed: 1 }))).toBe(true);
+  });
+
+  it('shares answers between replicas and stays inside CACHE_L2_MAX_BYTES', async () => {
+    const budget = 20_000;
+    const config = loadConfig({ CACHE_L2_MAX_BYTES: String(budget), CACHE_L1_MAX_ENTRIES: '0' });
+    const log = createLogger('error', () => undefined);
+    const one = new ResponseCache(config, redis, log);
+    const two = new ResponseCache(config, redis, log);
+    const k0 = cacheKey(data(`first ${randomUUID()}`));
+    await one.put(k0, result('zero'));
+    expect((await two.get(k0))?.choices[0].text).toBe('zero');
+    for (let i = 0; i < 200; i++) await one.put(cacheKey(data(`n${i}`)), result('x'.repeat(500)));
+    expect(Number(await redis.get('llm:cache:bytes'))).toBeLessThanOrEqual(budget);
+    const keys = await redis.keys('llm:cache:*');
+    const entries = keys.filter((k) => !['llm:cache:bytes', 'llm:cache:index', 'llm:cache:sizes'].includes(k));
+    let real = 0;
+    for (const k of entries) real += (await redis.strlen(k)) + k.length;
+    expect(real).toBeLessThanOrEqual(budget);
+    expect(entries.length).toBe(await redis.zcard('llm:cache:index'));
+    expect(await two.get(k0)).toBeNull(); // the oldest went first
+  });
+});
