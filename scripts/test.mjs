@@ -36,6 +36,8 @@ ensureNodeDeps();
 ensureWorkerVenv({ withTestDeps: true });
 const deployTools = path.join(ROOT, "tests/deploy/ensure_tools.sh");
 if (existsSync(deployTools)) step("deployment test tools", "bash", [deployTools]);
+const chromium = path.join(ROOT, "tests/e2e/ensure_chromium.sh");
+if (existsSync(chromium)) step("chromium for the /docs test", "bash", [chromium]);
 log(`installs checked (${secs(t)})`);
 
 step("typecheck (tsc --noEmit)", process.execPath, [path.join(ROOT, "node_modules/typescript/bin/tsc"), "-p", "tsconfig.json", "--noEmit"]);
