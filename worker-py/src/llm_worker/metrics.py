@@ -7,7 +7,9 @@ starts shutting down), else 503 — what the Kubernetes probes and compose healt
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -28,7 +30,12 @@ class Metrics:
         self.gen_seconds = Histogram("llm_worker_generation_seconds", "Job pick-up to finish",
                                      buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160), registry=r)
         self.load_seconds = Gauge("llm_worker_model_load_seconds", "Model load time", registry=r)
+        self.tokens_per_second = Gauge("llm_worker_tokens_per_second",
+                                       "Tokens generated per second, over the last update interval", registry=r)
+        self.memory = Gauge("llm_worker_memory_bytes", "Memory in use: process resident set (rss) and, on CUDA, "
+                            "tensors allocated on the GPU (gpu_allocated)", ["kind"], registry=r)
         self._last_tokens = 0
+        self._last_update = time.monotonic()
         self.ready = False  # set by the transport once registered, cleared when shutting down
 
     def serve(self, port: int) -> None:
@@ -72,6 +79,33 @@ class Metrics:
         self.waiting.set(s.waiting_requests)
         self.batch.set(s.batch_size_last_step)
         self.kv_bytes.set(s.kv_cache_bytes)
-        if s.generated_tokens_total > self._last_tokens:
-            self.tokens.inc(s.generated_tokens_total - self._last_tokens)
+        now = time.monotonic()
+        new_tokens = max(0, s.generated_tokens_total - self._last_tokens)
+        if new_tokens:
+            self.tokens.inc(new_tokens)
             self._last_tokens = s.generated_tokens_total
+        if now > self._last_update:
+            self.tokens_per_second.set(new_tokens / (now - self._last_update))
+        self._last_update = now
+        self.memory.labels("rss").set(_resident_bytes())
+        if torch_cuda_available():
+            import torch
+
+            self.memory.labels("gpu_allocated").set(torch.cuda.memory_allocated())
+
+
+def _resident_bytes() -> int:
+    """The process's resident set size (Linux /proc; 0 where it is not available)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def torch_cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
