@@ -25,12 +25,18 @@ export const stack = {
   },
 };
 
-export function client(opts: { apiKey?: string; maxRetries?: number } = {}) {
+/**
+ * An SDK client for the stack. The gateway's response cache is on by default and answers repeated deterministic requests
+ * without the worker; tests of generation itself must reach the worker, so they bypass it (`cache-control: no-store`)
+ * unless `allowCache` is set.
+ */
+export function client(opts: { apiKey?: string; maxRetries?: number; allowCache?: boolean } = {}) {
   return new OpenAI({
     baseURL: `${stack.baseUrl}/v1`,
     apiKey: opts.apiKey ?? stack.apiKey,
     maxRetries: opts.maxRetries ?? 0,
     timeout: 120_000,
+    defaultHeaders: opts.allowCache ? {} : { "cache-control": "no-store" },
   });
 }
 

@@ -63,7 +63,7 @@ test("metricNames reads PromQL as the dashboard writes it", () => {
 });
 
 describe("the dashboard's metrics, after real traffic", () => {
-  const openai = client();
+  const openai = client({ allowCache: true });
   let before: Sample[];
   let after: Sample[];
   let worker: Sample[];

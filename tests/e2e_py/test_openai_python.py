@@ -20,8 +20,13 @@ if not BASE_URL:  # never skip silently: these tests are only meaningful against
     raise RuntimeError("STACK_BASE_URL is not set: run the end-to-end tests through `npm test`, which starts the stack")
 
 
+# The gateway's response cache would answer repeated deterministic requests without the worker: bypass it here.
+NO_STORE = {"cache-control": "no-store"}
+
+
 def make_client(key: str | None = None) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{BASE_URL}/v1", api_key=key or API_KEY, max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{BASE_URL}/v1", api_key=key or API_KEY, max_retries=0, timeout=120,
+                         default_headers=NO_STORE)
 
 
 def test_non_stream_and_stream_agree():
@@ -63,7 +68,8 @@ def test_typed_errors():
 
 def test_async_client_concurrent_streams():
     async def one(topic: str) -> str:
-        client = openai.AsyncOpenAI(base_url=f"{BASE_URL}/v1", api_key=API_KEY, max_retries=0)
+        client = openai.AsyncOpenAI(base_url=f"{BASE_URL}/v1", api_key=API_KEY, max_retries=0,
+                                    default_headers=NO_STORE)
         stream = await client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": f"One sentence about {topic}."}],
             temperature=0, max_tokens=20, stream=True,

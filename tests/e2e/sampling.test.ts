@@ -1,0 +1,95 @@
+// The sampling contract beyond the basics, through the official openai Node SDK against the real worker:
+// n choices, logprobs in OpenAI's shape, logit_bias ±100, and a client disconnect that frees the worker's sequence.
+import OpenAI from "openai";
+import Redis from "ioredis";
+import { Tokenizer } from "@huggingface/tokenizers";
+import { client, collectStream, stack } from "./helpers";
+
+jest.setTimeout(180_000);
+
+const messages: OpenAI.ChatCompletionMessageParam[] = [{ role: "user", content: "Name a fruit." }];
+
+async function tokenizer(): Promise<Tokenizer> {
+  const redis = new Redis(stack.redisUrl);
+  const h = await redis.hgetall(`llm:tokenizer:${stack.model}`);
+  await redis.quit();
+  return new Tokenizer(JSON.parse(h.tokenizer_json), JSON.parse(h.tokenizer_config_json));
+}
+
+test("n = 3: three choices with their own index, stream and non-stream", async () => {
+  const openai = client();
+  const r = await openai.chat.completions.create({ model: stack.model, messages, n: 3, temperature: 1, seed: 7, max_tokens: 8 });
+  expect(r.choices.map((c) => c.index).sort()).toEqual([0, 1, 2]);
+  expect(r.usage!.completion_tokens).toBeLessThanOrEqual(24);
+  const s = await collectStream(
+    await openai.chat.completions.create({ model: stack.model, messages, n: 3, temperature: 1, seed: 7, max_tokens: 8, stream: true }),
+  );
+  expect([...s.texts.keys()].sort()).toEqual([0, 1, 2]);
+  expect([...s.finish.keys()].sort()).toEqual([0, 1, 2]);
+});
+
+test("logprobs with top_logprobs in OpenAI's shape", async () => {
+  const r = await client().chat.completions.create({
+    model: stack.model, messages, max_tokens: 4, temperature: 0, logprobs: true, top_logprobs: 3,
+  });
+  const content = r.choices[0].logprobs!.content!;
+  expect(content).toHaveLength(r.usage!.completion_tokens);
+  for (const t of content) {
+    expect(typeof t.token).toBe("string");
+    expect(t.logprob).toBeLessThanOrEqual(0);
+    expect(Array.isArray(t.bytes)).toBe(true);
+    expect(t.top_logprobs).toHaveLength(3);
+  }
+  expect(content.map((t) => t.token).join("")).toBe(r.choices[0].message.content);
+});
+
+test("logit_bias +100 forces a token and -100 bans one", async () => {
+  const openai = client();
+  const tok = await tokenizer();
+  const [forced] = tok.encode(" banana", { add_special_tokens: false }).ids;
+  const r = await openai.chat.completions.create({
+    model: stack.model, messages, max_tokens: 3, temperature: 0, logit_bias: { [forced]: 100 },
+  });
+  expect(r.choices[0].message.content).toBe(tok.decode([forced, forced, forced]));
+
+  const plain = await openai.chat.completions.create({ model: stack.model, messages, max_tokens: 3, temperature: 0 });
+  const first = tok.encode(plain.choices[0].message.content!, { add_special_tokens: false }).ids[0];
+  const banned = await openai.chat.completions.create({
+    model: stack.model, messages, max_tokens: 3, temperature: 0, logit_bias: { [first]: -100 },
+  });
+  expect(tok.encode(banned.choices[0].message.content!, { add_special_tokens: false }).ids[0]).not.toBe(first);
+});
+
+test("a client that disconnects mid-stream frees its sequence on the worker within about a second", async () => {
+  const metricsUrl = process.env.STACK_WORKER_METRICS_URL;
+  if (!metricsUrl) throw new Error("STACK_WORKER_METRICS_URL is not set: run through `npm test`");
+  const running = async () => {
+    const text = await (await fetch(`${metricsUrl}/metrics`)).text();
+    return Number(/^llm_worker_running_sequences (\S+)$/m.exec(text)![1]);
+  };
+  const controller = new AbortController();
+  const stream = await client().chat.completions.create(
+    { model: stack.model, messages, max_tokens: 400, ignore_eos: true, stream: true } as OpenAI.ChatCompletionCreateParamsStreaming,
+    { signal: controller.signal },
+  );
+  let chunks = 0;
+  for await (const _ of stream) {
+    if (++chunks === 3) {
+      // The sequence is in the batch while it streams (the gauge is refreshed every 0.25 s).
+      const seen = Date.now();
+      while ((await running()) === 0 && Date.now() - seen < 2000) await new Promise((r) => setTimeout(r, 100));
+      expect(await running()).toBeGreaterThan(0);
+      controller.abort();
+      break;
+    }
+  }
+  // After the disconnect the sequence must leave the batch (the gauge is refreshed every 0.25 s).
+  const t0 = Date.now();
+  let now = await running();
+  while (now > 0 && Date.now() - t0 < 3000) {
+    await new Promise((r) => setTimeout(r, 100));
+    now = await running();
+  }
+  expect(now).toBe(0);
+  expect(Date.now() - t0).toBeLessThan(2000);
+});
