@@ -9,6 +9,8 @@ implement this interface: ``cpu_batch.CpuBatchEngine`` (our own continuous batch
 from __future__ import annotations
 
 import abc
+import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
@@ -102,3 +104,83 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def stats(self) -> EngineStats: ...
+
+
+@dataclass
+class Inbox:
+    """What a loop turn takes from the engine's inbox (see ``ThreadedEngine.take``)."""
+
+    cancelled: set[str]
+    stopped_choices: set[tuple[str, int]]
+
+
+class ThreadedEngine(Engine):
+    """An engine whose model runs on one thread of its own, fed by a thread-safe inbox.
+
+    ``submit``/``cancel``/``stop_choice`` (called from the transport's asyncio thread) only record what they are
+    asked and wake the engine thread; the engine thread applies all of it at its next token boundary, so the batch is
+    never changed in the middle of a forward pass. Subclasses implement ``_run`` (the loop) and ``stats``.
+    """
+
+    thread_name = "engine"
+    join_timeout_s = 30.0
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._waiting: deque[tuple[GenerationRequest, EmitFn]] = deque()  # submitted, not yet admitted
+        self._cancelled: set[str] = set()
+        self._stopped_choices: set[tuple[str, int]] = set()
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=self.join_timeout_s)
+
+    def submit(self, request: GenerationRequest, emit: EmitFn) -> None:
+        with self._cv:
+            self._waiting.append((request, emit))
+            self._cv.notify_all()
+
+    def cancel(self, request_id: str) -> None:
+        with self._cv:
+            self._cancelled.add(request_id)
+            self._cv.notify_all()
+
+    def stop_choice(self, request_id: str, index: int) -> None:
+        with self._cv:
+            self._stopped_choices.add((request_id, index))
+            self._cv.notify_all()
+
+    @abc.abstractmethod
+    def _run(self) -> None:
+        """The engine thread's loop."""
+
+    def take(self, busy: bool) -> Optional[Inbox]:
+        """Block until there is work (``busy``: rows are running, so never block), then take the cancellations and
+        stopped choices recorded since the last call. None once ``stop`` was called."""
+        with self._cv:
+            while not (self._waiting or busy or self._stopping):
+                self._cv.wait()
+            if self._stopping:
+                return None
+            inbox = Inbox(self._cancelled, self._stopped_choices)
+            self._cancelled, self._stopped_choices = set(), set()
+            return inbox
+
+    def take_waiting(self) -> list[tuple[GenerationRequest, EmitFn]]:
+        with self._cv:
+            waiting, self._waiting = list(self._waiting), deque()
+            return waiting
+
+    @staticmethod
+    def emit_cancelled(request: GenerationRequest, emit: EmitFn) -> None:
+        """The final emit of a request that never joined the batch: every choice "cancelled"."""
+        emit(request.request_id, [ChoiceOutput(i, [], finish_reason="cancelled") for i in range(request.params.n)])

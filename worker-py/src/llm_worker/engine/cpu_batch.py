@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from . import attention, linear
-from .base import ChoiceOutput, EmitFn, Engine, EngineStats, FinishReason, GenerationRequest
+from .base import ChoiceOutput, EmitFn, EngineStats, FinishReason, GenerationRequest, ThreadedEngine
 from .kv import BatchCache
 from .sampling import ChoiceSampler, sample
 
@@ -44,9 +42,12 @@ class _Row:
     pending: list[ChoiceOutput] = field(default_factory=list)
 
 
-class CpuBatchEngine(Engine):
+class CpuBatchEngine(ThreadedEngine):
+    thread_name = "cpu-batch-engine"
+
     def __init__(self, model, *, eos_token_ids: set[int], max_batch: int = 16, context_length: int = 8192,
                  prefill_budget_tokens: int = 1024, num_threads: Optional[int] = None):
+        super().__init__()
         self.model = model
         self.eos_token_ids = set(eos_token_ids)
         self.max_batch = max_batch
@@ -60,45 +61,13 @@ class CpuBatchEngine(Engine):
         if self.device.type == "cpu":  # two CPU-only speed-ups, each measured in its module's docstring
             attention.install(model)
             linear.install(model)
-        self._cv = threading.Condition()
-        self._waiting: deque[_Request] = deque()
-        self._cancelled: set[str] = set()
-        self._stopped_choices: set[tuple[str, int]] = set()
-        self._stopping = False
-        self._thread: Optional[threading.Thread] = None
         self._batch = BatchCache(self.device)
         self._rows: list[_Row] = []
         self._last_batch = 0
         self._generated_total = 0
         self._kv_bytes = 0
 
-    # -- public, thread-safe ------------------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="cpu-batch-engine", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    def submit(self, request: GenerationRequest, emit: EmitFn) -> None:
-        with self._cv:
-            self._waiting.append(_Request(request, emit))
-            self._cv.notify_all()
-
-    def cancel(self, request_id: str) -> None:
-        with self._cv:
-            self._cancelled.add(request_id)
-            self._cv.notify_all()
-
-    def stop_choice(self, request_id: str, index: int) -> None:
-        with self._cv:
-            self._stopped_choices.add((request_id, index))
-            self._cv.notify_all()
-
+    # -- public, thread-safe (submit/cancel/stop_choice: ThreadedEngine) --------------------------------------
     def stats(self) -> EngineStats:
         return EngineStats(running_sequences=len(self._rows), waiting_requests=len(self._waiting),
                            batch_size_last_step=self._last_batch, kv_cache_bytes=self._kv_bytes,
@@ -109,16 +78,9 @@ class CpuBatchEngine(Engine):
         if self.device.type == "cpu":
             torch.set_num_threads(self.num_threads)
         with torch.inference_mode():
-            while True:
-                with self._cv:
-                    while not (self._waiting or self._rows or self._stopping):
-                        self._cv.wait()
-                    if self._stopping:
-                        break
-                    cancelled, self._cancelled = self._cancelled, set()
-                    stopped, self._stopped_choices = self._stopped_choices, set()
+            while (inbox := self.take(busy=bool(self._rows))) is not None:
                 try:
-                    self._apply_cancels(cancelled, stopped)
+                    self._apply_cancels(inbox.cancelled, inbox.stopped_choices)
                     self._admit()
                     if self._rows:
                         self._decode_step()
@@ -131,11 +93,11 @@ class CpuBatchEngine(Engine):
     def _apply_cancels(self, cancelled: set[str], stopped: set[tuple[str, int]]) -> None:
         if cancelled:
             with self._cv:
-                gone = [r for r in self._waiting if r.req.request_id in cancelled]
-                for r in gone:
-                    self._waiting.remove(r)
-            for r in gone:
-                r.emit(r.req.request_id, [ChoiceOutput(i, [], finish_reason="cancelled") for i in range(r.req.params.n)])
+                gone = [w for w in self._waiting if w[0].request_id in cancelled]
+                for w in gone:
+                    self._waiting.remove(w)
+            for request, emit in gone:
+                self.emit_cancelled(request, emit)
         if not (cancelled or stopped) or not self._rows:
             return
         for row in self._rows:
@@ -150,20 +112,19 @@ class CpuBatchEngine(Engine):
             with self._cv:
                 if not self._waiting:
                     return
-                nxt = self._waiting[0]
-                if nxt.req.request_id in self._cancelled:  # cancelled while earlier newcomers were prefilled
+                request, emit = self._waiting[0]
+                if request.request_id in self._cancelled:  # cancelled while earlier newcomers were prefilled
                     self._waiting.popleft()
-                    nxt.emit(nxt.req.request_id, [ChoiceOutput(i, [], finish_reason="cancelled")
-                                                  for i in range(nxt.req.params.n)])
+                    self.emit_cancelled(request, emit)
                     continue
-                n, plen = nxt.req.params.n, len(nxt.req.prompt_ids)
+                n, plen = request.params.n, len(request.prompt_ids)
                 # A request wider than max_batch may still run alone; otherwise wait for room at a token boundary.
                 fits = (len(self._rows) + n <= self.max_batch) or not self._rows
                 if not fits or (budget < plen and budget != self.prefill_budget_tokens):
                     return
                 self._waiting.popleft()
             budget -= plen
-            self._prefill(nxt)
+            self._prefill(_Request(request, emit))
 
     def _prefill(self, r: _Request) -> None:
         req, p = r.req, r.req.params
@@ -269,7 +230,5 @@ class CpuBatchEngine(Engine):
         self._rows = []
         self._batch.keep([])
         if error is None:
-            with self._cv:
-                waiting, self._waiting = list(self._waiting), deque()
-            for r in waiting:
-                r.emit(r.req.request_id, [ChoiceOutput(i, [], finish_reason="cancelled") for i in range(r.req.params.n)])
+            for request, emit in self.take_waiting():
+                self.emit_cancelled(request, emit)

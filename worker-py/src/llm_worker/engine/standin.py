@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from .base import ChoiceOutput, EmitFn, Engine, EngineStats, GenerationRequest
+from .base import ChoiceOutput, EmitFn, EngineStats, GenerationRequest, ThreadedEngine
 
 log = logging.getLogger("llm_worker.engine.standin")
 
@@ -41,12 +40,16 @@ class _Choice:
     generated: int = 0
 
 
-class StandInEngine(Engine):
+class StandInEngine(ThreadedEngine):
     """Benchmark stand-in: fixed tokens at a fixed rate, no model (see the module docstring)."""
+
+    thread_name = "standin-engine"
+    join_timeout_s = 10.0
 
     def __init__(self, model=None, *, eos_token_ids: Sequence[int] = (), max_batch: int = 1024,
                  context_length: int = 8192, step_ms: Optional[float] = None, token_ids: Optional[Sequence[int]] = None,
                  **_ignored):
+        super().__init__()
         # ``model`` and unknown keyword arguments are accepted and ignored so that the worker's factory can build this
         # engine with the same arguments as the real ones.
         self.eos_token_ids = set(eos_token_ids)
@@ -61,43 +64,14 @@ class StandInEngine(Engine):
             step_ms = float(os.environ.get("STANDIN_STEP_MS", "20"))
         self.step_s = step_ms / 1000.0
         self.token_ids = list(token_ids) if token_ids else None
-        self._cv = threading.Condition()
-        self._waiting: list[tuple[GenerationRequest, EmitFn]] = []
-        self._cancelled: set[str] = set()
-        self._stopped: set[tuple[str, int]] = set()
         self._rows: list[_Choice] = []
-        self._stopping = False
-        self._thread: Optional[threading.Thread] = None
         self._last_batch = 0
         self._generated_total = 0
 
-    # -- public, thread-safe ------------------------------------------------------------------------------------
+    # -- public, thread-safe (submit/cancel/stop_choice: ThreadedEngine) --------------------------------------
     def start(self) -> None:
         log.warning("ENGINE=standin: a benchmark stand-in that emits fixed tokens without a model")
-        self._thread = threading.Thread(target=self._run, name="standin-engine", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def submit(self, request: GenerationRequest, emit: EmitFn) -> None:
-        with self._cv:
-            self._waiting.append((request, emit))
-            self._cv.notify_all()
-
-    def cancel(self, request_id: str) -> None:
-        with self._cv:
-            self._cancelled.add(request_id)
-            self._cv.notify_all()
-
-    def stop_choice(self, request_id: str, index: int) -> None:
-        with self._cv:
-            self._stopped.add((request_id, index))
-            self._cv.notify_all()
+        super().start()
 
     def stats(self) -> EngineStats:
         return EngineStats(running_sequences=len(self._rows), waiting_requests=len(self._waiting),
@@ -107,17 +81,11 @@ class StandInEngine(Engine):
     # -- engine thread ------------------------------------------------------------------------------------------
     def _run(self) -> None:
         next_step = time.monotonic()
-        while True:
-            with self._cv:
-                while not (self._waiting or self._rows or self._stopping):
-                    self._cv.wait()
-                    next_step = time.monotonic()
-                if self._stopping:
-                    break
-                waiting, self._waiting = self._waiting, []
-                cancelled, self._cancelled = self._cancelled, set()
-                stopped, self._stopped = self._stopped, set()
-            self._drop(cancelled, stopped, waiting)
+        while (inbox := self.take(busy=bool(self._rows))) is not None:
+            if not self._rows:  # was idle: the step clock starts with this newcomer
+                next_step = max(next_step, time.monotonic())
+            waiting = self.take_waiting()
+            self._drop(inbox.cancelled, inbox.stopped_choices, waiting)
             for request, emit in waiting:  # join now; the first token goes out at once (no step wait)
                 self._admit(request, emit)
             now = time.monotonic()
@@ -126,7 +94,7 @@ class StandInEngine(Engine):
                 next_step = max(next_step + self.step_s, now)
             with self._cv:  # sleep until the next step, waking early for newcomers, cancels or stop
                 delay = next_step - time.monotonic()
-                if delay > 0 and not (self._waiting or self._cancelled or self._stopped or self._stopping):
+                if delay > 0 and not (self._waiting or self._cancelled or self._stopped_choices or self._stopping):
                     self._cv.wait(delay if self._rows else None)
         for row in self._rows:
             row.emit(row.request_id, [ChoiceOutput(row.index, [], finish_reason="cancelled")])
@@ -137,7 +105,7 @@ class StandInEngine(Engine):
             return
         for request, emit in [w for w in waiting if w[0].request_id in cancelled]:
             waiting.remove((request, emit))
-            emit(request.request_id, [ChoiceOutput(i, [], finish_reason="cancelled") for i in range(request.params.n)])
+            self.emit_cancelled(request, emit)
         keep = []
         for row in self._rows:
             if row.request_id in cancelled or (row.request_id, row.index) in stopped:
