@@ -107,7 +107,7 @@ def main() -> None:
         wait_idle(args.wait_idle, 1800)
     threads = os.cpu_count() or 1
     gflops = matmul_gflops(threads)
-    lm = model_mod.load(load_config({}))
+    lm = model_mod.load(load_config())  # DTYPE etc. from the environment
     params = sum(p.numel() for p in lm.model.parameters())
     flop_per_token = 2 * params  # tied embeddings: the lm_head matmul reuses the embedding matrix
     print(f"cpu threads {threads}; fp32 matmul {gflops:.1f} GFLOP/s (512x576 @ 576x1536); model {params / 1e6:.1f}M "
