@@ -19,13 +19,29 @@ def bundled_gguf() -> tuple[str, str]:
     return folder, GGUF_NAME
 
 
+def bench_dtype() -> str:
+    """The CPU dtype every bench server uses: BENCH_DTYPE if set, else what the worker's DTYPE=auto picks
+    (worker-py/src/llm_worker/model.py: bf16 where the CPU computes bf16 natively, else fp32), so that the
+    baselines run in the same dtype as our stack."""
+    import torch
+
+    env = os.environ.get("BENCH_DTYPE", "auto")
+    if env != "auto":
+        return env
+    try:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:
+        native = False
+    return "bfloat16" if native else "float32"
+
+
 def load_bundled_model():
-    """(model, tokenizer) in fp32 on the CPU, eval mode. fp32 because bf16 matmul is ~200x slower on these CPUs."""
+    """(model, tokenizer) on the CPU in ``bench_dtype()``, eval mode, loaded as the worker loads it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = bundled_gguf()
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, bench_dtype()))
     model.eval()
     return model, tok

@@ -1,7 +1,9 @@
 """This CPU's ceilings for the bundled model (SmolLM2-135M, fp32), measured; prints them and writes JSON.
 
 How:
-1. fp32 matmul GFLOP/s: a 2048×2048 @ 2048×2048 torch.mm (2·n³ FLOP), best of 15 after a warm-up, all torch threads.
+1. matmul GFLOP/s in the dtype the worker computes in on this CPU (bench_model.bench_dtype(): bf16 where the CPU
+   has native bf16, else fp32; fp32 is printed too): a 2048×2048 @ 2048×2048 torch.mm (2·n³ FLOP), best of 15
+   after a warm-up, all torch threads.
 2. FLOP per output token, from the config: 2 × (every Linear's weights, incl. the tied lm_head) + attention
    (QKᵀ and AV: 4 × layers × heads × head_dim × context, at the benchmark's mean context).
    Compute ceiling (roofline) = GFLOP/s ÷ GFLOP per token — what batching can reach at best on this CPU.
@@ -24,7 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_model import load_bundled_model  # noqa: E402
+from bench_model import bench_dtype, load_bundled_model  # noqa: E402
 
 
 def best_of(fn, n: int = 15) -> float:
@@ -37,8 +39,8 @@ def best_of(fn, n: int = 15) -> float:
     return min(ts)
 
 
-def matmul_gflops(n: int = 2048) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     return 2 * n**3 / best_of(lambda: torch.mm(a, b)) / 1e9
 
 
@@ -84,13 +86,16 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16,32,64")
     a = ap.parse_args()
 
-    gflops = matmul_gflops()
+    dtype = bench_dtype()  # the dtype the worker computes in on this CPU (bf16 where native, else fp32)
+    gflops_fp32 = matmul_gflops()
+    gflops = gflops_fp32 if dtype == "float32" else matmul_gflops(dtype=getattr(torch, dtype))
     gbps = copy_gbps()
     model, _ = load_bundled_model()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied lm_head counted once
     fpt = flop_per_token(model, a.prompt_tokens + a.decode_tokens // 2)
     res = {
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "matmul_fp32_gflops": gflops,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": dtype, "matmul_fp32_gflops": gflops_fp32,
+        "matmul_gflops": gflops,
         "copy_gbps": gbps, "params": sum(p.numel() for p in model.parameters()), "weight_bytes": weight_bytes,
         "gflop_per_token": fpt / 1e9, "compute_ceiling_tok_s": gflops * 1e9 / fpt,
         "single_stream_ceiling_tok_s": gbps * 1e9 / weight_bytes, "decode": {},
@@ -102,8 +107,9 @@ def main() -> None:
     best = max(res["decode"].items(), key=lambda kv: kv[1]["tok_s"])
     res["forward_ceiling_tok_s"], res["forward_ceiling_batch"] = best[1]["tok_s"], int(best[0])
 
-    print(f"fp32 matmul (2048³ torch.mm, {res['threads']} threads): {gflops:.1f} GFLOP/s; memory copy {gbps:.1f} GB/s")
-    print(f"model: {res['params'] / 1e6:.1f} M params, {weight_bytes / 1e6:.0f} MB fp32, "
+    print(f"matmul (2048³ torch.mm, {res['threads']} threads): {dtype} {gflops:.1f} GFLOP/s, fp32 {gflops_fp32:.1f}; "
+          f"memory copy {gbps:.1f} GB/s")
+    print(f"model: {res['params'] / 1e6:.1f} M params, {weight_bytes / 1e6:.0f} MB {dtype}, "
           f"{res['gflop_per_token']:.3f} GFLOP per output token")
     print(f"compute ceiling (roofline) = {gflops:.1f} / {res['gflop_per_token']:.3f} = "
           f"{res['compute_ceiling_tok_s']:.0f} tok/s; single-stream ceiling = bandwidth / weights = "

@@ -34,6 +34,7 @@ sys.path.insert(0, BENCH)
 sys.path.insert(0, HERE)
 
 import loadgen  # noqa: E402
+from bench_model import bench_dtype  # noqa: E402
 from machine import CpuMeter, boost, machine_summary, wait_idle  # noqa: E402
 
 PY = sys.executable
@@ -187,7 +188,7 @@ def phase_serve(a, name: str, extra: list[str]) -> list[dict]:
     hf_home = os.path.join(OUT, "hf")
     os.makedirs(os.path.join(hf_home, "hub"), exist_ok=True)  # /v1/models answers 500 until the hub cache exists
     port = free_port()
-    cmd = [PY, "-m", "transformers.cli.transformers", "serve", model_dir, "--device", "cpu", "--dtype", "float32",
+    cmd = [PY, "-m", "transformers.cli.transformers", "serve", model_dir, "--device", "cpu", "--dtype", bench_dtype(),
            "--host", "127.0.0.1", "--port", str(port), *extra]
     srv = Server(name, cmd, env={"HF_HOME": hf_home, "HF_HUB_OFFLINE": "1"})
     try:
@@ -315,11 +316,13 @@ def a_conc(results: list[dict]) -> int:
 
 def ceiling_lines(c: dict) -> list[str]:
     dec = "; ".join(f"B={b}: {d['step_ms']:.0f} ms/step → {d['tok_s']:.0f} tok/s" for b, d in c["decode"].items())
-    return [f"- fp32 matmul (2048³ `torch.mm`, {c['threads']} threads): {c['matmul_fp32_gflops']:.1f} GFLOP/s; "
-            f"memory copy {c['copy_gbps']:.1f} GB/s",
-            f"- model: {c['params'] / 1e6:.1f} M parameters, {c['weight_bytes'] / 1e6:.0f} MB in fp32, "
+    dtype, gflops = c.get("dtype", "float32"), c.get("matmul_gflops", c["matmul_fp32_gflops"])
+    return [f"- every server computes in {dtype} (bench_model.bench_dtype(): the worker's DTYPE=auto on this CPU)",
+            f"- matmul (2048³ `torch.mm`, {c['threads']} threads): {dtype} {gflops:.1f} GFLOP/s, fp32 "
+            f"{c['matmul_fp32_gflops']:.1f} GFLOP/s; memory copy {c['copy_gbps']:.1f} GB/s",
+            f"- model: {c['params'] / 1e6:.1f} M parameters, {c['weight_bytes'] / 1e6:.0f} MB in {dtype}, "
             f"{c['gflop_per_token']:.3f} GFLOP per output token (2 × Linear weights + attention at the benchmark's context)",
-            f"- **compute ceiling = {c['matmul_fp32_gflops']:.1f} / {c['gflop_per_token']:.3f} = "
+            f"- **compute ceiling = {gflops:.1f} / {c['gflop_per_token']:.3f} = "
             f"{c['compute_ceiling_tok_s']:.0f} output tok/s**; single-stream ceiling (bandwidth ÷ weight bytes) = "
             f"{c['single_stream_ceiling_tok_s']:.0f} tok/s",
             f"- the model's bare decode step (eager PyTorch, DynamicCache, no serving): {dec}",
