@@ -12,7 +12,7 @@ from llm_worker.config import load_config
 def test_defaults():
     cfg = load_config({})
     assert cfg.redis_url == "redis://127.0.0.1:6379" and cfg.model == "bundled" and cfg.max_batch == 16
-    assert cfg.stream_flush_ms == 15 and cfg.lock_duration_ms == 10000 and cfg.stalled_interval_ms == 5000
+    assert cfg.stream_flush_ms == 15 and cfg.lock_duration_ms == 5000 and cfg.stalled_interval_ms == 2500
     assert cfg.metrics_port == 9101 and not cfg.log_prompts and cfg.worker_id.startswith("w-")
 
 

@@ -61,3 +61,76 @@ def test_choices_interleave_and_empty_text_waits():
     assert deltas[0]["choices"] == [{"index": 0, "text": "A", "tokens": 1, "logprobs": None}]
     assert deltas[1]["choices"][0]["index"] == 1 and deltas[1]["choices"][0]["tokens"] == 2
     assert sent[-1][1]["type"] == "error" and sent[-1][1]["seq"] == len(deltas) + 1
+
+
+class PipelineRedis(RecordingRedis):
+    """Also answers pipeline(): records each batch (one round trip) as a list of (channel, message)."""
+
+    def __init__(self, delay: float = 0.0):
+        super().__init__(delay)
+        self.batches: list[list[tuple[str, dict]]] = []
+
+    def pipeline(self, transaction: bool = False):
+        outer = self
+
+        class Pipe:
+            def __init__(self):
+                self.cmds: list[tuple[str, str]] = []
+
+            def publish(self, channel: str, message: str) -> None:
+                self.cmds.append((channel, message))
+
+            async def execute(self, raise_on_error: bool = True):
+                await asyncio.sleep(outer.delay)
+                outer.batches.append([(c, json.loads(m)) for c, m in self.cmds])
+                now = time.monotonic()
+                outer.sent.extend((now, json.loads(m)) for _, m in self.cmds)
+                return [1] * len(self.cmds)
+
+        return Pipe()
+
+
+def test_outbox_batches_many_jobs_per_round_trip_in_order():
+    """Messages that become due while a batch is in flight leave together; each job's own order and seq hold."""
+
+    async def body():
+        r = PipelineRedis(delay=0.01)
+        streams = [JobStream(r, f"job{i}", flush_ms=0) for i in range(20)]
+        for i, s in enumerate(streams):
+            await s.publish_started("w1", i)  # queued, not awaited: must still precede the job's first delta
+        for step in range(3):
+            for s in streams:
+                s.add(0, f"t{step}", 1, None)
+            await asyncio.sleep(0.012)
+        await asyncio.gather(*(s.finish({"type": "done", "result": {}}) for s in streams))
+        return r
+
+    r = asyncio.run(body())
+    assert len(r.batches) <= 8  # 20 jobs × 5 messages = 100 messages, a handful of round trips
+    for i in range(20):
+        msgs = [m for b in r.batches for c, m in b if c == f"llm:job:job{i}"]
+        assert [m["type"] for m in msgs][0] == "started"
+        assert msgs[-1]["type"] == "done"
+        numbered = [m for m in msgs if m["type"] != "started"]
+        assert [m["seq"] for m in numbered] == list(range(1, len(numbered) + 1))
+        assert "".join(c["text"] for m in numbered if m["type"] == "delta" for c in m["choices"]) == "t0t1t2"
+
+
+def test_outbox_survives_a_failed_round_trip():
+    """A publish error is logged, the waiting job goes on (the gateway recovers a gap from the stored result)."""
+
+    class Broken(PipelineRedis):
+        def pipeline(self, transaction: bool = False):
+            raise ConnectionError("redis went away")
+
+        async def publish(self, channel: str, message: str) -> None:
+            raise ConnectionError("redis went away")
+
+    async def body():
+        s = JobStream(Broken(), "job-x", flush_ms=0)
+        await s.publish_started("w1", 1)
+        s.add(0, "a", 1, None)
+        await asyncio.wait_for(s.finish({"type": "done", "result": {}}), 2)
+        return s.seq
+
+    assert asyncio.run(body()) == 2

@@ -154,3 +154,23 @@ def test_registration_and_deregistration(redis_url, engine, loaded):
     assert info["ready"] is True and info["context_length"] == 8192 and info["queue"].startswith("test-")
     assert 0 < score <= 5000 and 0 < ttl <= 5000
     assert gone == (None, 0)
+
+
+def test_registration_restored_when_redis_loses_it(redis_url, engine, loaded):
+    """A Redis that comes back empty (no persistence): the next beat writes the tokenizer again, then re-lists the
+    worker, so gateways that never cached the tokenizer can serve the model again (tests/e2e/faults.test.ts: restart)."""
+    async def body():
+        async with serve(redis_url, engine, loaded) as (svc, gw):
+            r, wid = gw.redis, svc.info.worker_id
+            await r.delete("llm:tokenizer:smollm2-135m-instruct", f"llm:worker:{wid}")
+            await r.zrem("llm:workers", wid)
+            started = time.time()
+            while await r.zscore("llm:workers", wid) is None and time.time() - started < 5:
+                await asyncio.sleep(0.02)
+            listed_after = time.time() - started
+            return listed_after, await r.hget("llm:tokenizer:smollm2-135m-instruct", "hash"), svc.info.tokenizer_hash, \
+                await r.exists(f"llm:worker:{wid}")
+
+    listed_after, stored_hash, own_hash, info_exists = run(body())
+    assert listed_after < 2.5  # HEARTBEAT_MS is 1 s
+    assert stored_hash == own_hash and info_exists == 1  # the tokenizer is back by the time the worker is listed

@@ -20,6 +20,7 @@ import { isReady } from '../queue/redis';
 import { SseWriter } from '../streaming/sse';
 import { ChunkFactory, type CompletionMeta, toChatCompletion } from './chat-format';
 import { normaliseMessages, requestedMaxTokens, toJobParams } from './chat-params';
+import type { Stamps } from './stamps';
 import type { TokenizerCache } from './tokenizer';
 import { parseOrThrow } from './validation';
 import type { WorkerRegistry } from './worker-registry';
@@ -31,6 +32,8 @@ export interface RequestContext {
   signal: AbortSignal;
   /** Governance hooks (issue 5, services/governed-chat.ts): output filter and the final result (cache, usage). */
   output?: OutputHooks;
+  /** Where the time goes (services/stamps.ts): logged with the finished request. */
+  stamps?: Stamps;
 }
 
 export interface OutputHooks {
@@ -110,6 +113,7 @@ export class ChatService {
       maxTokens,
       ...(config.LOG_PROMPTS ? { messages } : {}),
     });
+    ctx.stamps?.mark('prepared');
     return {
       meta: { id, created: Math.floor(now / 1000), model: model.id },
       data,
@@ -117,6 +121,19 @@ export class ChatService {
       includeUsage: req.stream_options?.include_usage === true,
       wantLogprobs: params.logprobs,
     };
+  }
+
+  /**
+   * Starts subscribing to the prepared job's channel now (queue/job-events.ts `reserve`), so that the SUBSCRIBE round
+   * trip overlaps whatever the caller still reads before running the job; the run takes the subscription over, and
+   * still enqueues only once Redis has acknowledged it. A caller that ends up not running the job calls releaseEvents.
+   */
+  reserveEvents(p: PreparedChat): void {
+    this.deps.bus.reserve(p.meta.id);
+  }
+
+  releaseEvents(p: PreparedChat): void {
+    this.deps.bus.release(p.meta.id);
   }
 
   /** Non-stream: waits for the job and returns the ChatCompletion object. */
@@ -142,6 +159,7 @@ export class ChatService {
 
   /** Stream: SSE chunks as OpenAI sends them; errors after the headers go into the stream. */
   async stream(p: PreparedChat, res: Response, ctx: RequestContext): Promise<void> {
+    const stamps = ctx.stamps;
     const chunks = new ChunkFactory(p.meta, p.includeUsage);
     const sse = new SseWriter(res, { keepAliveMs: this.deps.config.SSE_KEEPALIVE_MS });
     const opened = new Set<number>();
@@ -156,19 +174,24 @@ export class ChatService {
     let early: (() => void)[] | null = [];
     const run = new JobRun(this.runDeps(), p.meta.id, p.data, {
       onDelta: (index, raw, logprobs) => {
+        if (raw.length > 0) stamps?.mark('delta');
         const write = () => {
           const text = ctx.output ? ctx.output.text(index, raw) : raw;
           if (text.length > 0) timer.text();
           openChoice(index);
           if (text.length > 0 || logprobs?.length) sse.data(chunks.content(index, text, logprobs));
+          if (text.length > 0) stamps?.mark('written');
         };
         if (early) early.push(write);
         else write();
       },
+      onStarted: () => stamps?.mark('started'),
       placement: p.placement,
     });
     await run.start(); // throws before any header: plain HTTP error
+    stamps?.mark('enqueued');
     sse.open();
+    stamps?.mark('opened');
     const held = early;
     early = null;
     for (const write of held) write();
@@ -282,6 +305,7 @@ export class ChatService {
       completionTokens,
       finishReasons: finish,
       ms: Date.now() - p.data.enqueued_at_ms,
+      stamps: ctx.stamps?.toLog(),
       ...(this.deps.config.LOG_PROMPTS ? { output: result.choices.map((c) => c.text) } : {}),
     });
   }

@@ -127,7 +127,7 @@ export class GovernedChat {
   }
 
   private async admitInner(body: unknown, res: Response, ctx: RequestContext, opts: GovernOptions): Promise<Admitted> {
-    const { config, chat, limiter, cache, filter, redis } = this.deps;
+    const { config, chat, filter, redis } = this.deps;
     const limits = effectiveLimits(config, opts.principal);
     const raw = (typeof body === 'object' && body !== null ? body : {}) as Record<string, unknown>;
     if (Array.isArray(raw.messages) && raw.messages.length > config.MAX_MESSAGES) {
@@ -168,6 +168,30 @@ export class GovernedChat {
       res.setHeader('x-degraded', degraded.join(', '));
       ctx.log.info('request degraded: queue saturated', { degraded });
     }
+    // From here on the reads are Redis round trips: the job's SUBSCRIBE goes out now, alongside them (it is still
+    // acknowledged before Queue.add, see queue/job-events.ts), and is dropped again if no job is run.
+    chat.reserveEvents(p);
+    try {
+      const admitted = await this.admitPrepared(p, res, ctx, opts, limits);
+      if (admitted.cached) chat.releaseEvents(p);
+      return admitted;
+    } catch (err) {
+      chat.releaseEvents(p);
+      throw err;
+    }
+  }
+
+  private async admitPrepared(
+    p: PreparedChat,
+    res: Response,
+    ctx: RequestContext,
+    opts: GovernOptions,
+    limits: ReturnType<typeof effectiveLimits>,
+  ): Promise<Admitted> {
+    const { config, limiter, cache, filter, redis } = this.deps;
+    // The queue depth is read now, with the cache lookup (one round trip for both), and checked below.
+    const depth = config.MAX_QUEUE_DEPTH > 0 ? queueDepth(redis, p.data.model) : null;
+    depth?.catch(() => undefined); // awaited below unless the request ends before; never an unhandled rejection
 
     // Cache, then the budgets: a hit costs its prompt only (no completion tokens are generated again).
     const cacheable = cache.enabled && !opts.noStore && isCacheable(p.data);
@@ -200,8 +224,8 @@ export class GovernedChat {
         retryAfterMs: 1000,
       });
     }
-    if (config.MAX_QUEUE_DEPTH > 0) {
-      const d = await queueDepth(redis, p.data.model);
+    if (depth) {
+      const d = await depth;
       if (d >= config.MAX_QUEUE_DEPTH) {
         await Promise.all([refund(), release()]);
         throw new ApiError('queue_full', `The queue of model '${p.data.model}' is full (${d} waiting). Please retry shortly.`, {
@@ -222,6 +246,7 @@ export class GovernedChat {
       },
     };
     const governedCtx: RequestContext = { ...ctx, output };
+    ctx.stamps?.mark('admitted');
     const finish = async (err?: unknown) => {
       await release().catch(() => undefined);
       const r = result as JobResult | null;

@@ -33,8 +33,10 @@ class Config(BaseModel):
     stream_flush_ms: int = Field(15, ge=0, le=1000)
     heartbeat_ms: int = Field(1000, ge=100)
     heartbeat_ttl_ms: int = Field(5000, ge=500)
-    lock_duration_ms: int = Field(10000, ge=1000)
-    stalled_interval_ms: int = Field(5000, ge=500)
+    # A dead worker's job is re-queued within LOCK_DURATION_MS + STALLED_INTERVAL_MS (7.5 s): PROTOCOL.md, "Worker
+    # death and retries", gives the reasoning and the measured times.
+    lock_duration_ms: int = Field(5000, ge=1000)
+    stalled_interval_ms: int = Field(2500, ge=500)
     shutdown_grace_ms: int = Field(30000, ge=0)
     metrics_port: int = Field(9101, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

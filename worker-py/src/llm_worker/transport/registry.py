@@ -2,7 +2,9 @@
 
 The tokenizer is written before the worker is listed, so a gateway that sees the worker can always count tokens.
 The heartbeat loop survives Redis outages (redis-py reconnects on the next command); a worker that cannot beat for
-HEARTBEAT_TTL_MS simply drops out of gateways' view until Redis is back.
+HEARTBEAT_TTL_MS simply drops out of gateways' view until Redis is back. A Redis that comes back empty (restarted
+without persistence, flushed) has lost the tokenizer too: each beat checks for it and writes it again first, so the
+worker registers again completely, in the same order, without a restart (tests/e2e/faults.test.ts).
 """
 
 from __future__ import annotations
@@ -34,16 +36,23 @@ def make_worker_info(*, worker_id: str, model_id: str, queue: str, context_lengt
 
 class Heartbeat:
     def __init__(self, redis: Any, info: WorkerInfo, interval_ms: int, ttl_ms: int,
-                 on_tick: Optional[Callable[[], None]] = None):
+                 on_tick: Optional[Callable[[], None]] = None, tokenizer: Optional[tuple[str, str, str]] = None):
         self.redis = redis
         self.info = info
         self.interval_ms = interval_ms
         self.ttl_ms = ttl_ms
         self.on_tick = on_tick
+        self.tokenizer = tokenizer  # (tokenizer_json, tokenizer_config_json, hash), written again if Redis lost it
         self._task: Optional[asyncio.Task] = None
         self._healthy = True
 
     async def beat(self) -> None:
+        if self.tokenizer is not None and not await self.redis.exists(tokenizer_key(self.info.model)):
+            # One EXISTS per beat: without it a Redis that restarted empty would list us again (below) with no
+            # tokenizer, and gateways that have not cached it would refuse the model until a new worker registers.
+            log.warning("tokenizer missing from Redis (restarted empty?): registering it again",
+                        extra={"model": self.info.model})
+            await publish_tokenizer(self.redis, self.info.model, *self.tokenizer)
         expiry = now_ms() + self.ttl_ms
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(worker_key(self.info.worker_id), self.info.model_dump_json(), px=self.ttl_ms)
