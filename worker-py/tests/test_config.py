@@ -33,3 +33,40 @@ def test_bad_value_exits_2_with_a_clear_message():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "MAX_BATCH" in proc.stderr
+
+
+# --- QUANTIZATION (bitsandbytes, CUDA only) ---------------------------------------------------------------------------
+
+def test_quantization_on_cpu_is_a_clear_config_error():
+    from llm_worker import model as model_mod
+    from llm_worker.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"QUANTIZATION=8bit needs DEVICE=cuda.*GGUF"):
+        model_mod._quantization_config(load_config({"QUANTIZATION": "8bit"}), "cpu")
+
+
+def test_quantization_without_bitsandbytes_is_a_clear_config_error():
+    import importlib.util
+
+    from llm_worker import model as model_mod
+    from llm_worker.errors import ConfigError
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    # device="cuda" is only a string here: no GPU exists on this machine, and the check comes before any CUDA call.
+    with pytest.raises(ConfigError, match="needs the bitsandbytes package: pip install bitsandbytes"):
+        model_mod._quantization_config(load_config({"QUANTIZATION": "4bit"}), "cuda")
+
+
+@pytest.mark.parametrize("mode", ["8bit", "4bit"])
+def test_quantization_builds_the_bitsandbytes_config(monkeypatch, mode):
+    """Mocked (no GPU here): bitsandbytes "found", so the worker asks Transformers for 8- or 4-bit loading."""
+    import importlib.util
+
+    from llm_worker import model as model_mod
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))
+    q = model_mod._quantization_config(load_config({"QUANTIZATION": mode}), "cuda")
+    assert (q.load_in_8bit, q.load_in_4bit) == (mode == "8bit", mode == "4bit")
