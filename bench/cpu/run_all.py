@@ -6,8 +6,10 @@ Phases, in order, one server at a time so that none competes with another for th
   serve        (c) `transformers serve`, no continuous batching
   serve-cb-*   (c) `transformers serve --continuous-batching`, cache sized for this machine (a few sizes)
   ours         (a) our stack: Redis + worker (real model, default settings) + gateway, as `npm start` runs them
-  standin-16   our stack with the worker's benchmark stand-in engine (ENGINE=standin): stack overhead at 16 streams
+  standin-16   our stack with the worker's benchmark stand-in engine (ENGINE=standin): stack overhead at 16 streams,
+               the clients' starts spread over one request's duration (--standin-ramp-s)
   standin-200  the same at 200 streams
+  standin-*-burst  the same with every client starting at once (for information; --no-standin-burst skips them)
 Prints a table and the targets, appends a dated section to bench/RESULTS.md, writes bench/out/cpu-<stamp>.json.
 """
 
@@ -128,18 +130,24 @@ class Stack:
 
 def measure(name: str, label: str, base_url: str, flavor: str, roots: list[int], a, *, concurrency: int,
             requests: int, model: Optional[str] = None, api_key: Optional[str] = None,
-            redis_url: Optional[str] = None) -> dict[str, Any]:
-    log(f"{name}: {concurrency} concurrent streams, {requests} requests × {a.max_tokens} output tokens…")
+            redis_url: Optional[str] = None, gateway_log: Optional[str] = None, ramp_s: float = 0.0) -> dict[str, Any]:
+    how = f", clients starting over {ramp_s:g} s" if ramp_s else ""
+    log(f"{name}: {concurrency} concurrent streams{how}, {requests} requests × {a.max_tokens} output tokens…")
     with CpuMeter(roots) as cpu:
         reqs, t0, t1 = asyncio.run(loadgen.run_load(base_url, flavor=flavor, concurrency=concurrency, requests=requests,
-                                                    max_tokens=a.max_tokens, model=model, api_key=api_key))
-    if redis_url:
-        loadgen.fetch_worker_timing(redis_url, "gen." + MODEL_ID, reqs)
-    s = loadgen.summarize(reqs, t0, t1)
+                                                    max_tokens=a.max_tokens, model=model, api_key=api_key,
+                                                    ramp_s=ramp_s))
+    slots = loadgen.fetch_worker_timing(redis_url, "gen." + MODEL_ID, reqs) if redis_url else None
+    if gateway_log:
+        time.sleep(0.5)  # the last requests' log lines
+        loadgen.fetch_gateway_stamps(gateway_log, reqs)
+    s = loadgen.summarize(reqs, t0, t1, slots)
+    s["ramp_s"] = ramp_s
     print(f"  {name}: {loadgen.fmt(s)}\n    {cpu.note()}", flush=True)
     per = [{"job": r.job_id, "ttft_ms": (r.first - r.sent) * 1000 if r.first else None, "chunks": len(r.chunk_times),
             "tokens": r.completion_tokens, "error": r.error, "worker": getattr(r, "worker", None),
-            "sent_wall_ms": r.sent_wall_ms, "first_wall_ms": r.first_wall_ms} for r in reqs]
+            "gateway": getattr(r, "gateway", None), "sent_wall_ms": r.sent_wall_ms, "first_wall_ms": r.first_wall_ms}
+           for r in reqs]
     return {"name": name, "label": label, "concurrency": concurrency, "summary": s, "cpu": cpu.note(),
             "foreign_cpu_pct": cpu.foreign_pct, "requests": per}
 
@@ -229,12 +237,20 @@ def phase_standin(a, notes: list[str]) -> list[dict]:
         notes.append("stand-in engine selected through " + how)
     boost([st.proc.pid], a.nice_applied)
     log(f"standin: worker runs the stand-in engine via {how}, one token per {a.standin_step_ms:g} ms per stream")
+    # Clients start spread over one request's duration (the stand-in's fixed rate and the fixed output length would
+    # otherwise keep them in lockstep: every round one burst of `c` requests). The burst rows (all clients at once)
+    # follow for information.
+    ramp = a.standin_ramp_s if a.standin_ramp_s >= 0 else a.max_tokens * a.standin_step_ms / 1000
     try:
         out = []
-        for c in levels:
-            out.append(measure(f"standin-{c}", f"(a) this stack, stand-in engine ({a.standin_step_ms:g} ms/token)",
+        runs = [(c, ramp) for c in levels] + ([(c, 0.0) for c in levels] if a.standin_burst and ramp > 0 else [])
+        for c, r in runs:
+            start = f", clients start over {r:g} s" if r else ", all clients start at once"
+            out.append(measure(f"standin-{c}" + ("" if r else "-burst"),
+                               f"(a) this stack, stand-in engine ({a.standin_step_ms:g} ms/token{start})",
                                info["baseUrl"], "ours", [st.proc.pid], a, concurrency=c, requests=c * a.standin_rounds,
-                               model=MODEL_ID, api_key=info["apiKey"], redis_url=info["redisUrl"]))
+                               model=MODEL_ID, api_key=info["apiKey"], redis_url=info["redisUrl"],
+                               gateway_log=info.get("gatewayLog"), ramp_s=r))
         return out
     finally:
         st.stop()
@@ -296,13 +312,22 @@ def targets(results: list[dict], ceiling: Optional[dict]) -> list[str]:
     for n, s in by.items():
         if n.startswith("standin") and "overhead_p50_ms" in s:
             ok = s["overhead_p50_ms"] <= 3 and s["overhead_p99_ms"] <= 15
-            out.append(f"- stack TTFT overhead at {n.split('-')[1]} streams (stand-in engine): p50 "
-                       f"{s['overhead_p50_ms']:.1f} ms (≤ 3), p99 {s['overhead_p99_ms']:.1f} ms (≤ 15) → {verdict(ok)}. "
-                       f"Where: request sent → gateway stamps enqueued_at p50 {_f(s.get('sent_to_enqueued_p50_ms'), 1)}, "
-                       f"→ worker picks the job up p50 {_f(s.get('enqueue_to_pickup_p50_ms'), 1)} "
-                       f"(p99 {_f(s.get('enqueue_to_pickup_p99_ms'), 1)}), worker's first token → client p50 "
-                       f"{_f(s.get('overhead_out_p50_ms'), 1)} ms; not counted, the worker's own pickup → first token "
-                       f"with an engine that answers at once: p50 {_f(s.get('worker_ttft_p50_ms'), 1)} ms")
+            burst = n.endswith("-burst")
+            start = (f"clients started over {s['ramp_s']:g} s" if s.get("ramp_s") else "all clients started at once")
+            where = f"Where (p50 / p99 ms): " + ", ".join(
+                f"{label} {_f(s.get(f'stage_{k}_p50_ms'), 1)} / {_f(s.get(f'stage_{k}_p99_ms'), 1)}"
+                for k, label in loadgen.STAGE_PARTS.items()) if "stages_n" in s else (
+                f"Where: request sent → gateway stamps enqueued_at p50 {_f(s.get('sent_to_enqueued_p50_ms'), 1)}, "
+                f"→ worker picks the job up p50 {_f(s.get('enqueue_to_pickup_p50_ms'), 1)}, worker's first token → "
+                f"client p50 {_f(s.get('overhead_out_p50_ms'), 1)}")
+            out.append(f"- {'(for information) ' if burst else ''}stack TTFT overhead at {n.split('-')[1]} streams "
+                       f"(stand-in engine, {start}): p50 {s['overhead_p50_ms']:.1f} ms (≤ 3), p99 "
+                       f"{s['overhead_p99_ms']:.1f} ms (≤ 15)" + ("" if burst else f" → {verdict(ok)}") +
+                       f"; queue wait (no free slot of {s.get('queue_slots') or '?'}, excluded): p50 "
+                       f"{_f(s.get('queue_wait_p50_ms'), 1)}, p99 {_f(s.get('queue_wait_p99_ms'), 1)} ms, "
+                       f"{s.get('queue_waited_n')} of {s.get('overhead_n')} jobs. {where}; not counted, the "
+                       f"worker's own pickup → first token with an engine that answers at once: p50 "
+                       f"{_f(s.get('worker_ttft_p50_ms'), 1)} ms")
     if ours and "overhead_p50_ms" in ours:
         out.append(f"- (for information) stack TTFT overhead with the real model at {a_conc(results)} streams: p50 "
                    f"{ours['overhead_p50_ms']:.1f} ms, p99 {ours['overhead_p99_ms']:.1f} ms — the model's forward passes "
@@ -340,6 +365,11 @@ def main() -> None:
     ap.add_argument("--standin-levels", default="16,200")
     ap.add_argument("--standin-rounds", type=int, default=3, help="requests per stream at each stand-in level")
     ap.add_argument("--standin-step-ms", type=float, default=20.0)
+    ap.add_argument("--standin-ramp-s", type=float, default=-1,
+                    help="stand-in levels: spread the clients' starts over this many seconds (default: one request's "
+                         "duration, max_tokens × step; 0 = all at once)")
+    ap.add_argument("--no-standin-burst", dest="standin_burst", action="store_false",
+                    help="skip the stand-in rows with all clients starting at once")
     ap.add_argument("--ceiling-batches", default="1,16,32")
     ap.add_argument("--serve-cb", default=",".join(SERVE_CB_CONFIGS))
     ap.add_argument("--wait-idle", type=float, default=120, help="seconds to wait for other processes to go quiet")

@@ -134,3 +134,40 @@ def test_outbox_survives_a_failed_round_trip():
         return s.seq
 
     assert asyncio.run(body()) == 2
+
+
+def test_outbox_against_redis_in_order(redis_url):
+    """The real path (redis-py pipelines on a real server): every job's messages arrive complete and in order."""
+    import redis.asyncio as aioredis
+
+    async def body():
+        r = aioredis.from_url(redis_url, decode_responses=True)
+        listener = aioredis.from_url(redis_url, decode_responses=True)
+        pubsub = listener.pubsub()
+        await pubsub.psubscribe("llm:job:outbox-*")
+        await pubsub.get_message(timeout=1)
+        streams = [JobStream(r, f"outbox-{i}", flush_ms=0) for i in range(30)]
+        for s in streams:
+            await s.publish_started("w1", 1)
+        for step in range(4):
+            for s in streams:
+                s.add(0, f"{step}", 1, None)
+            await asyncio.sleep(0.005)
+        await asyncio.gather(*(s.finish({"type": "done", "result": {}}) for s in streams))
+        got: dict[str, list[dict]] = {}
+        while sum(1 for msgs in got.values() if msgs and msgs[-1]["type"] == "done") < 30:
+            m = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+            assert m is not None, got
+            got.setdefault(m["channel"], []).append(json.loads(m["data"]))
+        await pubsub.aclose()
+        await listener.aclose()
+        await r.aclose()
+        return got
+
+    got = asyncio.run(body())
+    assert len(got) == 30
+    for msgs in got.values():
+        assert msgs[0]["type"] == "started" and msgs[-1]["type"] == "done"
+        numbered = msgs[1:]
+        assert [m["seq"] for m in numbered] == list(range(1, len(numbered) + 1))
+        assert "".join(c["text"] for m in numbered if m["type"] == "delta" for c in m["choices"]) == "0123"

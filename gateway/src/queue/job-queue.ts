@@ -47,6 +47,8 @@ interface ModelQueue {
   events: QueueEvents;
   eventsConn: Redis;
   ready: Promise<void>;
+  /** Set once `ready` has resolved: later adds skip the wait (and its timer). */
+  isReady: boolean;
 }
 
 export class JobQueues {
@@ -75,7 +77,9 @@ export class JobQueues {
     queue.on('error', (err) => this.logger.debug('queue error', { queue: name, err: String(err) }));
     const ready = Promise.all([queue.waitUntilReady(), events.waitUntilReady()]).then(() => undefined);
     ready.catch(() => undefined);
-    mq = { queue, events, eventsConn, ready };
+    mq = { queue, events, eventsConn, ready, isReady: false };
+    const created = mq;
+    ready.then(() => (created.isReady = true), () => undefined);
     this.queues.set(name, mq);
     return mq;
   }
@@ -96,7 +100,7 @@ export class JobQueues {
   /** `placement`: BullMQ priority (1 = first, in the prioritized set) or lifo (head of the wait list); none = FIFO. */
   async add(model: string, jobId: string, data: JobData, placement: JobPlacement = {}): Promise<void> {
     const mq = this.get(model);
-    await withTimeout(mq.ready, READY_TIMEOUT_MS);
+    if (!mq.isReady) await withTimeout(mq.ready, READY_TIMEOUT_MS);
     await mq.queue.add(JOB_NAME, data, { ...JOB_OPTIONS, jobId, ...placement });
   }
 

@@ -104,15 +104,10 @@ export class ChatService {
       enqueued_at_ms: now,
       deadline_ms: now + config.REQUEST_TIMEOUT_MS,
     };
-    ctx.log.info('chat request accepted', {
-      jobId: id,
-      model: model.id,
-      stream: data.stream,
-      n: params.n,
-      promptTokens,
-      maxTokens,
-      ...(config.LOG_PROMPTS ? { messages } : {}),
-    });
+    // Written once this turn of the event loop is over, i.e. while the request waits for its first Redis replies:
+    // formatting and writing a log line took ~0.25 ms of the hot path (services/stamps.ts measured it).
+    const accepted = { jobId: id, model: model.id, stream: data.stream, n: params.n, promptTokens, maxTokens };
+    setImmediate(() => ctx.log.info('chat request accepted', { ...accepted, ...(config.LOG_PROMPTS ? { messages } : {}) }));
     ctx.stamps?.mark('prepared');
     return {
       meta: { id, created: Math.floor(now / 1000), model: model.id },
