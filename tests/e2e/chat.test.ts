@@ -112,9 +112,22 @@ describe("chat completions through the openai Node SDK", () => {
     const texts = streams.map((s) => s.text);
     expect(new Set(texts).size).toBe(4);
     streams.forEach((s) => expect(s.finish.get(0)).toBeTruthy());
-    // Batching must not change greedy text beyond floating-point noise: most of the four match their solo run.
-    const same = texts.filter((t, i) => t === results[i].alone).length;
-    expect(same).toBeGreaterThanOrEqual(3);
+    // Batching must not change greedy text beyond floating-point noise. In fp32 that noise almost never flips a
+    // token: most of the four match their other run exactly. In bf16 (DTYPE=auto on CPUs with native bf16) it does
+    // flip near-ties after a few tokens (bench/RESULTS.md: 10/16 identical over 64 tokens), so there the check is what
+    // a mix-up of rows would break: each text starts as its other run does (the first token comes from the request's
+    // own prefill, and the next ones follow from it).
+    const redis = new Redis(stack.redisUrl);
+    const workers = await Promise.all((await redis.keys("llm:worker:*")).map((k) => redis.get(k)));
+    await redis.quit();
+    const dtypes = new Set(workers.filter((w): w is string => !!w).map((w) => JSON.parse(w).dtype as string));
+    if (dtypes.size === 1 && dtypes.has("float32")) {
+      const same = texts.filter((t, i) => t === results[i].alone).length;
+      expect(same).toBeGreaterThanOrEqual(3);
+    } else {
+      const firstWord = (t: string | null) => (t ?? "").trim().split(/\s+/)[0];
+      texts.forEach((t, i) => expect(firstWord(t)).toBe(firstWord(results[i].alone)));
+    }
   });
 
   test("content as an array of text parts and the developer role are accepted", async () => {
