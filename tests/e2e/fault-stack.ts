@@ -3,9 +3,9 @@
 // redis-server from PATH, `python -m llm_worker` on the bundled model, the gateway's own entry point (main.ts).
 import { type ChildProcess, spawn } from 'node:child_process';
 import { createWriteStream, existsSync, mkdirSync } from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import Redis from 'ioredis';
+import { freePort, pingOnce } from '../../gateway/test/helpers/redis-server';
 
 export const ROOT = path.resolve(__dirname, '../..');
 const LOG_DIR = path.join(ROOT, '.run/faults');
@@ -22,18 +22,6 @@ export async function waitFor(check: () => boolean | Promise<boolean>, timeoutMs
     await sleep(100);
   }
   return Date.now() - t0;
-}
-
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.unref();
-    srv.on('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const addr = srv.address();
-      srv.close(() => resolve(typeof addr === 'object' && addr ? addr.port : 0));
-    });
-  });
 }
 
 function python(): string {
@@ -111,7 +99,7 @@ export class FaultStack {
       '--port', String(this.redisPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no',
       '--maxmemory-policy', 'noeviction', '--dir', dir,
     ], {});
-    await waitFor(() => ping(this.redisPort), 10_000, 'redis-server to answer PING');
+    await waitFor(() => pingOnce(this.redisPort), 10_000, 'redis-server to answer PING');
     this.redis ??= new Redis(this.redisUrl, { maxRetriesPerRequest: null, retryStrategy: () => 100 });
   }
 
@@ -184,21 +172,6 @@ export class FaultStack {
     await Promise.all([...this.gateways.map((g) => terminate(g.proc)), ...[...this.workers.values()].map((w) => terminate(w.proc))]);
     if (this.redisProc) await terminate(this.redisProc, 1000);
   }
-}
-
-/** Raw PING over a socket: no client library state is left behind between attempts. */
-function ping(port: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const sock = net.connect(port, '127.0.0.1');
-    const done = (ok: boolean) => {
-      sock.destroy();
-      resolve(ok);
-    };
-    sock.setTimeout(500, () => done(false));
-    sock.once('error', () => done(false));
-    sock.once('connect', () => sock.write('PING\r\n'));
-    sock.once('data', (buf) => done(buf.toString().startsWith('+PONG')));
-  });
 }
 
 export interface JobTrace {

@@ -25,7 +25,7 @@ export function freePort(): Promise<number> {
 }
 
 /** Raw PING over a socket: no client library state (reconnect timers) is left behind between attempts. */
-function pingOnce(port: number): Promise<boolean> {
+export function pingOnce(port: number): Promise<boolean> {
   return new Promise((resolve) => {
     const sock = connect(port, '127.0.0.1');
     const done = (ok: boolean) => {
