@@ -1,10 +1,11 @@
 """Continuous batching on CPU: one engine thread, up to ``max_batch`` choices share every forward pass.
 
-Each loop turn: apply cancellations (rows leave, cache freed) → admit waiting requests (one prefill each, its
-n choices share it; their first tokens are sampled and emitted at once, so time to first token does not wait for a
-decode step) → one decode step for every row → emit → rows that finished leave. See ``kv.py`` for the cache layout.
-Prefill newcomers one by one rather than padded together: a request alone and in a batch then run the same prefill,
-and first tokens go out progressively instead of all at the end of one large forward pass.
+Each loop turn: apply cancellations (rows leave, cache freed) → admit waiting requests (prefill; their first
+tokens are sampled and emitted at once, so time to first token does not wait for a decode step) → one decode step
+for every row → emit → rows that finished leave. See ``kv.py`` for the cache layout.
+Single-choice newcomers that wait together are prefilled together, left-padded, ``prefill_group_tokens`` padded
+tokens per forward pass (bigger matmuls: a burst of 16 short prompts is prefilled in ~3 passes instead of 16); a
+request with n > 1 is prefilled alone and its n choices share that prefill.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class CpuBatchEngine(ThreadedEngine):
     thread_name = "cpu-batch-engine"
 
     def __init__(self, model, *, eos_token_ids: set[int], max_batch: int = 16, context_length: int = 8192,
-                 prefill_budget_tokens: int = 1024, num_threads: Optional[int] = None):
+                 prefill_budget_tokens: int = 1024, prefill_group_tokens: int = 512, num_threads: Optional[int] = None):
         super().__init__()
         self.model = model
         self.eos_token_ids = set(eos_token_ids)
@@ -54,6 +55,8 @@ class CpuBatchEngine(ThreadedEngine):
         self.context_length = context_length
         # Prompt tokens prefilled per loop turn before running rows get their next token (bounds their stall).
         self.prefill_budget_tokens = prefill_budget_tokens
+        # Padded tokens per forward pass when waiting requests are prefilled together (see _admit).
+        self.prefill_group_tokens = prefill_group_tokens
         self.num_threads = num_threads or os.cpu_count() or 1
         self.vocab_size = int(model.config.vocab_size)
         # Named for CPU, but nothing here is CPU-only: ENGINE=cpu-batch also runs a model placed on one GPU.
@@ -107,24 +110,46 @@ class CpuBatchEngine(ThreadedEngine):
         self._flush_and_compact()
 
     def _admit(self) -> None:
+        """Prefill waiting requests, oldest first, up to ``prefill_budget_tokens`` prompt tokens this turn.
+
+        Single-choice requests that wait together are prefilled together, left-padded, in forward passes of up to
+        ``prefill_group_tokens`` padded tokens: a 71-token prompt alone ran its matmuls with 71 rows and took
+        120-150 ms here, so the 16th request of a burst waited ~2 s for the 15 before it (bench/RESULTS.md).
+        """
         budget = self.prefill_budget_tokens
+        group: list[_Request] = []
         while True:
             with self._cv:
-                if not self._waiting:
-                    return
-                request, emit = self._waiting[0]
-                if request.request_id in self._cancelled:  # cancelled while earlier newcomers were prefilled
-                    self._waiting.popleft()
-                    self.emit_cancelled(request, emit)
+                nxt = None
+                if self._waiting:
+                    request, emit = self._waiting[0]
+                    if request.request_id in self._cancelled:  # cancelled while earlier newcomers were prefilled
+                        self._waiting.popleft()
+                        self.emit_cancelled(request, emit)
+                        continue
+                    n, plen = request.params.n, len(request.prompt_ids)
+                    # A request wider than max_batch may still run alone; otherwise wait for room at a token boundary.
+                    rows_after = len(self._rows) + len(group) + n
+                    fits = rows_after <= self.max_batch or not (self._rows or group)
+                    if fits and (budget >= plen or budget == self.prefill_budget_tokens):
+                        self._waiting.popleft()
+                        nxt = _Request(request, emit)
+            if nxt is not None and nxt.req.params.n == 1:
+                longest = max([len(nxt.req.prompt_ids)] + [len(g.req.prompt_ids) for g in group])
+                if not group or longest * (len(group) + 1) <= self.prefill_group_tokens:
+                    group.append(nxt)
+                    budget -= len(nxt.req.prompt_ids)
                     continue
-                n, plen = request.params.n, len(request.prompt_ids)
-                # A request wider than max_batch may still run alone; otherwise wait for room at a token boundary.
-                fits = (len(self._rows) + n <= self.max_batch) or not self._rows
-                if not fits or (budget < plen and budget != self.prefill_budget_tokens):
-                    return
-                self._waiting.popleft()
-            budget -= plen
-            self._prefill(_Request(request, emit))
+            if group:  # the group is full, or the next one cannot join it
+                self._prefill_group(group)
+                group = []
+            if nxt is None:
+                return
+            if nxt.req.params.n == 1:
+                group.append(nxt)
+            else:
+                self._prefill(nxt)
+            budget -= len(nxt.req.prompt_ids)
 
     def _prefill(self, r: _Request) -> None:
         req, p = r.req, r.req.params
@@ -154,6 +179,54 @@ class CpuBatchEngine(ThreadedEngine):
                 for layer in cache.layers:
                     layer.keys, layer.values = layer.keys[keep], layer.values[keep]
             self._batch.add(cache, len(req.prompt_ids))
+            self._rows.extend(rows[i] for i in keep)
+            self._kv_bytes = self._batch.nbytes()
+
+    def _prefill_group(self, group: list[_Request]) -> None:
+        if len(group) == 1:
+            self._prefill(group[0])
+            return
+        now = time.time()
+        live = []
+        for r in group:
+            if r.req.deadline is not None and now >= r.req.deadline:
+                r.emit(r.req.request_id, [ChoiceOutput(0, [], finish_reason="length")])
+            else:
+                live.append(r)
+        if len(live) <= 1:
+            for r in live:
+                self._prefill(r)
+            return
+        length = max(len(r.req.prompt_ids) for r in live)
+        ids = torch.zeros((len(live), length), dtype=torch.long)
+        mask = torch.zeros((len(live), length), dtype=torch.long)
+        for i, r in enumerate(live):
+            p = r.req.prompt_ids
+            ids[i, length - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, length - len(p):] = 1
+        try:
+            out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                             position_ids=(mask.cumsum(1) - 1).clamp(min=0).to(self.device), use_cache=True,
+                             logits_to_keep=1)
+        except Exception as exc:
+            log.exception("prefill failed")
+            for r in live:
+                r.emit(r.req.request_id, [ChoiceOutput(0, [], finish_reason="error", error=f"{type(exc).__name__}: {exc}")])
+            return
+        logits = out.logits[:, -1, :].float().cpu()
+        rows = []
+        for r in live:
+            r.open_choices = 1
+            rows.append(_Row(r, 0, ChoiceSampler(r.req.params, r.req.prompt_ids, self.vocab_size, 0)))
+        self._accept(rows, logits)
+        keep = [i for i, row in enumerate(rows) if row.pending[-1].finish_reason is None]
+        self._emit(rows)
+        if keep:
+            cache = out.past_key_values
+            if len(keep) < len(live):
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[keep], layer.values[keep]
+            self._batch.add(cache, length, mask=mask[keep])
             self._rows.extend(rows[i] for i in keep)
             self._kv_bytes = self._batch.nbytes()
 

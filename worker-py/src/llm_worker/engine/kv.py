@@ -80,11 +80,19 @@ class BatchCache:
             return 0
         return sum(layer._k.nbytes + layer._v.nbytes for layer in self.cache.layers)
 
-    def add(self, cache: DynamicCache, prompt_len: int) -> None:
-        """Append the rows of a freshly prefilled cache (no padding in it, length ``prompt_len``)."""
+    def add(self, cache: DynamicCache, prompt_len: int, mask: Optional[torch.Tensor] = None) -> None:
+        """Append the rows of a freshly prefilled cache of length ``prompt_len``: unpadded, or left-padded as ``mask``
+        ([rows, prompt_len], 0 = padding) says when several prompts were prefilled together."""
         n = cache.layers[0].keys.shape[0]
-        new_mask = torch.ones((n, prompt_len), dtype=torch.long, device=self.device)
-        new_pos = torch.full((n,), prompt_len, dtype=torch.long, device=self.device)
+        if mask is None:
+            new_mask = torch.ones((n, prompt_len), dtype=torch.long, device=self.device)
+        else:
+            new_mask = mask.to(device=self.device, dtype=torch.long)
+            pad = (new_mask == 0)[:, None, :, None]
+            for layer in cache.layers:  # padding slots hold what the pad token computed: make them inert zeros
+                layer.keys.masked_fill_(pad, 0)
+                layer.values.masked_fill_(pad, 0)
+        new_pos = new_mask.sum(dim=1)
         if self.cache is None or self.rows == 0:
             self.cache, self.mask, self.pos = _adopt_all(cache), new_mask, new_pos
             return
