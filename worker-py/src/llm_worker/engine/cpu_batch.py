@@ -141,92 +141,68 @@ class CpuBatchEngine(ThreadedEngine):
                     budget -= len(nxt.req.prompt_ids)
                     continue
             if group:  # the group is full, or the next one cannot join it
-                self._prefill_group(group)
+                self._prefill(group)
                 group = []
             if nxt is None:
                 return
             if nxt.req.params.n == 1:
                 group.append(nxt)
             else:
-                self._prefill(nxt)
+                self._prefill([nxt])
             budget -= len(nxt.req.prompt_ids)
 
-    def _prefill(self, r: _Request) -> None:
-        req, p = r.req, r.req.params
-        if req.deadline is not None and time.time() >= req.deadline:
-            r.emit(req.request_id, [ChoiceOutput(i, [], finish_reason="length") for i in range(p.n)])
-            return
-        try:
-            ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
-            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        except Exception as exc:
-            log.exception("prefill failed")
-            r.emit(req.request_id, [ChoiceOutput(i, [], finish_reason="error", error=f"{type(exc).__name__}: {exc}")
-                                    for i in range(p.n)])
-            return
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :].float().cpu()  # sampling runs on CPU tensors
-        if p.n > 1:
-            cache.batch_repeat_interleave(p.n)
-            logits = logits.expand(p.n, -1).clone()
-        rows = [_Row(r, i, ChoiceSampler(p, req.prompt_ids, self.vocab_size, i)) for i in range(p.n)]
-        r.open_choices = p.n
-        self._accept(rows, logits)
-        keep = [i for i, row in enumerate(rows) if row.pending[-1].finish_reason is None]
-        self._emit(rows)
-        if keep:
-            if len(keep) < p.n:
-                for layer in cache.layers:
-                    layer.keys, layer.values = layer.keys[keep], layer.values[keep]
-            self._batch.add(cache, len(req.prompt_ids))
-            self._rows.extend(rows[i] for i in keep)
-            self._kv_bytes = self._batch.nbytes()
-
-    def _prefill_group(self, group: list[_Request]) -> None:
-        if len(group) == 1:
-            self._prefill(group[0])
-            return
+    def _prefill(self, group: list[_Request]) -> None:
+        """Prefill one request (its n choices share the pass) or several single-choice requests together, left-padded
+        (``_admit`` forms the groups). A request alone gets exactly the forward pass it would get by itself."""
         now = time.time()
         live = []
         for r in group:
             if r.req.deadline is not None and now >= r.req.deadline:
-                r.emit(r.req.request_id, [ChoiceOutput(0, [], finish_reason="length")])
+                r.emit(r.req.request_id, [ChoiceOutput(i, [], finish_reason="length") for i in range(r.req.params.n)])
             else:
                 live.append(r)
-        if len(live) <= 1:
-            for r in live:
-                self._prefill(r)
+        if not live:
             return
         length = max(len(r.req.prompt_ids) for r in live)
-        ids = torch.zeros((len(live), length), dtype=torch.long)
-        mask = torch.zeros((len(live), length), dtype=torch.long)
-        for i, r in enumerate(live):
-            p = r.req.prompt_ids
-            ids[i, length - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, length - len(p):] = 1
+        mask: Optional[torch.Tensor] = None  # [rows, length], 0 = left padding; None when alone
         try:
-            out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                             position_ids=(mask.cumsum(1) - 1).clamp(min=0).to(self.device), use_cache=True,
-                             logits_to_keep=1)
+            if len(live) == 1:
+                ids = torch.tensor([live[0].req.prompt_ids], dtype=torch.long, device=self.device)
+                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            else:
+                ids = torch.zeros((len(live), length), dtype=torch.long)
+                mask = torch.zeros((len(live), length), dtype=torch.long)
+                for i, r in enumerate(live):
+                    ids[i, length - len(r.req.prompt_ids):] = torch.tensor(r.req.prompt_ids, dtype=torch.long)
+                    mask[i, length - len(r.req.prompt_ids):] = 1
+                out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                 position_ids=(mask.cumsum(1) - 1).clamp(min=0).to(self.device), use_cache=True,
+                                 logits_to_keep=1)
         except Exception as exc:
             log.exception("prefill failed")
             for r in live:
-                r.emit(r.req.request_id, [ChoiceOutput(0, [], finish_reason="error", error=f"{type(exc).__name__}: {exc}")])
+                r.emit(r.req.request_id, [ChoiceOutput(i, [], finish_reason="error", error=f"{type(exc).__name__}: {exc}")
+                                          for i in range(r.req.params.n)])
             return
-        logits = out.logits[:, -1, :].float().cpu()
+        cache = out.past_key_values
+        logits = out.logits[:, -1, :].float().cpu()  # sampling runs on CPU tensors
+        n = live[0].req.params.n
+        if n > 1:  # a request with n > 1 is always prefilled alone: its choices share the prefill
+            cache.batch_repeat_interleave(n)
+            logits = logits.expand(n, -1).clone()
         rows = []
         for r in live:
-            r.open_choices = 1
-            rows.append(_Row(r, 0, ChoiceSampler(r.req.params, r.req.prompt_ids, self.vocab_size, 0)))
+            r.open_choices = r.req.params.n
+            rows.extend(_Row(r, i, ChoiceSampler(r.req.params, r.req.prompt_ids, self.vocab_size, i))
+                        for i in range(r.req.params.n))
         self._accept(rows, logits)
         keep = [i for i, row in enumerate(rows) if row.pending[-1].finish_reason is None]
         self._emit(rows)
         if keep:
-            cache = out.past_key_values
-            if len(keep) < len(live):
+            if len(keep) < len(rows):
                 for layer in cache.layers:
                     layer.keys, layer.values = layer.keys[keep], layer.values[keep]
-            self._batch.add(cache, length, mask=mask[keep])
+            self._batch.add(cache, length, mask=None if mask is None else mask[keep])
             self._rows.extend(rows[i] for i in keep)
             self._kv_bytes = self._batch.nbytes()
 
