@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+
+# The worker's package (worker-py/src), for the dtype rule: bench/.venv is layered on the worker's venv, but the
+# package itself is not installed there.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "worker-py", "src"))
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -20,19 +25,14 @@ def bundled_gguf() -> tuple[str, str]:
 
 
 def bench_dtype() -> str:
-    """The CPU dtype every bench server uses: BENCH_DTYPE if set, else what the worker's DTYPE=auto picks
-    (worker-py/src/llm_worker/model.py: bf16 where the CPU computes bf16 natively, else fp32), so that the
-    baselines run in the same dtype as our stack."""
-    import torch
-
+    """The CPU dtype every bench server uses: BENCH_DTYPE if set, else what the worker's DTYPE=auto picks on this CPU,
+    so that the baselines run in the same dtype as our stack."""
     env = os.environ.get("BENCH_DTYPE", "auto")
     if env != "auto":
         return env
-    try:
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    except AttributeError:
-        native = False
-    return "bfloat16" if native else "float32"
+    from llm_worker.model import cpu_has_native_bf16  # the worker's own rule, not a copy of it
+
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
 def load_bundled_model():
