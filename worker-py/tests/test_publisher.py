@@ -171,3 +171,47 @@ def test_outbox_against_redis_in_order(redis_url):
         numbered = msgs[1:]
         assert [m["seq"] for m in numbered] == list(range(1, len(numbered) + 1))
         assert "".join(c["text"] for m in numbered if m["type"] == "delta" for c in m["choices"]) == "0123"
+
+
+def test_messages_survive_a_connection_the_server_closed(redis_url):
+    """A Redis that restarted closes the pool's connections: the next PUBLISH (one, or a pipeline) goes out anyway.
+
+    Without the retry in transport/redis_client.py the first message after the close was logged and lost.
+    """
+    import redis.asyncio as aioredis
+
+    from llm_worker.transport.redis_client import redis_client
+
+    async def body():
+        r = redis_client(redis_url, max_connections=4)
+        admin = aioredis.from_url(redis_url, decode_responses=True)
+        pubsub = admin.pubsub()
+        await pubsub.psubscribe("llm:job:closed-*")
+        await pubsub.get_message(timeout=1)
+        got: list[tuple[str, str]] = []
+
+        async def receive(count: int) -> None:
+            while len(got) < count:
+                m = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+                assert m is not None, got
+                got.append((m["channel"], json.loads(m["data"])["type"]))
+
+        async def close_pool_connection() -> None:
+            cid = await r.client_id()  # the pool's one idle connection (calls take turns on it)
+            assert await admin.client_kill_filter(_id=cid) == 1
+
+        await close_pool_connection()
+        await JobStream(r, "closed-single", flush_ms=0).publish_started("w1", 1)  # one message: a plain PUBLISH
+        await receive(1)
+        await close_pool_connection()
+        streams = [JobStream(r, f"closed-{i}", flush_ms=0) for i in range(3)]  # sent together: one pipeline
+        await asyncio.gather(*(s.publish_started("w1", 1) for s in streams))
+        await receive(4)
+        await pubsub.aclose()
+        await admin.aclose()
+        await r.aclose()
+        return got
+
+    got = asyncio.run(body())
+    assert sorted(got) == [("llm:job:closed-0", "started"), ("llm:job:closed-1", "started"),
+                           ("llm:job:closed-2", "started"), ("llm:job:closed-single", "started")]

@@ -61,6 +61,32 @@ def test_stop_string_spanning_tokens_never_streamed(redis_url, engine, loaded):
     assert stop not in delta_text(events) and delta_text(events) == result["text"]
 
 
+def test_logprobs_spell_the_text_a_stop_string_cut(redis_url, engine, loaded):
+    """OpenAI's logprobs.content spells the returned content: no entries for the stop string or text held back."""
+    prompt = "Describe the sun in one sentence."
+
+    async def body():
+        async with serve(redis_url, engine, loaded) as (svc, gw):
+            base, _ = await gw.run(job_data(prompt, max_tokens=30, temperature=0, logprobs=True))
+            full = base[-1]["result"]["choices"][0]
+            # A stop string of a few words from the middle of the text: tokens after its start must lose their entries.
+            cut = len(full["text"]) // 2
+            stop = full["text"][cut:cut + 6]
+            events, _ = await gw.run(job_data(prompt, max_tokens=30, temperature=0, logprobs=True, stop=[stop]))
+            return full, stop, events
+
+    full, stop, events = run(body())
+    assert "".join(e["token"] for e in full["logprobs"]) == full["text"]
+    result = events[-1]["result"]["choices"][0]
+    assert result["finish_reason"] == "stop" and result["text"] == full["text"][:full["text"].index(stop)]
+    spelled = "".join(e["token"] for e in result["logprobs"])
+    # Every entry's token shows in the text; the last may run past the cut (part of it was returned).
+    assert spelled.startswith(result["text"]) and len(spelled) - len(result["logprobs"][-1]["token"]) < len(result["text"])
+    assert result["logprobs"] == full["logprobs"][:len(result["logprobs"])]
+    streamed = [e for ev in events if ev["type"] == "delta" for c in ev["choices"] for e in c.get("logprobs") or []]
+    assert streamed == result["logprobs"]
+
+
 def test_n_choices_with_logprobs_interleave(redis_url, engine, loaded):
     async def body():
         async with serve(redis_url, engine, loaded) as (svc, gw):

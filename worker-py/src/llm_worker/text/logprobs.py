@@ -7,8 +7,9 @@ decoding the single token.
 
 from __future__ import annotations
 
+from collections import deque
 from functools import lru_cache
-from typing import Any
+from typing import Any, Optional
 
 from ..engine.base import TokenLogprob
 
@@ -53,3 +54,38 @@ class LogprobFormatter:
             t, b = self.token(tid)
             top.append({"token": t, "logprob": lp, "bytes": b})
         return {"token": text, "logprob": info.logprob, "bytes": raw, "top_logprobs": top}
+
+
+class AlignedLogprobs:
+    """A choice's logprob entries, let out in step with its text: a token's entry goes out once its text has.
+
+    The stop matcher holds back text that may begin a stop string and drops a stop string it completes; an entry
+    sent as soon as its token was sampled would describe text the client never receives. OpenAI's ``logprobs.content``
+    spells exactly the returned ``content``, token by token. So each entry waits with the character offset where its
+    token's text begins, and goes out once the emitted text reaches past that offset (a token straddling the cut of a
+    stop string keeps its entry: part of its text was returned). At a stop string, entries still held are dropped.
+    """
+
+    def __init__(self) -> None:
+        self._held: deque[tuple[int, dict[str, Any]]] = deque()
+        self._produced = 0  # characters the detokenizer has produced, before stop matching
+
+    def token(self, entry: Optional[dict[str, Any]], text: str) -> None:
+        """One sampled token: its entry (None: the engine gave none), and the text the detokenizer produced for it
+        ("" while it holds bytes of an unfinished character back)."""
+        if entry is not None:
+            self._held.append((self._produced, entry))
+        self._produced += len(text)
+
+    def release(self, emitted_chars: int) -> list[dict[str, Any]]:
+        """The entries whose text begins before `emitted_chars` (the choice's text returned so far), in order."""
+        out = []
+        while self._held and self._held[0][0] < emitted_chars:
+            out.append(self._held.popleft()[1])
+        return out
+
+    def release_all(self) -> list[dict[str, Any]]:
+        """The choice ended without a stop string: every entry's text was (or is now) returned."""
+        out = [entry for _, entry in self._held]
+        self._held.clear()
+        return out

@@ -18,7 +18,7 @@ from ..log import now_ms
 from ..model import chat_prompt_ids
 from ..protocol import JobData
 from ..text.detokenizer import StreamDetokenizer
-from ..text.logprobs import LogprobFormatter
+from ..text.logprobs import AlignedLogprobs, LogprobFormatter
 from ..text.stops import StopMatcher
 from .publisher import JobStream
 
@@ -31,7 +31,8 @@ class _Choice:
     stops: StopMatcher
     text: str = ""
     tokens: int = 0
-    logprobs: Optional[list[dict[str, Any]]] = None
+    logprobs: Optional[list[dict[str, Any]]] = None  # what was sent; None when the request asked for none
+    aligned: Optional[AlignedLogprobs] = None  # entries waiting for their text (see AlignedLogprobs)
     finish_reason: Optional[str] = None
 
 
@@ -113,7 +114,8 @@ class JobRun:
             raise JobError("invalid_request", str(exc)) from exc
         for i in range(params.n):
             self._choices[i] = _Choice(StreamDetokenizer(ctx.tokenizer, prompt_ids), StopMatcher(d.params.stop),
-                                       logprobs=[] if params.logprobs else None)
+                                       logprobs=[] if params.logprobs else None,
+                                       aligned=AlignedLogprobs() if params.logprobs else None)
         await stream.publish_started(ctx.worker_id, len(prompt_ids))
         loop = asyncio.get_running_loop()
         self._done = loop.create_future()
@@ -158,14 +160,25 @@ class JobRun:
             if out.token_ids and self.first_token_ms is None:
                 self.first_token_ms = now_ms()
             c.tokens += len(out.token_ids)
-            text, hit_stop = c.stops.feed(c.detok.add(out.token_ids))
-            lps = [self.ctx.logprob_formatter.format(lp) for lp in out.logprobs or []] if c.logprobs is not None else None
+            if c.aligned is None:
+                produced = c.detok.add(out.token_ids)
+            else:  # token by token: each entry needs the offset where its token's text begins
+                produced = ""
+                infos = out.logprobs or []
+                for i, token_id in enumerate(out.token_ids):
+                    piece = c.detok.add([token_id])
+                    c.aligned.token(self.ctx.logprob_formatter.format(infos[i]) if i < len(infos) else None, piece)
+                    produced += piece
+            text, hit_stop = c.stops.feed(produced)
             if out.finish_reason is not None and not hit_stop:
                 tail, hit_stop = c.stops.feed(c.detok.flush())
                 text += tail
                 if not hit_stop:
                     text += c.stops.flush()
-            if lps:
+            lps = None
+            if c.aligned is not None:
+                ended_whole = out.finish_reason is not None and not hit_stop
+                lps = c.aligned.release_all() if ended_whole else c.aligned.release(len(c.text) + len(text))
                 c.logprobs.extend(lps)
             c.text += text
             stream.add(out.index, text, len(out.token_ids), lps)

@@ -14,7 +14,6 @@ import logging
 import signal
 from typing import Any, Optional
 
-import redis.asyncio as aioredis
 from bullmq import UnrecoverableError
 
 from ..config import Config
@@ -24,6 +23,7 @@ from ..metrics import Metrics
 from ..protocol import CANCEL_CHANNEL, JobData, WorkerInfo, cancelled_key
 from .fetch_loop import FetchLoopWorker
 from .job_run import JobContext, JobRun
+from .redis_client import redis_client
 from .registry import Heartbeat, publish_tokenizer
 
 log = logging.getLogger("llm_worker.transport.service")
@@ -71,11 +71,9 @@ class WorkerService:
 
     async def start(self) -> None:
         _freeze_startup_objects()
-        # A blocking pool sized above the batch: running jobs share it (cancel checks; their events go out through the
-        # publisher's outbox on one connection at a time), and redis-py's default pool raises "Too many connections"
-        # instead of waiting when many callers need a connection at once.
-        self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
-            self.cfg.redis_url, decode_responses=True, max_connections=self.cfg.max_batch + 16, timeout=30))
+        # Sized above the batch: running jobs share it (cancel checks; their events go out through the publisher's outbox
+        # on one connection at a time).
+        self.redis = redis_client(self.cfg.redis_url, max_connections=self.cfg.max_batch + 16)
         tok_json, cfg_json, digest = self.tokenizer_export
         await publish_tokenizer(self.redis, self.info.model, tok_json, cfg_json, digest)
         self._tasks.append(asyncio.create_task(self._cancel_listener(), name="cancel-listener"))
