@@ -6,10 +6,11 @@ position ids, and the CPU patches attention.install / linear.install) for B rows
 step time per quarter of the run (the context grows by one token per step, so attention's share grows) for each
 variant, in one process, so the variants share the machine's state:
   engine        what the worker runs (dtype as DTYPE=auto picks it on this CPU, or --dtype)
+  engine-unpacked  the same with F.linear instead of the packed oneDNN linear layers (engine/linear.py)
   engine-flash  the same with the decode attention path off (torch's flash SDPA kernel for one-token steps too)
   transformers  the model as Transformers loads it (its "sdpa" attention, F.linear), same cache and inputs
 Prints figures, asserts nothing. Usage: python bench/cpu/decode_step.py [--batch 16] [--steps 100]
-[--dtype bfloat16|float32] [--variants engine,engine-flash,transformers]
+[--dtype bfloat16|float32] [--variants engine,engine-unpacked,engine-flash,transformers]
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--dtype", default=None, help="default: bench_dtype() (the worker's DTYPE=auto on this CPU)")
-    ap.add_argument("--variants", default="engine,engine-flash,transformers")
+    ap.add_argument("--variants", default="engine,engine-unpacked,engine-flash,transformers")
     a = ap.parse_args()
     if a.dtype:
         os.environ["BENCH_DTYPE"] = a.dtype
@@ -63,10 +64,11 @@ def main() -> None:
           f"(context {40}–{40 + a.batch - 1} prompt tokens + the steps)")
     for variant in a.variants.split(","):
         model, _ = load_bundled_model()
+        attention.DECODE_MATMUL = variant != "engine-flash"
+        linear.PACKED = variant != "engine-unpacked"
         if variant.startswith("engine"):
             attention.install(model)
             linear.install(model)
-        attention.DECODE_MATMUL = variant != "engine-flash"
         run(model, a.batch, 8)  # warm-up: the first passes of a process are slow
         ts = run(model, a.batch, a.steps)
         q = max(1, len(ts) // 4)
@@ -75,6 +77,7 @@ def main() -> None:
               f"{statistics.median(ts) * 1000:.1f} ms = {a.batch / statistics.median(ts):.0f} tok/s")
         del model
     attention.DECODE_MATMUL = True
+    linear.PACKED = True
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=64)
     args = ap.parse_args()
+    model_mod.keep_main_thread_serial()  # as the worker does
     lm = model_mod.load(load_config())  # DTYPE etc. from the environment
     engine = CpuBatchEngine(lm.model, eos_token_ids=lm.eos_token_ids, max_batch=args.prompts,
                             context_length=lm.context_length)

@@ -21,6 +21,7 @@ def loaded():
     # request alone computes (padding, positions, cache), and only fp32 makes that exact — bf16 rounding turns
     # matmul-shape noise into different greedy tokens (scripts/greedy_equivalence.py: 16/16 identical in fp32,
     # 9/16 in bf16). The bf16 default is exercised end to end by tests/e2e, whose worker runs DTYPE=auto.
+    model_mod.keep_main_thread_serial()  # as the worker does: only the engine's thread runs torch in parallel
     return model_mod.load(load_config({"DTYPE": "float32"}))
 
 

@@ -29,6 +29,8 @@ def build_and_serve(cfg: Config) -> None:
 
     metrics = Metrics()
     metrics.serve(cfg.metrics_port)
+    if model_mod.resolve_device(cfg) == "cpu":
+        model_mod.keep_main_thread_serial()
     loaded = model_mod.load(cfg)
     metrics.load_seconds.set(loaded.load_seconds)
     name = engine_name(cfg.engine, loaded.device)

@@ -78,6 +78,22 @@ def resolve_device(cfg: Config) -> str:
     return cfg.device
 
 
+def keep_main_thread_serial() -> None:
+    """On CPU only the engine's thread may run torch with several threads; the main thread (loading, then asyncio)
+    computes serially. Call before anything in the process runs torch.
+
+    Why: torch's CPU threads are OpenMP (libgomp) teams, one per calling thread, and a team's threads live on once
+    started. Once a process has more OpenMP threads than cores, libgomp spins only 1,000 times (instead of 300,000)
+    before putting an idle team member to sleep, so every small op of a decode step pays a wake-up. A model loaded
+    with 2 threads on the main thread, then run by the engine thread with 2 more: batch-16 decode step 46 → 68 ms and
+    16-stream engine throughput 289 → 183 tok/s on the 2-core CI machine (bench/RESULTS.md, 2026-11-26). Loading is
+    no slower with one thread (17.4 s either way for the bundled GGUF: the time goes to dequantising in Python).
+    """
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 dot products natively (AVX512-BF16 or AMX).
 
