@@ -12,6 +12,9 @@ How:
 4. The model's own batched decode step, measured: prefill B sequences of the benchmark's prompt length, then time 10
    decode steps (after an unmeasured warm-up pass, and 2 warm-up steps each) with a DynamicCache, as an engine would; tokens/s = B ÷ fastest step time, for
    B = 1, 16, 32, 64. This is what eager PyTorch reaches on this model with no serving around it.
+5. The same at B = 16 through the worker engine's own forward path (llm_worker.engine: packed oneDNN linear layers,
+   the decode attention, kv.BatchCache), bare: the fastest forward pass we know for this model on this CPU, so the
+   ceiling the serving stack is held to (the run's 16 streams cannot beat it: every token costs one such step).
 Usage: python bench/cpu/ceiling.py [--json out.json] [--prompt-tokens 64] [--decode-tokens 100]
 """
 
@@ -78,6 +81,33 @@ def decode_step_ms(model, batch: int, prompt_tokens: int, steps: int = 10) -> fl
     return min(ts) * 1000  # a ceiling: the best step seen (on a shared machine the median carries others' load)
 
 
+@torch.inference_mode()
+def engine_step_ms(model, batch: int, prompt_tokens: int, steps: int = 10) -> float:
+    """Item 5: the engine's path (patches the model in place: call after the stock measurements)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                    "worker-py", "src"))
+    from llm_worker.engine import attention, linear
+    from llm_worker.engine.kv import BatchCache
+
+    attention.install(model)
+    linear.install(model)
+    cache = BatchCache("cpu")
+    for _ in range(batch):
+        ids = torch.randint(100, int(model.config.vocab_size) - 100, (1, prompt_tokens))
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        cache.add(out.past_key_values, prompt_tokens)
+    nxt = torch.randint(100, int(model.config.vocab_size) - 100, (batch, 1))
+    ts = []
+    for i in range(steps + 2):
+        t = time.perf_counter()
+        mask, pos = cache.step_inputs()
+        out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=cache.cache, use_cache=True)
+        nxt = out.logits[:, -1, :].float().argmax(-1, keepdim=True)
+        if i >= 2:
+            ts.append(time.perf_counter() - t)
+    return min(ts) * 1000
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
@@ -106,6 +136,8 @@ def main() -> None:
         res["decode"][str(b)] = {"step_ms": ms, "tok_s": b * 1000 / ms}
     best = max(res["decode"].items(), key=lambda kv: kv[1]["tok_s"])
     res["forward_ceiling_tok_s"], res["forward_ceiling_batch"] = best[1]["tok_s"], int(best[0])
+    ms = engine_step_ms(model, 16, a.prompt_tokens)
+    res["engine_decode_16"] = {"step_ms": ms, "tok_s": 16 * 1000 / ms}
 
     print(f"matmul (2048³ torch.mm, {res['threads']} threads): {dtype} {gflops:.1f} GFLOP/s, fp32 {gflops_fp32:.1f}; "
           f"memory copy {gbps:.1f} GB/s")
@@ -116,6 +148,8 @@ def main() -> None:
           f"{res['single_stream_ceiling_tok_s']:.0f} tok/s")
     print("measured decode step (eager forward, no serving): " + "; ".join(
         f"B={b}: {d['step_ms']:.1f} ms → {d['tok_s']:.0f} tok/s" for b, d in res["decode"].items()))
+    e = res["engine_decode_16"]
+    print(f"the worker engine's own decode step, bare: B=16: {e['step_ms']:.1f} ms → {e['tok_s']:.0f} tok/s")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(res, fh, indent=2)

@@ -294,10 +294,16 @@ def targets(results: list[dict], ceiling: Optional[dict]) -> list[str]:
     if ours and ceiling:
         c = ceiling["compute_ceiling_tok_s"]
         f16 = ceiling["decode"].get("16", {}).get("tok_s")
-        out.append(f"- ≥ 60% of the compute ceiling: {ours['tok_per_s']:.1f} tok/s = "
-                   f"{100 * ours['tok_per_s'] / c:.0f}% of {c:.0f} tok/s (roofline) → {verdict(ours['tok_per_s'] >= 0.6 * c)}"
-                   + (f"; {100 * ours['tok_per_s'] / f16:.0f}% of the model's bare batched forward at 16 sequences "
-                      f"({f16:.0f} tok/s)" if f16 else ""))
+        e16 = ceiling.get("engine_decode_16", {}).get("tok_s")
+        line = (f"- ≥ 60% of the compute ceiling: {ours['tok_per_s']:.1f} tok/s = "
+                f"{100 * ours['tok_per_s'] / c:.0f}% of {c:.0f} tok/s (matmul roofline) → "
+                f"{verdict(ours['tok_per_s'] >= 0.6 * c)}")
+        if e16:
+            line += (f"; {100 * ours['tok_per_s'] / e16:.0f}% of the fastest measured forward pass at 16 sequences "
+                     f"(the engine's own step, bare: {e16:.0f} tok/s) → {verdict(ours['tok_per_s'] >= 0.6 * e16)}")
+        if f16:
+            line += f"; {100 * ours['tok_per_s'] / f16:.0f}% of the stock Transformers forward at 16 ({f16:.0f} tok/s)"
+        out.append(line)
     serves = [(n, s) for n, s in by.items() if n.startswith("serve") and not s["errors"]]
     if ours and serves:
         n, best = max(serves, key=lambda kv: kv[1]["tok_per_s"])
@@ -351,6 +357,9 @@ def ceiling_lines(c: dict) -> list[str]:
             f"{c['compute_ceiling_tok_s']:.0f} output tok/s**; single-stream ceiling (bandwidth ÷ weight bytes) = "
             f"{c['single_stream_ceiling_tok_s']:.0f} tok/s",
             f"- the model's bare decode step (eager PyTorch, DynamicCache, no serving): {dec}",
+            *([f"- the worker engine's own decode step, bare (packed linear layers, decode attention): B=16: "
+               f"{c['engine_decode_16']['step_ms']:.0f} ms/step → {c['engine_decode_16']['tok_s']:.0f} tok/s"]
+              if c.get("engine_decode_16") else []),
             f"- {c.get('cpu', '')}"]
 
 

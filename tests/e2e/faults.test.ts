@@ -149,7 +149,7 @@ test('workers that lose Redis (restart, every key gone) register again and serve
   expect(workers.map((w) => w.id)).toContain(trace.started[0].workerId);
   expect(workers.map((w) => w.proc.child.pid)).toEqual(pids);
   expect(stack.liveWorkerIds()).toEqual(expect.arrayContaining(workers.map((w) => w.id)));
-  expect(timings.servedAfterRestartMs).toBeLessThan(20_000);
+  expect(timings.servedAfterRestartMs).toBeLessThan(12_000); // measured 3.3-4.4 s; the fetch loop retries after 1 s
   // Both take jobs again: two long generations at once run on the two workers (MAX_BATCH 1 each).
   const both = Date.now();
   const acs = [0, 1].map(() => new AbortController());
@@ -257,16 +257,22 @@ test('a worker killed before anything reached its client: the job is retried on 
   const survivor = stack.liveWorkerIds().find((id) => id !== victim)!;
   await stack.killWorker(victim);
   const killedAt = Date.now();
-  const completion = await pending;
+  const completion = await pending.catch((err) => {
+    console.log('retry case: the request failed', JSON.stringify({ victim, survivor, job: first.jobId, err: String(err) }));
+    throw err;
+  });
   const answeredAt = Date.now();
 
   const trace = watcher.jobs.get(completion.id)!;
+  const job = (await Job.fromId(queue, completion.id))!;
+  // On failure, what happened (a CI run failed here once, in a way no local run has repeated).
+  console.log('retry case', JSON.stringify({ victim, survivor, first: first.jobId, answered: completion.id, started: trace?.started,
+    deltas: trace?.deltas, end: trace?.end?.type, stalledCounter: job?.stalledCounter, servedBy: (job?.returnvalue as { worker_id?: string })?.worker_id }));
   expect(trace.deltas).toBeGreaterThan(0); // the first attempt had produced text, the client saw none of it
   expect(trace.started.map((s) => s.workerId)).toEqual([victim, survivor]);
   expect(completion.choices[0].message.content!.length).toBeGreaterThan(0);
   expect(completion.choices[0].finish_reason).toBe('length');
   expect(completion.usage!.completion_tokens).toBe(maxTokens);
-  const job = (await Job.fromId(queue, completion.id))!;
   expect(job.stalledCounter).toBe(1);
   expect((job.returnvalue as { worker_id: string }).worker_id).toBe(survivor);
 

@@ -113,7 +113,8 @@ class FetchLoopWorker(Worker):
             if self.closing or self.closed:
                 return None
             if self.isConnectionError(err):
-                # bullmq's run waits runRetryDelay after a lost connection before fetching again; so do we.
+                # bullmq's run waits runRetryDelay after a lost connection before fetching again; so do we (service.py
+                # sets it to 1 s).
                 await asyncio.sleep(self.opts.get("runRetryDelay", 15000) / 1000)
             else:
                 self.emit("error", err)

@@ -89,6 +89,10 @@ class WorkerService:
             # Seconds one idle BZPOPMIN blocks. close() waits for it, so this bounds how long an idle worker takes
             # to stop; new jobs wake it at once whatever the value.
             "drainDelay": 1,
+            # After a lost connection the fetch loop waits this long before fetching again (bullmq's default is 15 s:
+            # a worker whose Redis restarted sat idle that long while the queue filled). A second is enough not to
+            # spin against a Redis that is down; its clients reconnect on their own meanwhile.
+            "runRetryDelay": 1000,
             "name": self.info.worker_id,
         })
         self.worker.on("error", lambda err, *a: log.warning("bullmq error", extra={"error": str(err)}))
