@@ -6,27 +6,25 @@ import { randomUUID } from 'node:crypto';
 import request from 'supertest';
 import { FakeWorker } from './helpers/fake-worker';
 import { parseSse, startGateway, TEST_KEY, type TestGateway, waitFor } from './helpers/gateway';
-import { startRedis, type TestRedis } from './helpers/redis-server';
+import { useTestRedis } from './helpers/redis-server';
 import { tokenizerFixture } from './helpers/tokenizer-fixture';
 
 const DEFAULT_MODEL = `default-${randomUUID().slice(0, 8)}`;
 const auth = { authorization: `Bearer ${TEST_KEY}` };
 
-let redis: TestRedis;
+const redis = useTestRedis();
 let gw: TestGateway;
 let worker: FakeWorker;
 const MODEL = `m-${randomUUID().slice(0, 8)}`;
 
 beforeAll(async () => {
-  redis = await startRedis();
   gw = await startGateway(redis.url, { DEFAULT_MODEL, MAX_BODY_BYTES: '4096', DEFAULT_MAX_TOKENS: '64' });
   worker = new FakeWorker({ redisUrl: redis.url, model: MODEL, contextLength: 100 });
   await worker.start();
 });
-afterAll(async () => {
+redis.beforeStop(async () => {
   await worker.close();
   await gw.close();
-  await redis.stop();
 });
 
 const chat = (body: unknown) => request(gw.url).post('/v1/chat/completions').set(auth).send(body as object);

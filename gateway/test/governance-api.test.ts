@@ -5,12 +5,11 @@
  * streams, input limits, queue depth and degradation, and the tutorial's routes.
  */
 import { randomUUID } from 'node:crypto';
-import Redis from 'ioredis';
 import { exportSPKI, generateKeyPair, SignJWT } from 'jose';
 import request from 'supertest';
 import { FakeWorker } from './helpers/fake-worker';
 import { parseSse, sleep, startGateway, TEST_KEY, type TestGateway } from './helpers/gateway';
-import { startRedis, type TestRedis } from './helpers/redis-server';
+import { useTestRedis } from './helpers/redis-server';
 
 const ADMIN = 'admin-0123456789abcdef';
 const SECRET = 'a-test-secret-of-at-least-32-characters!!';
@@ -19,16 +18,13 @@ const OTHER = `o-${randomUUID().slice(0, 8)}`;
 const admin = { authorization: `Bearer ${ADMIN}` };
 const bearer = (k: string) => ({ authorization: `Bearer ${k}` });
 
-let server: TestRedis;
-let redis: Redis;
+const redis = useTestRedis();
 let gw: TestGateway;
 let worker: FakeWorker;
 let other: FakeWorker;
 
 beforeAll(async () => {
-  server = await startRedis();
-  redis = new Redis(server.url);
-  gw = await startGateway(server.url, {
+  gw = await startGateway(redis.url, {
     DEFAULT_MODEL: MODEL,
     ADMIN_API_KEY: ADMIN,
     JWT_SECRET: SECRET,
@@ -41,19 +37,17 @@ beforeAll(async () => {
     OUTPUT_FILTER_MAX_MATCH_CHARS: '16',
   });
   worker = new FakeWorker({
-    redisUrl: server.url,
+    redisUrl: redis.url,
     model: MODEL,
     contextLength: 400,
     script: { reply: (d) => (d.messages.at(-1)?.content.startsWith('leak') ? 'the secret plan is 555-1234 ok' : 'Hello from the fake worker!'), pieceChars: 3 },
   });
-  other = new FakeWorker({ redisUrl: server.url, model: OTHER, contextLength: 400 });
+  other = new FakeWorker({ redisUrl: redis.url, model: OTHER, contextLength: 400 });
   await Promise.all([worker.start(), other.start()]);
 });
-afterAll(async () => {
+redis.beforeStop(async () => {
   await Promise.all([worker.close(), other.close()]);
   await gw.close();
-  redis.disconnect();
-  await server.stop();
 });
 
 const body = (extra: Record<string, unknown> = {}) => ({ model: MODEL, messages: [{ role: 'user', content: 'Hi' }], max_tokens: 5, ...extra });
@@ -82,7 +76,7 @@ describe('admin API and stored keys', () => {
   it('creates a key shown once, stores only its hash, lists it with its prefix, and reports usage', async () => {
     const k = await createKey({ name: 'alice', rpm: 100, tier: 'high' });
     expect(k.key.startsWith(k.prefix)).toBe(true);
-    const dump = JSON.stringify(await redis.hgetall(`llm:key:${k.id}`)) + JSON.stringify(await redis.keys('*'));
+    const dump = JSON.stringify(await redis.client.hgetall(`llm:key:${k.id}`)) + JSON.stringify(await redis.client.keys('*'));
     expect(dump).not.toContain(k.key);
     expect((await chat(k.key)).status).toBe(200);
     const list = await request(gw.url).get('/admin/keys').set(admin);
@@ -165,7 +159,7 @@ describe('JWT', () => {
 
   it('ES256 with a public key (separate gateway)', async () => {
     const { publicKey, privateKey } = await generateKeyPair('ES256');
-    const g = await startGateway(server.url, { DEFAULT_MODEL: MODEL, JWT_ALGORITHM: 'ES256', JWT_PUBLIC_KEY: await exportSPKI(publicKey) });
+    const g = await startGateway(redis.url, { DEFAULT_MODEL: MODEL, JWT_ALGORITHM: 'ES256', JWT_PUBLIC_KEY: await exportSPKI(publicKey) });
     try {
       await settle(g);
       const token = await new SignJWT({}).setProtectedHeader({ alg: 'ES256' }).setSubject('svc').setExpirationTime('1m').sign(privateKey);
@@ -289,9 +283,9 @@ describe('output filter', () => {
 describe('queue depth and degradation', () => {
   it('503 queue_full with retry-after when the model queue is at MAX_QUEUE_DEPTH; degraded to a fallback model before', async () => {
     const idle = `idle-${randomUUID().slice(0, 8)}`;
-    const w = new FakeWorker({ redisUrl: server.url, model: idle, consume: false, contextLength: 400 });
+    const w = new FakeWorker({ redisUrl: redis.url, model: idle, consume: false, contextLength: 400 });
     await w.start();
-    const g = await startGateway(server.url, {
+    const g = await startGateway(redis.url, {
       DEFAULT_MODEL: idle,
       MAX_QUEUE_DEPTH: '2',
       DEGRADE_QUEUE_DEPTH: '1',
@@ -308,7 +302,7 @@ describe('queue depth and degradation', () => {
       expect(degraded.status).toBe(200);
       expect(degraded.body.model).toBe(OTHER);
       expect(degraded.headers['x-degraded']).toBe(`model=${OTHER}, max_tokens=3`);
-      const g2 = await startGateway(server.url, { DEFAULT_MODEL: idle, MAX_QUEUE_DEPTH: '1' });
+      const g2 = await startGateway(redis.url, { DEFAULT_MODEL: idle, MAX_QUEUE_DEPTH: '1' });
       try {
         await settle(g2, idle);
         const full = await request(g2.url).post('/v1/chat/completions').set(bearer(TEST_KEY)).send({ model: idle, messages: [{ role: 'user', content: 'x' }] });
@@ -372,10 +366,10 @@ describe("the tutorial's routes", () => {
   });
 
   it('the tutorial budget (TUTORIAL_RPM) applies per caller on these routes', async () => {
-    const g = await startGateway(server.url, { DEFAULT_MODEL: MODEL, TUTORIAL_RPM: '2', RATE_LIMIT_WINDOW_MS: '60000' });
+    const g = await startGateway(redis.url, { DEFAULT_MODEL: MODEL, TUTORIAL_RPM: '2', RATE_LIMIT_WINDOW_MS: '60000' });
     try {
       const k = `sk-tut-${randomUUID()}`;
-      const g2 = await startGateway(server.url, { DEFAULT_MODEL: MODEL, API_KEYS: `${TEST_KEY},${k}`, TUTORIAL_RPM: '2' });
+      const g2 = await startGateway(redis.url, { DEFAULT_MODEL: MODEL, API_KEYS: `${TEST_KEY},${k}`, TUTORIAL_RPM: '2' });
       try {
         await settle(g2);
         const send = () => request(g2.url).post('/chat').set(bearer(k)).send({ prompt: 'Hi', max_length: 2 });

@@ -8,25 +8,16 @@ import Redis from 'ioredis';
 import { ConcurrencyLimiter, formatDuration } from '../src/limits/admission';
 import { type Bucket, RateLimiter } from '../src/limits/rate-limiter';
 import { sleep } from './helpers/gateway';
-import { startRedis, type TestRedis } from './helpers/redis-server';
+import { useTestRedis } from './helpers/redis-server';
 
-let server: TestRedis;
-let redis: Redis;
-beforeAll(async () => {
-  server = await startRedis();
-  redis = new Redis(server.url);
-});
-afterAll(async () => {
-  redis.disconnect();
-  await server.stop();
-});
+const redis = useTestRedis();
 
 const bucket = (rpm: number, tpm: number): Bucket => ({ id: `k-${randomUUID()}`, rpm, tpm });
 const id = () => randomUUID();
 
 describe('RateLimiter (sliding-window log)', () => {
   it('admits exactly rpm requests per window, and the 429 wait is when the oldest leaves', async () => {
-    const rl = new RateLimiter(redis, 2000);
+    const rl = new RateLimiter(redis.client, 2000);
     const b = bucket(3, 0);
     const t0 = Date.now();
     for (let i = 0; i < 3; i++) expect((await rl.admit([b], id(), 1)).admitted).toBe(true);
@@ -41,7 +32,7 @@ describe('RateLimiter (sliding-window log)', () => {
   });
 
   it('never admits more than the limit in any window, even across the edge of a fixed window', async () => {
-    const rl = new RateLimiter(redis, 1000);
+    const rl = new RateLimiter(redis.client, 1000);
     const b = bucket(5, 0);
     const admittedAt: number[] = [];
     const until = Date.now() + 2600;
@@ -57,7 +48,7 @@ describe('RateLimiter (sliding-window log)', () => {
   });
 
   it('counts tokens, refuses what does not fit, says when it will, and takes corrections', async () => {
-    const rl = new RateLimiter(redis, 3000);
+    const rl = new RateLimiter(redis.client, 3000);
     const b = bucket(0, 100);
     const first = id();
     expect((await rl.admit([b], first, 60)).admitted).toBe(true);
@@ -70,13 +61,13 @@ describe('RateLimiter (sliding-window log)', () => {
   });
 
   it('a request larger than the whole token budget can never pass (retry -1)', async () => {
-    const rl = new RateLimiter(redis, 60_000);
+    const rl = new RateLimiter(redis.client, 60_000);
     const a = await rl.admit([bucket(0, 100)], id(), 101);
     expect(a).toMatchObject({ admitted: false, retryAfterMs: -1, limitedBy: 'tokens' });
   });
 
   it('is all-or-nothing across buckets, and refunds remove a request', async () => {
-    const rl = new RateLimiter(redis, 60_000);
+    const rl = new RateLimiter(redis.client, 60_000);
     const key = bucket(10, 0);
     const route = bucket(1, 0);
     const m = id();
@@ -89,7 +80,7 @@ describe('RateLimiter (sliding-window log)', () => {
   });
 
   it('is exact under concurrency from many connections (one budget)', async () => {
-    const conns = Array.from({ length: 4 }, () => new Redis(server.url));
+    const conns = Array.from({ length: 4 }, () => new Redis(redis.url));
     try {
       const b = bucket(50, 0);
       const limiters = conns.map((c) => new RateLimiter(c, 60_000));
@@ -101,7 +92,7 @@ describe('RateLimiter (sliding-window log)', () => {
   });
 
   it('dry runs read without recording', async () => {
-    const rl = new RateLimiter(redis, 60_000);
+    const rl = new RateLimiter(redis.client, 60_000);
     const b = bucket(2, 0);
     await rl.admit([b], id(), 0);
     const peek = await rl.admit([b], 'peek', 0, true);
@@ -113,7 +104,7 @@ describe('RateLimiter (sliding-window log)', () => {
 
 describe('ConcurrencyLimiter', () => {
   it('shares slots and releases them; an expired lease frees itself', async () => {
-    const c = new ConcurrencyLimiter(redis, 300);
+    const c = new ConcurrencyLimiter(redis.client, 300);
     const who = `p-${randomUUID()}`;
     const r1 = await c.acquire(who, 'a', 2);
     const r2 = await c.acquire(who, 'b', 2);

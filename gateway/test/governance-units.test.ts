@@ -3,14 +3,13 @@
  * L1 LRU bounds, and the Redis cache keeping inside its byte budget (real Redis: it runs with noeviction).
  */
 import { randomUUID } from 'node:crypto';
-import Redis from 'ioredis';
 import { Lru } from '../src/cache/lru';
 import { cacheKey, isCacheable, ResponseCache } from '../src/cache/response-cache';
 import { ConfigError, loadConfig } from '../src/config';
 import { OutputFilter } from '../src/filter/output-filter';
 import { createLogger } from '../src/logger';
 import type { JobData, JobResult } from '../src/protocol/job';
-import { startRedis, type TestRedis } from './helpers/redis-server';
+import { useTestRedis } from './helpers/redis-server';
 
 describe('governance configuration', () => {
   it('has the documented defaults: no limits on static keys, the tutorial at 10/minute, cache on', () => {
@@ -102,16 +101,7 @@ describe('Lru', () => {
 });
 
 describe('ResponseCache (L2 in Redis)', () => {
-  let server: TestRedis;
-  let redis: Redis;
-  beforeAll(async () => {
-    server = await startRedis();
-    redis = new Redis(server.url);
-  });
-  afterAll(async () => {
-    redis.disconnect();
-    await server.stop();
-  });
+  const redis = useTestRedis();
 
   const data = (content: string, extra: Partial<JobData['params']> = {}): JobData =>
     ({
@@ -140,19 +130,19 @@ describe('ResponseCache (L2 in Redis)', () => {
     const budget = 20_000;
     const config = loadConfig({ CACHE_L2_MAX_BYTES: String(budget), CACHE_L1_MAX_ENTRIES: '0' });
     const log = createLogger('error', () => undefined);
-    const one = new ResponseCache(config, redis, log);
-    const two = new ResponseCache(config, redis, log);
+    const one = new ResponseCache(config, redis.client, log);
+    const two = new ResponseCache(config, redis.client, log);
     const k0 = cacheKey(data(`first ${randomUUID()}`));
     await one.put(k0, result('zero'));
     expect((await two.get(k0))?.choices[0].text).toBe('zero');
     for (let i = 0; i < 200; i++) await one.put(cacheKey(data(`n${i}`)), result('x'.repeat(500)));
-    expect(Number(await redis.get('llm:cache:bytes'))).toBeLessThanOrEqual(budget);
-    const keys = await redis.keys('llm:cache:*');
+    expect(Number(await redis.client.get('llm:cache:bytes'))).toBeLessThanOrEqual(budget);
+    const keys = await redis.client.keys('llm:cache:*');
     const entries = keys.filter((k) => !['llm:cache:bytes', 'llm:cache:index', 'llm:cache:sizes'].includes(k));
     let real = 0;
-    for (const k of entries) real += (await redis.strlen(k)) + k.length;
+    for (const k of entries) real += (await redis.client.strlen(k)) + k.length;
     expect(real).toBeLessThanOrEqual(budget);
-    expect(entries.length).toBe(await redis.zcard('llm:cache:index'));
+    expect(entries.length).toBe(await redis.client.zcard('llm:cache:index'));
     expect(await two.get(k0)).toBeNull(); // the oldest went first
   });
 });

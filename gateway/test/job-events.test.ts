@@ -7,23 +7,15 @@ import Redis from 'ioredis';
 import { silentLogger } from '../src/logger';
 import { jobChannel } from '../src/protocol/job';
 import { JobEventBus } from '../src/queue/job-events';
-import { startRedis, type TestRedis } from './helpers/redis-server';
+import { useTestRedis } from './helpers/redis-server';
 
-let server: TestRedis;
-let sub: Redis;
+const redis = useTestRedis();
 let pub: Redis;
 let bus: JobEventBus;
 
-beforeAll(async () => {
-  server = await startRedis();
-  sub = new Redis(server.url);
-  pub = new Redis(server.url);
-  bus = new JobEventBus(sub, silentLogger);
-});
-afterAll(async () => {
-  sub.disconnect();
-  pub.disconnect();
-  await server.stop();
+beforeAll(() => {
+  pub = redis.connect();
+  bus = new JobEventBus(redis.connect(), silentLogger);
 });
 
 const subscribers = async (jobId: string) =>

@@ -4,7 +4,6 @@
  * when a worker goes silent past the deadline.
  */
 import { randomUUID } from 'node:crypto';
-import Redis from 'ioredis';
 import { ApiError } from '../src/errors';
 import { silentLogger } from '../src/logger';
 import { cancelledKey, type JobData } from '../src/protocol/job';
@@ -13,7 +12,7 @@ import { JobQueues, type Settlement } from '../src/queue/job-queue';
 import { JobRun, type RunTimings } from '../src/queue/job-run';
 import { DEFAULT_JOB_PARAMS } from '../src/services/chat-params';
 import { FakeWorker, type FakeScript } from './helpers/fake-worker';
-import { startRedis, type TestRedis } from './helpers/redis-server';
+import { useTestRedis } from './helpers/redis-server';
 
 jest.setTimeout(20_000);
 
@@ -24,34 +23,24 @@ class DeafQueues extends JobQueues {
   }
 }
 
-let server: TestRedis;
-let redis: Redis;
-let sub: Redis;
+const redis = useTestRedis();
 let bus: JobEventBus;
 const closers: Array<() => Promise<void>> = [];
 
-beforeAll(async () => {
-  server = await startRedis();
-  redis = new Redis(server.url);
-  sub = new Redis(server.url);
-  bus = new JobEventBus(sub, silentLogger);
+beforeAll(() => {
+  bus = new JobEventBus(redis.connect(), silentLogger);
 });
 afterEach(async () => {
   for (const close of closers.splice(0)) await close();
-});
-afterAll(async () => {
-  redis.disconnect();
-  sub.disconnect();
-  await server.stop();
 });
 
 const timings: RunTimings = { queueTimeoutMs: 5000, requestTimeoutMs: 10_000, pollMs: 200, heartbeatCheckMs: 100, deadlineGraceMs: 200 };
 
 async function setup(script: FakeScript, queuesClass = JobQueues) {
   const model = `m-${randomUUID().slice(0, 8)}`;
-  const worker = new FakeWorker({ redisUrl: server.url, model, script });
+  const worker = new FakeWorker({ redisUrl: redis.url, model, script });
   await worker.start();
-  const queues = new queuesClass(redis, server.url, silentLogger);
+  const queues = new queuesClass(redis.client, redis.url, silentLogger);
   closers.push(async () => {
     await worker.close();
     await queues.close();
@@ -112,7 +101,7 @@ it('a worker that goes silent past the deadline: request_timeout, and the job is
   expect(err).toBeInstanceOf(ApiError);
   expect(err.code).toBe('request_timeout');
   expect(Date.now() - t0).toBeLessThan(2000);
-  expect(await redis.get(cancelledKey(jobId))).toBe('1');
+  expect(await redis.client.get(cancelledKey(jobId))).toBe('1');
   await new Promise((r) => setTimeout(r, 100));
   expect(worker.cancelled.has(jobId)).toBe(true);
 });

@@ -4,36 +4,28 @@
  */
 import { randomUUID } from 'node:crypto';
 import { Queue } from 'bullmq';
-import Redis from 'ioredis';
 import request from 'supertest';
 import { cancelledKey, queueName } from '../src/protocol/job';
 import { FakeWorker, type FakeScript } from './helpers/fake-worker';
 import { parseSse, sleep, startGateway, TEST_KEY, type TestGateway, waitFor } from './helpers/gateway';
-import { startRedis, type TestRedis } from './helpers/redis-server';
+import { useTestRedis } from './helpers/redis-server';
 
 jest.setTimeout(30_000);
 
-let redisServer: TestRedis;
-let redis: Redis;
+const redis = useTestRedis();
 let gw: TestGateway;
 const workers: FakeWorker[] = [];
 
 beforeAll(async () => {
-  redisServer = await startRedis();
-  redis = new Redis(redisServer.url);
-  gw = await startGateway(redisServer.url, { QUEUE_TIMEOUT_MS: '600', SSE_KEEPALIVE_MS: '100', JOB_POLL_MS: '300' });
+  gw = await startGateway(redis.url, { QUEUE_TIMEOUT_MS: '600', SSE_KEEPALIVE_MS: '100', JOB_POLL_MS: '300' });
 });
 afterEach(async () => {
   await Promise.all(workers.splice(0).map((w) => w.close()));
 });
-afterAll(async () => {
-  redis.disconnect();
-  await gw.close();
-  await redisServer.stop();
-});
+redis.beforeStop(() => gw.close());
 
 async function fake(script: FakeScript = {}, extra: Partial<ConstructorParameters<typeof FakeWorker>[0]> = {}) {
-  const w = new FakeWorker({ redisUrl: redisServer.url, model: extra.model ?? `m-${randomUUID().slice(0, 8)}`, script, ...extra });
+  const w = new FakeWorker({ redisUrl: redis.url, model: extra.model ?? `m-${randomUUID().slice(0, 8)}`, script, ...extra });
   await w.start();
   workers.push(w);
   return w;
@@ -197,8 +189,8 @@ describe('client disconnect cancels the job', () => {
     await waitFor(() => w.jobs.length === 1, 5000, 'job picked up');
     await waitFor(() => w.cancelled.size === 1, 5000, 'cancel message');
     const [jobId] = [...w.cancelled];
-    expect(await redis.get(cancelledKey(jobId))).toBe('1');
-    expect(await redis.ttl(cancelledKey(jobId))).toBeGreaterThan(500);
+    expect(await redis.client.get(cancelledKey(jobId))).toBe('1');
+    expect(await redis.client.ttl(cancelledKey(jobId))).toBeGreaterThan(500);
   });
 
   it('non-stream, still queued: the job is removed from the queue', async () => {

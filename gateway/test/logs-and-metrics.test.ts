@@ -10,7 +10,7 @@ import { loadConfig } from '../src/config';
 import { FakeWorker } from './helpers/fake-worker';
 import { startGateway, TEST_KEY, type TestGateway, waitFor } from './helpers/gateway';
 import { parsePrometheus, select, sumOf } from './helpers/prom-text';
-import { startRedis, type TestRedis } from './helpers/redis-server';
+import { useTestRedis } from './helpers/redis-server';
 
 jest.setTimeout(30_000);
 
@@ -19,13 +19,12 @@ const MODEL = `m-${randomUUID().slice(0, 8)}`;
 const IDLE_MODEL = `idle-${randomUUID().slice(0, 8)}`;
 const SECRET_PROMPT = `prompt-${randomUUID()}`;
 
-let redis: TestRedis;
+const redis = useTestRedis();
 let gw: TestGateway;
 let worker: FakeWorker;
 let idle: FakeWorker;
 
 beforeAll(async () => {
-  redis = await startRedis();
   gw = await startGateway(redis.url, { DEFAULT_MODEL: MODEL, LOG_LEVEL: 'info', QUEUE_TIMEOUT_MS: '20000' });
   worker = new FakeWorker({ redisUrl: redis.url, model: MODEL, script: { reply: () => 'one two three four five six', pieceChars: 4, delayMs: 5 } });
   // Registers and heartbeats but never takes a job: what is sent to it stays queued.
@@ -33,10 +32,9 @@ beforeAll(async () => {
   await Promise.all([worker.start(), idle.start()]);
   await waitFor(async () => (await request(gw.url).get('/ready')).status === 200, 10_000, '/ready');
 });
-afterAll(async () => {
+redis.beforeStop(async () => {
   await Promise.all([worker.close(), idle.close()]);
   await gw.close();
-  await redis.stop();
 });
 
 const scrape = async (url = gw.url, path = '/metrics', headers: Record<string, string> = {}) => {

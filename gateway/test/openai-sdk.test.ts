@@ -6,27 +6,25 @@ import { randomUUID } from 'node:crypto';
 import OpenAI from 'openai';
 import { FakeWorker } from './helpers/fake-worker';
 import { startGateway, TEST_KEY, type TestGateway } from './helpers/gateway';
-import { startRedis, type TestRedis } from './helpers/redis-server';
+import { useTestRedis } from './helpers/redis-server';
 
 jest.setTimeout(30_000);
 
-let redis: TestRedis;
+const redis = useTestRedis();
 let gw: TestGateway;
 let worker: FakeWorker;
 let client: OpenAI;
 const MODEL = `m-${randomUUID().slice(0, 8)}`;
 
 beforeAll(async () => {
-  redis = await startRedis();
   gw = await startGateway(redis.url, { QUEUE_TIMEOUT_MS: '500' });
   worker = new FakeWorker({ redisUrl: redis.url, model: MODEL, contextLength: 200 });
   await worker.start();
   client = new OpenAI({ baseURL: `${gw.url}/v1`, apiKey: TEST_KEY, maxRetries: 0 });
 });
-afterAll(async () => {
+redis.beforeStop(async () => {
   await worker.close();
   await gw.close();
-  await redis.stop();
 });
 
 const messages: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: 'Hello!' }];

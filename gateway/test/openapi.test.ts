@@ -14,7 +14,7 @@ import { routeMatcher, servedRoutes } from '../src/openapi/routes';
 import { errorBodySchema, healthSchema, readySchema } from '../src/openapi/schemas';
 import { modelListSchema } from '../src/protocol/models';
 import { startGateway, TEST_KEY, type TestGateway } from './helpers/gateway';
-import { startRedis, type TestRedis } from './helpers/redis-server';
+import { useTestRedis } from './helpers/redis-server';
 
 jest.setTimeout(30_000);
 
@@ -34,13 +34,7 @@ const documented = (doc: ReturnType<typeof buildOpenApiDocument>) =>
     .flatMap(([path, item]) => METHODS.filter((m) => (item as Record<string, unknown>)[m]).map((m) => `${m.toUpperCase()} ${path}`))
     .sort();
 
-let redis: TestRedis;
-beforeAll(async () => {
-  redis = await startRedis();
-});
-afterAll(async () => {
-  await redis.stop();
-});
+const redis = useTestRedis();
 
 describe.each([
   ['the default configuration', {}],

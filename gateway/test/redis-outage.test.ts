@@ -3,25 +3,23 @@ import { randomUUID } from 'node:crypto';
 import request from 'supertest';
 import { FakeWorker } from './helpers/fake-worker';
 import { startGateway, TEST_KEY, type TestGateway, waitFor } from './helpers/gateway';
-import { startRedis, type TestRedis } from './helpers/redis-server';
+import { useTestRedis } from './helpers/redis-server';
 
 jest.setTimeout(30_000);
 
-let redis: TestRedis;
+const redis = useTestRedis();
 let gw: TestGateway;
 let worker: FakeWorker;
 const MODEL = `m-${randomUUID().slice(0, 8)}`;
 
 beforeAll(async () => {
-  redis = await startRedis();
   gw = await startGateway(redis.url, { DEFAULT_MODEL: MODEL });
   worker = new FakeWorker({ redisUrl: redis.url, model: MODEL });
   await worker.start();
 });
-afterAll(async () => {
+redis.beforeStop(async () => {
   await worker.close();
   await gw.close();
-  await redis.stop();
 });
 
 const chat = () =>

@@ -7,25 +7,21 @@ import { randomUUID } from 'node:crypto';
 import { join } from 'node:path';
 import { FakeWorker } from './helpers/fake-worker';
 import { parseSse, sleep, TEST_KEY, waitFor } from './helpers/gateway';
-import { freePort, startRedis, type TestRedis } from './helpers/redis-server';
+import { freePort, useTestRedis } from './helpers/redis-server';
 
 jest.setTimeout(60_000);
 
-let redis: TestRedis;
+const redis = useTestRedis();
 let worker: FakeWorker;
 const MODEL = `m-${randomUUID().slice(0, 8)}`;
 const REPLY = 'abcdefghijklmnopqrstuvwxyz0123456789';
 
 beforeAll(async () => {
-  redis = await startRedis();
   // One character every 60 ms: a stream of ~2.2 s.
   worker = new FakeWorker({ redisUrl: redis.url, model: MODEL, script: { reply: () => REPLY, pieceChars: 1, delayMs: 60 } });
   await worker.start();
 });
-afterAll(async () => {
-  await worker.close();
-  await redis.stop();
-});
+redis.beforeStop(() => worker.close());
 
 async function startMain(env: Record<string, string>) {
   const port = await freePort();

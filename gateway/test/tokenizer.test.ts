@@ -2,12 +2,11 @@
  * Prompt counting in the gateway must equal Transformers' count (the worker reports that one in `usage`): the
  * expected ids in the fixture come from Python (fixtures/tokenizer/make_fixture.py).
  */
-import Redis from 'ioredis';
 import { ApiError } from '../src/errors';
 import { silentLogger } from '../src/logger';
 import { tokenizerKey } from '../src/protocol/job';
 import { ModelTokenizer, pickChatTemplate, TokenizerCache } from '../src/services/tokenizer';
-import { startRedis, type TestRedis } from './helpers/redis-server';
+import { useTestRedis } from './helpers/redis-server';
 import { tokenizerFixture } from './helpers/tokenizer-fixture';
 
 describe('ModelTokenizer against Transformers', () => {
@@ -50,16 +49,7 @@ describe('ModelTokenizer against Transformers', () => {
 });
 
 describe('TokenizerCache (real Redis)', () => {
-  let redisServer: TestRedis;
-  let redis: Redis;
-  beforeAll(async () => {
-    redisServer = await startRedis();
-    redis = new Redis(redisServer.url);
-  });
-  afterAll(async () => {
-    redis.disconnect();
-    await redisServer.stop();
-  });
+  const redis = useTestRedis();
 
   it.each([
     ['template inside tokenizer_config_json', true],
@@ -67,13 +57,13 @@ describe('TokenizerCache (real Redis)', () => {
   ])('loads a registered tokenizer (%s), once per hash', async (_name, inConfig) => {
     const fx = tokenizerFixture();
     const model = `m-${inConfig}`;
-    await redis.hset(tokenizerKey(model), {
+    await redis.client.hset(tokenizerKey(model), {
       hash: fx.hash,
       tokenizer_json: fx.tokenizerJson,
       tokenizer_config_json: inConfig ? fx.configWithTemplateJson : fx.configJson,
       ...(inConfig ? {} : { chat_template: fx.chatTemplate }),
     });
-    const cache = new TokenizerCache(redis, silentLogger);
+    const cache = new TokenizerCache(redis.client, silentLogger);
     const a = await cache.get(model, `h-${inConfig}`);
     const b = await cache.get(model, `h-${inConfig}`);
     expect(a).toBe(b);
@@ -81,7 +71,7 @@ describe('TokenizerCache (real Redis)', () => {
   });
 
   it('fails (and does not cache the failure) when the model has no tokenizer', async () => {
-    const cache = new TokenizerCache(redis, silentLogger);
+    const cache = new TokenizerCache(redis.client, silentLogger);
     await expect(cache.get('unregistered', 'h')).rejects.toThrow(/not registered/);
     await expect(cache.get('unregistered', 'h')).rejects.toThrow(/not registered/);
   });

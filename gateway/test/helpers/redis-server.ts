@@ -1,6 +1,7 @@
 /** Starts a private redis-server on a free port for one test file (real Redis, never a mock). */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { connect, createServer } from 'node:net';
+import Redis from 'ioredis';
 
 export interface TestRedis {
   url: string;
@@ -70,4 +71,61 @@ export async function startRedis(): Promise<TestRedis> {
   };
   await launch();
   return { url, port, stop: kill, kill, restart: launch };
+}
+
+/** What `useTestRedis` hands a test file; only usable once its beforeAll has run (in hooks and tests). */
+export interface RedisFixture {
+  readonly url: string;
+  /** One ioredis client for the file's own reads and writes, opened on first use. */
+  readonly client: Redis;
+  /** A further client (a subscriber, say); like `client`, it is disconnected when the file ends. */
+  connect(): Redis;
+  kill(): Promise<void>;
+  restart(): Promise<void>;
+  /** Teardown that still needs Redis (a gateway, a worker): Jest runs afterAll hooks in declaration order, so a
+   * file's own afterAll would run after the server is gone. These run in registration order, before the stop. */
+  beforeStop(close: () => Promise<void>): void;
+}
+
+/** Registers beforeAll/afterAll that start and stop a private Redis for the calling test file. */
+export function useTestRedis(): RedisFixture {
+  let server: TestRedis | undefined;
+  let shared: Redis | undefined;
+  const clients: Redis[] = [];
+  const closers: Array<() => Promise<void>> = [];
+  const running = () => {
+    if (!server) throw new Error('useTestRedis: Redis starts in beforeAll; use the fixture in hooks and tests');
+    return server;
+  };
+  const connect = () => {
+    const client = new Redis(running().url);
+    clients.push(client);
+    return client;
+  };
+  beforeAll(async () => {
+    server = await startRedis();
+  });
+  afterAll(async () => {
+    // finally: a failing close must not leave a redis-server process behind.
+    try {
+      for (const close of closers) await close();
+    } finally {
+      for (const client of clients) client.disconnect();
+      await server?.stop();
+    }
+  });
+  return {
+    get url() {
+      return running().url;
+    },
+    get client() {
+      return (shared ??= connect());
+    },
+    connect,
+    kill: () => running().kill(),
+    restart: () => running().restart(),
+    beforeStop: (close) => {
+      closers.push(close);
+    },
+  };
 }
