@@ -43,6 +43,29 @@ test("logprobs with top_logprobs in OpenAI's shape", async () => {
   expect(content.map((t) => t.token).join("")).toBe(r.choices[0].message.content);
 });
 
+test("logprobs spell the content a stop string cut, stream and non-stream", async () => {
+  const openai = client();
+  const base = { model: stack.model, messages: [{ role: "user" as const, content: "Describe the sea in two sentences." }],
+    max_tokens: 30, temperature: 0, logprobs: true };
+  const full = (await openai.chat.completions.create(base)).choices[0].message.content!;
+  const stop = full.slice(Math.floor(full.length / 2), Math.floor(full.length / 2) + 5);
+  const expected = full.slice(0, full.indexOf(stop));
+  expect(expected.length).toBeGreaterThan(0);
+
+  const r = await openai.chat.completions.create({ ...base, stop: [stop] });
+  expect(r.choices[0].finish_reason).toBe("stop");
+  expect(r.choices[0].message.content).toBe(expected);
+  const tokens = r.choices[0].logprobs!.content!.map((t) => t.token);
+  const spelled = tokens.join("");
+  // Every entry's token shows in the content (the last one may straddle the cut); none belongs to the stop string.
+  expect(spelled.startsWith(expected)).toBe(true);
+  expect(spelled.length - tokens[tokens.length - 1].length).toBeLessThan(expected.length);
+
+  const s = await collectStream(await openai.chat.completions.create({ ...base, stop: [stop], stream: true }));
+  expect(s.text).toBe(expected);
+  expect(s.chunks.flatMap((c) => c.choices.flatMap((ch) => ch.logprobs?.content ?? [])).map((t) => t.token)).toEqual(tokens);
+});
+
 test("logit_bias +100 forces a token and -100 bans one", async () => {
   const openai = client();
   const tok = await tokenizer();
