@@ -28,6 +28,16 @@ function sdk(gw: FaultGateway, timeout = 60_000): OpenAI {
   return new OpenAI({ baseURL: `${gw.url}/v1`, apiKey: stack.apiKey, maxRetries: 0, timeout, defaultHeaders: { 'cache-control': 'no-store' } });
 }
 
+/** The job once BullMQ has stored its result: the gateway answers on the worker's `done` event, published just before. */
+async function completedJob(id: string): Promise<Job & { returnvalue: { worker_id: string } }> {
+  let job: Job | undefined;
+  await waitFor(async () => {
+    job = await Job.fromId(queue, id);
+    return job?.returnvalue != null;
+  }, 5000, `the result stored on job ${id}`);
+  return job as Job & { returnvalue: { worker_id: string } };
+}
+
 async function metric(url: string, name: string, labels = ''): Promise<number | null> {
   const text = await (await fetch(url)).text();
   const line = text.split('\n').find((l) => l.startsWith(labels ? `${name}{` : `${name} `) && l.includes(labels));
@@ -145,12 +155,7 @@ test('workers that lose Redis (restart, every key gone) register again and serve
   timings.servedAfterRestartMs = Date.now() - restartedAt;
   expect(answer!.choices[0].message.content!.length).toBeGreaterThan(0);
   // Who served it, from the result stored on the job (pub/sub events may be lost around a restart; the result is not).
-  // (The gateway answers on the `done` event, which the worker publishes just before BullMQ stores the result.)
-  let servedBy: string | undefined;
-  await waitFor(async () => {
-    servedBy = ((await Job.fromId(queue, answer!.id))?.returnvalue as { worker_id?: string } | null)?.worker_id;
-    return servedBy !== undefined;
-  }, 5000, 'the result stored on the job');
+  const servedBy = (await completedJob(answer!.id)).returnvalue.worker_id;
   expect(workers.map((w) => w.id)).toContain(servedBy);
   expect(workers.map((w) => w.proc.child.pid)).toEqual(pids);
   expect(stack.liveWorkerIds()).toEqual(expect.arrayContaining(workers.map((w) => w.id)));
@@ -269,17 +274,17 @@ test('a worker killed before anything reached its client: the job is retried on 
   const answeredAt = Date.now();
 
   const trace = watcher.jobs.get(completion.id)!;
-  const job = (await Job.fromId(queue, completion.id))!;
-  // On failure, what happened (a CI run failed here once, in a way no local run has repeated).
+  const job = await completedJob(completion.id);
+  // Printed for a failure's sake: what the watcher saw and what BullMQ stored.
   console.log('retry case', JSON.stringify({ victim, survivor, first: first.jobId, answered: completion.id, started: trace?.started,
-    deltas: trace?.deltas, end: trace?.end?.type, stalledCounter: job?.stalledCounter, servedBy: (job?.returnvalue as { worker_id?: string })?.worker_id }));
+    deltas: trace?.deltas, end: trace?.end?.type, stalledCounter: job.stalledCounter, servedBy: job.returnvalue.worker_id }));
   expect(trace.deltas).toBeGreaterThan(0); // the first attempt had produced text, the client saw none of it
   expect(trace.started.map((s) => s.workerId)).toEqual([victim, survivor]);
   expect(completion.choices[0].message.content!.length).toBeGreaterThan(0);
   expect(completion.choices[0].finish_reason).toBe('length');
   expect(completion.usage!.completion_tokens).toBe(maxTokens);
   expect(job.stalledCounter).toBe(1);
-  expect((job.returnvalue as { worker_id: string }).worker_id).toBe(survivor);
+  expect(job.returnvalue.worker_id).toBe(survivor);
 
   timings.retryStartedAfterKillMs = trace.started[1].atMs - killedAt;
   timings.retryGenerationMs = trace.end!.atMs - trace.started[1].atMs;
