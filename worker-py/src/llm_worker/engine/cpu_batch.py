@@ -11,7 +11,6 @@ request with n > 1 is prefilled alone and its n choices share that prefill.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -20,6 +19,7 @@ import torch
 
 from . import attention, linear
 from .base import ChoiceOutput, EmitFn, EngineStats, FinishReason, GenerationRequest, ThreadedEngine
+from .cpus import usable_cpus
 from .kv import BatchCache
 from .sampling import ChoiceSampler, sample
 
@@ -57,7 +57,7 @@ class CpuBatchEngine(ThreadedEngine):
         self.prefill_budget_tokens = prefill_budget_tokens
         # Padded tokens per forward pass when waiting requests are prefilled together (see _admit).
         self.prefill_group_tokens = prefill_group_tokens
-        self.num_threads = num_threads or os.cpu_count() or 1
+        self.num_threads = num_threads or usable_cpus()
         self.vocab_size = int(model.config.vocab_size)
         # Named for CPU, but nothing here is CPU-only: ENGINE=cpu-batch also runs a model placed on one GPU.
         self.device = next(model.parameters()).device
