@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
-import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,10 +47,7 @@ from typing import Any, Optional
 
 import aiohttp
 
-# About 64 prompt tokens with SmolLM2's chat template (the template adds its default system prompt). The output is
-# forced to max_tokens by each server's own knob, so the prompt's content only has to be stable.
-PROMPT = ("Write a long, detailed story about a lighthouse keeper who finds a mysterious map inside a bottle. "
-          "Describe the journey, the places and the people in many paragraphs.")
+from prompts import PROMPT, numbered
 
 
 @dataclass
@@ -76,16 +71,6 @@ def pct(xs: list[float], p: float) -> Optional[float]:
     s = sorted(xs)
     k = max(0, min(len(s) - 1, int(round(p / 100.0 * len(s) + 0.5)) - 1))
     return s[k]
-
-
-# Request numbers never repeat within a process and start at a random point, so two runs against one server (the
-# stand-in levels share a stack; a CLI run may follow another) do not meet the same prompt twice.
-_numbers = itertools.count(random.randrange(10**6))
-
-
-def numbered(prompt: str) -> str:
-    """A unique prompt of the same token count (SmolLM2's tokenizer splits digits: 6 digits = 6 tokens)."""
-    return f"Request {next(_numbers) % 10**6:06d}. {prompt}"
 
 
 def body_for(flavor: str, model: Optional[str], max_tokens: int, prompt: str) -> dict[str, Any]:

@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_paths  # noqa: F401  (puts bench/ and worker-py/src on sys.path)
 from bench_model import bench_dtype, load_bundled_model  # noqa: E402
 
 
@@ -83,29 +81,14 @@ def decode_step_ms(model, batch: int, prompt_tokens: int, steps: int = 10) -> fl
 
 @torch.inference_mode()
 def engine_step_ms(model, batch: int, prompt_tokens: int, steps: int = 10) -> float:
-    """Item 5: the engine's path (patches the model in place: call after the stock measurements)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                                    "worker-py", "src"))
+    """Item 5: the engine's path, timed by decode_step.py (patches the model in place: call after the stock
+    measurements). Like decode_step_ms: 2 warm-up steps, then the fastest of ``steps``."""
+    from decode_step import run
     from llm_worker.engine import attention, linear
-    from llm_worker.engine.kv import BatchCache
 
     attention.install(model)
     linear.install(model)
-    cache = BatchCache("cpu")
-    for _ in range(batch):
-        ids = torch.randint(100, int(model.config.vocab_size) - 100, (1, prompt_tokens))
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        cache.add(out.past_key_values, prompt_tokens)
-    nxt = torch.randint(100, int(model.config.vocab_size) - 100, (batch, 1))
-    ts = []
-    for i in range(steps + 2):
-        t = time.perf_counter()
-        mask, pos = cache.step_inputs()
-        out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=cache.cache, use_cache=True)
-        nxt = out.logits[:, -1, :].float().argmax(-1, keepdim=True)
-        if i >= 2:
-            ts.append(time.perf_counter() - t)
-    return min(ts) * 1000
+    return min(run(model, batch, steps + 2, prompt_tokens)[2:]) * 1000
 
 
 def main() -> None:

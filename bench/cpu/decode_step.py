@@ -18,25 +18,24 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "worker-py", "src"))
+import bench_paths  # noqa: F401  (puts bench/ and worker-py/src on sys.path)
 from bench_model import bench_dtype, load_bundled_model  # noqa: E402
 from llm_worker.engine import attention, linear  # noqa: E402
 from llm_worker.engine.kv import BatchCache  # noqa: E402
 
 
 @torch.inference_mode()
-def run(model, batch: int, steps: int) -> list[float]:
+def run(model, batch: int, steps: int, prompt_tokens: int | None = None) -> list[float]:
+    """Seconds of each of ``steps`` decode steps after prefilling ``batch`` rows, row i with ``prompt_tokens`` tokens
+    (all alike: no padding) or, by default, 40 + i (padded as in a real batch)."""
     cache = BatchCache("cpu")
     gen = torch.Generator().manual_seed(0)
     for i in range(batch):
-        ids = torch.randint(100, 4000, (1, 40 + i), generator=gen)
+        ids = torch.randint(100, 4000, (1, prompt_tokens or 40 + i), generator=gen)
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         cache.add(out.past_key_values, ids.shape[1])
     nxt = torch.randint(100, 4000, (batch, 1), generator=gen)

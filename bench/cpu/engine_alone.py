@@ -1,7 +1,8 @@
 """The worker's CPU engine alone — no Redis, no gateway, no HTTP — under the benchmark's load: what serving costs.
 
-16 closed-loop clients (threads) each submit ``--requests`` requests of the benchmark's prompt (71 tokens with a
-unique request number) for exactly 100 greedy tokens straight to ``CpuBatchEngine``, as the worker's transport does.
+16 closed-loop clients (threads) each submit ``--requests`` requests of the benchmark's prompt (bench/prompts.py:
+71 tokens with a unique request number) for exactly 100 greedy tokens straight to ``CpuBatchEngine``, as the
+worker's transport does.
 Prints output tokens/s, TTFT p50 / max and the median decode step. Set against bench/cpu/run.sh's "ours" row it
 shows what the stack around the engine costs; set against bench/cpu/decode_step.py, what the engine's loop costs.
 
@@ -14,18 +15,12 @@ Prints figures, asserts nothing. Usage: worker-py/.venv/bin/python bench/cpu/eng
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "worker-py", "src"))
-
-PROMPT = ("Write a long, detailed story about a lighthouse keeper who finds a mysterious map inside a bottle. "
-          "Describe the journey, the places and the people in many paragraphs.")  # bench/loadgen.py's PROMPT
+import bench_paths  # noqa: F401  (puts bench/ and worker-py/src on sys.path)
+from prompts import PROMPT, numbered  # noqa: E402
 
 
 def main() -> None:
@@ -58,13 +53,10 @@ def main() -> None:
 
     engine._decode_step = timed_step.__get__(engine)
     engine.start()
-    numbers = iter(range(1, 10**6))
     lock = threading.Lock()
 
     def prompt_ids() -> list[int]:
-        with lock:
-            n = next(numbers)
-        return model_mod.chat_prompt_ids(loaded.tokenizer, [{"role": "user", "content": f"Request {n:06d}. {PROMPT}"}])
+        return model_mod.chat_prompt_ids(loaded.tokenizer, [{"role": "user", "content": numbered(PROMPT)}])
 
     def generate(max_tokens: int) -> tuple[float, int]:
         done, first, count = threading.Event(), [0.0], [0]

@@ -21,15 +21,9 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-BENCH = os.path.dirname(HERE)
-ROOT = os.path.dirname(BENCH)
-OUT = os.path.join(BENCH, "out")
-sys.path.insert(0, BENCH)
-sys.path.insert(0, HERE)
+from bench_paths import OUT, ROOT
 
 import loadgen  # noqa: E402
 from machine import CpuMeter, boost, machine_summary  # noqa: E402

@@ -28,12 +28,7 @@ import time
 import urllib.request
 from typing import Any, Optional
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-BENCH = os.path.dirname(HERE)
-ROOT = os.path.dirname(BENCH)
-OUT = os.path.join(BENCH, "out")
-sys.path.insert(0, BENCH)
-sys.path.insert(0, HERE)
+from bench_paths import BENCH, HERE, OUT, ROOT
 
 import loadgen  # noqa: E402
 from bench_model import bench_dtype  # noqa: E402
