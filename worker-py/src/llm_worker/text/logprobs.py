@@ -67,6 +67,7 @@ class AlignedLogprobs:
     """
 
     def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []  # every entry let out so far: the choice's ``logprobs`` in its result
         self._held: deque[tuple[int, dict[str, Any]]] = deque()
         self._produced = 0  # characters the detokenizer has produced, before stop matching
 
@@ -82,10 +83,12 @@ class AlignedLogprobs:
         out = []
         while self._held and self._held[0][0] < emitted_chars:
             out.append(self._held.popleft()[1])
+        self.sent.extend(out)
         return out
 
     def release_all(self) -> list[dict[str, Any]]:
         """The choice ended without a stop string: every entry's text was (or is now) returned."""
         out = [entry for _, entry in self._held]
         self._held.clear()
+        self.sent.extend(out)
         return out

@@ -31,8 +31,7 @@ class _Choice:
     stops: StopMatcher
     text: str = ""
     tokens: int = 0
-    logprobs: Optional[list[dict[str, Any]]] = None  # what was sent; None when the request asked for none
-    aligned: Optional[AlignedLogprobs] = None  # entries waiting for their text (see AlignedLogprobs)
+    logprobs: Optional[AlignedLogprobs] = None  # None when the request asked for none
     finish_reason: Optional[str] = None
 
 
@@ -114,8 +113,7 @@ class JobRun:
             raise JobError("invalid_request", str(exc)) from exc
         for i in range(params.n):
             self._choices[i] = _Choice(StreamDetokenizer(ctx.tokenizer, prompt_ids), StopMatcher(d.params.stop),
-                                       logprobs=[] if params.logprobs else None,
-                                       aligned=AlignedLogprobs() if params.logprobs else None)
+                                       logprobs=AlignedLogprobs() if params.logprobs else None)
         await stream.publish_started(ctx.worker_id, len(prompt_ids))
         loop = asyncio.get_running_loop()
         self._done = loop.create_future()
@@ -160,14 +158,14 @@ class JobRun:
             if out.token_ids and self.first_token_ms is None:
                 self.first_token_ms = now_ms()
             c.tokens += len(out.token_ids)
-            if c.aligned is None:
+            if c.logprobs is None:
                 produced = c.detok.add(out.token_ids)
             else:  # token by token: each entry needs the offset where its token's text begins
                 produced = ""
                 infos = out.logprobs or []
                 for i, token_id in enumerate(out.token_ids):
                     piece = c.detok.add([token_id])
-                    c.aligned.token(self.ctx.logprob_formatter.format(infos[i]) if i < len(infos) else None, piece)
+                    c.logprobs.token(self.ctx.logprob_formatter.format(infos[i]) if i < len(infos) else None, piece)
                     produced += piece
             text, hit_stop = c.stops.feed(produced)
             if out.finish_reason is not None and not hit_stop:
@@ -176,10 +174,9 @@ class JobRun:
                 if not hit_stop:
                     text += c.stops.flush()
             lps = None
-            if c.aligned is not None:
+            if c.logprobs is not None:
                 ended_whole = out.finish_reason is not None and not hit_stop
-                lps = c.aligned.release_all() if ended_whole else c.aligned.release(len(c.text) + len(text))
-                c.logprobs.extend(lps)
+                lps = c.logprobs.release_all() if ended_whole else c.logprobs.release(len(c.text) + len(text))
             c.text += text
             stream.add(out.index, text, len(out.token_ids), lps)
             if hit_stop:
@@ -199,7 +196,8 @@ class JobRun:
         choices = []
         for i, c in sorted(self._choices.items()):
             reason = "stop" if c.finish_reason == "stop" else "length"
-            choices.append({"index": i, "text": c.text, "finish_reason": reason, "logprobs": c.logprobs})
+            logprobs = None if c.logprobs is None else c.logprobs.sent
+            choices.append({"index": i, "text": c.text, "finish_reason": reason, "logprobs": logprobs})
         if self.ctx.log_prompts:
             log.info("completion", extra={"jobId": self.job_id, "texts": [c["text"] for c in choices]})
         return {"choices": choices,
