@@ -29,12 +29,13 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2, help="per stream, one after the other")
     ap.add_argument("--tokens", type=int, default=100)
     ap.add_argument("--main-threads", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=None, help="the engine's torch threads (default: all cores)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="the engine's torch threads (default: the CPUs the worker may use)")
     a = ap.parse_args()
 
-    import torch
+    from llm_worker import model as model_mod  # before torch: the package sets the worker's GOMP_SPINCOUNT
 
-    from llm_worker import model as model_mod
+    import torch  # noqa: I001
     from llm_worker.config import load_config
     from llm_worker.engine import cpu_batch
     from llm_worker.engine.base import GenerationRequest, SamplingParams

@@ -11,9 +11,7 @@ import time
 
 import pytest
 
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")  # as llm_worker/__main__.py sets it, before torch loads
-
-from llm_worker import model as model_mod
+from llm_worker import model as model_mod  # first: the package sets GOMP_SPINCOUNT before anything loads torch
 from llm_worker.config import load_config
 
 

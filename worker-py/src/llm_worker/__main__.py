@@ -7,15 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
-
-# Read once by libgomp (torch's CPU threads) when torch loads, so set before anything imports torch. 1,000 spins
-# before an idle OpenMP thread sleeps instead of 300,000: with the default, a worker sharing its cores (a second
-# worker, the gateway, any busy process) decoded at 68 tok/s instead of 144 beside one busy process, and the fault
-# tests' extra workers stalled requests for 10 s and more; on a quiet machine 1,000 costs nothing measurable
-# (bench/RESULTS.md, 2026-11-26). See model.keep_main_thread_serial for the other half.
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 from . import __version__
 from .config import Config, load_config_or_exit

@@ -88,7 +88,7 @@ def keep_main_thread_serial() -> None:
     with 2 threads on the main thread, then run by the engine thread with 2 more: batch-16 decode step 46 → 68 ms and
     16-stream engine throughput 289 → 183 tok/s on the 2-core CI machine (bench/RESULTS.md, 2026-11-26). Loading is
     no slower with one thread (17.4 s either way for the bundled GGUF: the time goes to dequantising in Python).
-    The worker's __main__ also sets GOMP_SPINCOUNT=1000 (the throttled value) for cores shared with other processes;
+    The package (llm_worker/__init__.py) also sets GOMP_SPINCOUNT=1000 (the throttled value) for shared cores;
     with it, the engine's team alone still steps in 55 ms where two teams took 63 (bench/cpu/engine_alone.py).
     """
     import torch
