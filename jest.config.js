@@ -11,6 +11,9 @@ module.exports = {
     {
       displayName: 'gateway',
       testEnvironment: 'node',
+      // Many of these tests start gateways, fake workers and a redis-server; jest's 5 s default fails them on a slow or
+      // loaded machine. Waits inside tests are on conditions with their own deadlines; this is only the outer bound.
+      testTimeout: 60_000,
       roots: ['<rootDir>/gateway/test'],
       testMatch: ['**/*.test.ts'],
       transform,
@@ -19,6 +22,7 @@ module.exports = {
       // End to end: the official openai Node SDK against the stack `npm test` starts (real Redis, worker, gateway).
       displayName: 'e2e',
       testEnvironment: 'node',
+      testTimeout: 180_000,
       roots: ['<rootDir>/tests/e2e'],
       testMatch: ['**/*.test.ts'],
       transform,

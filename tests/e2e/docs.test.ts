@@ -7,7 +7,7 @@ import { join } from "node:path";
 import { type Browser, chromium } from "playwright-core";
 import { stack } from "./helpers";
 
-jest.setTimeout(120_000);
+jest.setTimeout(240_000);
 
 const CHROMIUM = "/usr/bin/chromium";
 const ARGS = [
@@ -38,6 +38,8 @@ test("/docs renders every operation of /openapi.json from local files only", asy
   ).length;
 
   const page = await browser.newPage();
+  // Playwright's 30 s default for each navigation and action is short for a loaded machine rendering a 1.5 MB bundle.
+  page.setDefaultTimeout(60_000);
   const requested: string[] = [];
   const errors: string[] = [];
   page.on("request", (r) => requested.push(r.url()));
@@ -55,7 +57,7 @@ test("/docs renders every operation of /openapi.json from local files only", asy
 
   // Open the chat operation: its request body schema (from the zod schema) is shown.
   await page.locator(".opblock-post .opblock-summary", { hasText: "/v1/chat/completions" }).first().click();
-  await page.waitForSelector(".opblock.is-open .opblock-section-request-body", { timeout: 20_000 });
+  await page.waitForSelector(".opblock.is-open .opblock-section-request-body", { timeout: 60_000 });
   expect(await page.locator(".opblock.is-open").innerText()).toContain("messages");
   expect(await page.locator(".opblock.is-open button.try-out__btn").count()).toBe(1);
   await page.screenshot({ path: join(tmpdir(), "llm-gateway-docs.png"), fullPage: false });

@@ -6,23 +6,14 @@ import { createWriteStream, existsSync, mkdirSync } from 'node:fs';
 import path from 'node:path';
 import Redis from 'ioredis';
 import { freePort, pingOnce } from '../../gateway/test/helpers/redis-server';
+import { sleep, waitFor } from './helpers';
 
 export const ROOT = path.resolve(__dirname, '../..');
 const LOG_DIR = path.join(ROOT, '.run/faults');
 const MODEL = 'smollm2-135m-instruct';
 export const QUEUE = `gen.${MODEL}`;
 
-export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-/** Polls `check` every 100 ms; returns the elapsed milliseconds, or throws naming `what` after `timeoutMs`. */
-export async function waitFor(check: () => boolean | Promise<boolean>, timeoutMs: number, what: string): Promise<number> {
-  const t0 = Date.now();
-  while (!(await check())) {
-    if (Date.now() - t0 > timeoutMs) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(100);
-  }
-  return Date.now() - t0;
-}
+export { sleep, waitFor };
 
 function python(): string {
   const p = process.env.STACK_PYTHON ?? path.join(ROOT, 'worker-py/.venv/bin/python');
@@ -99,7 +90,7 @@ export class FaultStack {
       '--port', String(this.redisPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no',
       '--maxmemory-policy', 'noeviction', '--dir', dir,
     ], {});
-    await waitFor(() => pingOnce(this.redisPort), 10_000, 'redis-server to answer PING');
+    await waitFor(() => pingOnce(this.redisPort), 60_000, 'redis-server to answer PING');
     this.redis ??= new Redis(this.redisUrl, { maxRetriesPerRequest: null, retryStrategy: () => 100 });
   }
 

@@ -4,7 +4,7 @@
 // The measured times are printed (docs/PROTOCOL.md, "Worker death and retries", quotes them).
 import { Job, Queue } from 'bullmq';
 import OpenAI from 'openai';
-import { FaultStack, type FaultGateway, type FaultWorker, JobWatcher, QUEUE, sleep, waitFor } from './fault-stack';
+import { FaultStack, type FaultGateway, type FaultWorker, JobWatcher, QUEUE, waitFor } from './fault-stack';
 
 jest.setTimeout(120_000);
 
@@ -34,7 +34,7 @@ async function completedJob(id: string): Promise<Job & { returnvalue: { worker_i
   await waitFor(async () => {
     job = await Job.fromId(queue, id);
     return job?.returnvalue != null;
-  }, 5000, `the result stored on job ${id}`);
+  }, 30_000, `the result stored on job ${id}`);
   return job as Job & { returnvalue: { worker_id: string } };
 }
 
@@ -62,14 +62,17 @@ beforeAll(async () => {
   queue.on('error', () => undefined); // the Redis restart case
   const t0 = Date.now();
   await Promise.all([
-    stack.waitGatewayUp(gateway, 60_000),
-    stack.waitGatewayUp(busyGateway, 60_000),
+    stack.waitGatewayUp(gateway, 120_000),
+    stack.waitGatewayUp(busyGateway, 120_000),
     stack.waitWorkerReady(workerA, 240_000),
     stack.waitWorkerReady(workerB, 240_000),
   ]);
-  await waitFor(async () => (await fetch(`${gateway.url}/ready`)).status === 200, 10_000, 'the gateway to see the workers');
+  await waitFor(async () => (await fetch(`${gateway.url}/ready`)).status === 200, 60_000, 'the gateway to see the workers');
   timings.startMs = Date.now() - t0;
-}, 300_000);
+  // One request through the 1500 ms gateway first: it loads the model's tokenizer on its first request, and the
+  // queue-timeout case below times the queue, not that cold start.
+  await sdk(busyGateway, 120_000).chat.completions.create({ model: stack.model, messages, max_tokens: 1 });
+}, 420_000);
 
 afterAll(async () => {
   // eslint-disable-next-line no-console
@@ -94,7 +97,7 @@ test('a job that waits past QUEUE_TIMEOUT_MS ends with 503 + retry-after and lea
   });
   try {
     await waitFor(() => new Set([...watcher.jobs.values()].filter((t) => t.firstSeenMs >= since).flatMap((t) => t.started.map((s) => s.workerId))).size === 2,
-      30_000, 'both workers to be busy');
+      60_000, 'both workers to be busy');
     const [[lastEventId]] = (await stack.redis.xrevrange(`bull:${QUEUE}:events`, '+', '-', 'COUNT', 1)) as [string, string[]][];
 
     const t0 = Date.now();
@@ -107,7 +110,10 @@ test('a job that waits past QUEUE_TIMEOUT_MS ends with 503 + retry-after and lea
     expect(Number(e.headers?.get('retry-after'))).toBeGreaterThanOrEqual(1);
     expect(e.error).toEqual({ message: expect.any(String), type: 'server_error', param: null, code: 'queue_timeout' });
     expect(timings.queueTimeoutMs).toBeGreaterThanOrEqual(1500);
-    expect(timings.queueTimeoutMs).toBeLessThan(5000);
+    // The bound under test: the answer comes from the 1500 ms timer (measured 1.6-2.4 s), not from a slot freeing up.
+    // The slack above 1500 ms is the gateway's admission and its Redis round trips, which a loaded machine stretches;
+    // waiting for a slot instead would mean the 2000-token generations ending (and a 200, not this 503).
+    expect(timings.queueTimeoutMs).toBeLessThan(10_000);
 
     // BullMQ's event stream: the job was added and removed, never made active; and it is gone from Redis.
     const events = (await stack.redis.xrange(`bull:${QUEUE}:events`, `(${lastEventId}`, '+')).map(([, kv]) => {
@@ -121,10 +127,11 @@ test('a job that waits past QUEUE_TIMEOUT_MS ends with 503 + retry-after and lea
     expect(events.filter((ev) => ev.jobId === jobId).map((ev) => ev.event)).toContain('removed');
     expect(await Job.fromId(queue, jobId)).toBeUndefined();
 
-    // Free the workers; the removed job must not run later (it would be `active` in the event stream).
+    // Free the workers; the removed job must not run later (it would be `active` in the event stream). Once a request
+    // sent after the busy jobs ended has been served, whatever was waiting before it has had its turn.
     for (const b of busy) b.ac.abort();
-    await waitFor(async () => (await pendingJobs()).length === 0, 15_000, 'the busy jobs to end');
-    await sleep(500);
+    await waitFor(async () => (await pendingJobs()).length === 0, 60_000, 'the busy jobs to end');
+    await sdk(gateway).chat.completions.create({ model: stack.model, messages, max_tokens: 1 });
     const later = await stack.redis.xrange(`bull:${QUEUE}:events`, `(${lastEventId}`, '+');
     expect(later.filter(([, kv]) => kv.includes(jobId) && kv.includes('active'))).toHaveLength(0);
   } finally {
@@ -142,16 +149,16 @@ test('workers that lose Redis (restart, every key gone) register again and serve
   timings.reregisteredAfterRestartMs = await waitFor(async () => {
     const listed = await Promise.all(workers.map((w) => stack.workerListed(w.id)));
     return listed.every(Boolean) && (await stack.redis.hexists(`llm:tokenizer:${stack.model}`, 'tokenizer_json')) === 1;
-  }, 20_000, 'the workers to register again (heartbeat and tokenizer)');
+  }, 60_000, 'the workers to register again (heartbeat and tokenizer)');
   // The replacement for the worker the next case kills loads its model meanwhile (it touches Redis only when loaded).
   workerC = await stack.spawnWorker('c');
 
   // A request through the gateway (which reconnects by itself too) is served by one of the same worker processes.
   let answer: OpenAI.ChatCompletion | null = null;
   await waitFor(async () => {
-    answer = await sdk(gateway, 10_000).chat.completions.create({ model: stack.model, messages, max_tokens: 8 }).catch(() => null);
+    answer = await sdk(gateway, 20_000).chat.completions.create({ model: stack.model, messages, max_tokens: 8 }).catch(() => null);
     return answer !== null;
-  }, 30_000, 'a request to succeed after the Redis restart');
+  }, 90_000, 'a request to succeed after the Redis restart');
   timings.servedAfterRestartMs = Date.now() - restartedAt;
   expect(answer!.choices[0].message.content!.length).toBeGreaterThan(0);
   // Who served it, from the result stored on the job (pub/sub events may be lost around a restart; the result is not).
@@ -159,7 +166,9 @@ test('workers that lose Redis (restart, every key gone) register again and serve
   expect(workers.map((w) => w.id)).toContain(servedBy);
   expect(workers.map((w) => w.proc.child.pid)).toEqual(pids);
   expect(stack.liveWorkerIds()).toEqual(expect.arrayContaining(workers.map((w) => w.id)));
-  expect(timings.servedAfterRestartMs).toBeLessThan(12_000); // measured 3.3-4.4 s; the fetch loop retries after 1 s
+  // Measured 3.3-4.4 s (the fetch loop retries after 1 s). The bound only says that service resumes by itself, in the
+  // same processes, within a while; it leaves a loaded machine room.
+  expect(timings.servedAfterRestartMs).toBeLessThan(30_000);
   // Both take jobs again: two long generations at once run on the two workers (MAX_BATCH 1 each).
   const both = Date.now();
   const acs = [0, 1].map(() => new AbortController());
@@ -171,12 +180,12 @@ test('workers that lose Redis (restart, every key gone) register again and serve
     .catch(() => undefined));
   try {
     await waitFor(() => new Set([...watcher.jobs.values()].filter((t) => t.firstSeenMs >= both).flatMap((t) => t.started.map((x) => x.workerId))).size === 2,
-      20_000, 'both workers to take a job after the restart');
+      60_000, 'both workers to take a job after the restart');
   } finally {
     for (const ac of acs) ac.abort();
     await Promise.all(runs);
   }
-  await waitFor(async () => (await pendingJobs()).length === 0, 15_000, 'the jobs to end');
+  await waitFor(async () => (await pendingJobs()).length === 0, 60_000, 'the jobs to end');
 });
 
 test('a worker killed mid-stream: the SDK raises worker_lost within 10 s, and no job is left stuck', async () => {
@@ -193,13 +202,13 @@ test('a worker killed mid-stream: the SDK raises worker_lost within 10 s, and no
   let victim = '';
   let jobId = '';
   let error: unknown = null;
-  const guard = setTimeout(() => stream.controller.abort(), 30_000); // a hang fails the test instead of blocking it
+  const guard = setTimeout(() => stream.controller.abort(), 90_000); // a hang fails the test instead of blocking it
   try {
     for await (const chunk of stream) {
       jobId = chunk.id;
       if (chunk.choices[0]?.delta.content) texts += 1;
       if (texts === 3 && !killedAt) {
-        victim = (await watcher.waitJob(since, (t) => t.jobId === jobId && t.started.length > 0, 5000, 'started')).started[0].workerId;
+        victim = (await watcher.waitJob(since, (t) => t.jobId === jobId && t.started.length > 0, 30_000, 'started')).started[0].workerId;
         await stack.killWorker(victim);
         killedAt = Date.now();
       }
@@ -215,6 +224,8 @@ test('a worker killed mid-stream: the SDK raises worker_lost within 10 s, and no
   expect(error).not.toBeInstanceOf(OpenAI.APIUserAbortError);
   const e = error as InstanceType<typeof OpenAI.APIError>;
   expect(e.error).toEqual({ message: expect.any(String), type: 'server_error', param: null, code: 'worker_lost' });
+  // The bound under test, the promise of docs/PROTOCOL.md ("Worker death and retries"): the heartbeat expires 4-5 s
+  // after the death and the gateway looks every second (measured 4.1-5.7 s); a longer bound would not test it.
   expect(timings.streamErrorAfterKillMs).toBeLessThan(10_000);
 
   // The dead worker's job must end up neither active nor waiting, and must not be generated again. Two ways, by timing:
@@ -225,19 +236,24 @@ test('a worker killed mid-stream: the SDK raises worker_lost within 10 s, and no
   await waitFor(async () => {
     const [job, pending, stalled] = await Promise.all([Job.fromId(queue, jobId), pendingJobs(), stack.redis.sismember(stalledKey, jobId)]);
     return pending.length === 0 && stalled === 0 && (job === undefined || (await job.getState()) === 'failed');
-  }, 20_000, "the dead worker's job to be removed or failed, and seen by a stalled check");
+  }, 60_000, "the dead worker's job to be removed or failed, and seen by a stalled check");
   timings.orphanSettledAfterKillMs = Date.now() - killedAt;
   const job = await Job.fromId(queue, jobId);
   if (job) {
     expect(job.failedReason).toMatch(/^cancelled/);
     expect(job.stalledCounter).toBe(1);
-    await waitFor(async () => [...(await cancelledNow())].some(([id, n]) => n > (cancelledBefore.get(id) ?? 0)), 5000,
+    await waitFor(async () => [...(await cancelledNow())].some(([id, n]) => n > (cancelledBefore.get(id) ?? 0)), 30_000,
       'a survivor to count the cancelled job');
   }
   // eslint-disable-next-line no-console
   console.log(`dead worker's job: ${job ? 're-queued by the stalled check, then failed as cancelled' : 'removed by the gateway'}`);
   expect(watcher.jobs.get(jobId)!.end?.type).not.toBe('done');
-  await sleep(3000); // one more stalled check (STALLED_INTERVAL_MS 2500): still nothing pending
+  // One more stalled check, started after the job settled, must bring nothing back. Each check stores its start time
+  // in the stalled-check key (SET … PX STALLED_INTERVAL_MS, in the same Lua call that re-queues), so the key holding a
+  // later time means such a check has run to its end.
+  const settledAt = Date.now();
+  await waitFor(async () => Number(await stack.redis.get(`bull:${QUEUE}:stalled-check`)) > settledAt, 60_000,
+    'a stalled check after the job settled');
   expect(await pendingJobs()).toEqual([]);
 
   // The rest of the system is fine: ready, the dead worker no longer counted, nothing active.
@@ -247,22 +263,22 @@ test('a worker killed mid-stream: the SDK raises worker_lost within 10 s, and no
     const listed = (await Promise.all(stack.liveWorkerIds().map((id) => stack.workerListed(id)))).filter(Boolean).length;
     const counted = await metric(`${gateway.url}/metrics`, 'llm_gateway_live_workers', `model="${stack.model}"`);
     return listed >= 1 && counted === listed && !(await stack.workerListed(victim));
-  }, 5000, 'the gateway to count the live workers without the dead one');
+  }, 30_000, 'the gateway to count the live workers without the dead one');
   expect(await metric(`${gateway.url}/metrics`, 'llm_queue_jobs', `model="${stack.model}",state="active"`)).toBe(0);
 });
 
 test('a worker killed before anything reached its client: the job is retried on another worker transparently', async () => {
   expect(workerC).not.toBeNull();
   timings.replacementReadyWaitMs = await stack.waitWorkerReady(workerC!, 240_000);
-  await waitFor(async () => (await metric(`${gateway.url}/metrics`, 'llm_gateway_live_workers', `model="${stack.model}"`)) === 2, 5000,
+  await waitFor(async () => (await metric(`${gateway.url}/metrics`, 'llm_gateway_live_workers', `model="${stack.model}"`)) === 2, 30_000,
     'the gateway to count two live workers');
 
   // Non-streaming: the gateway sends nothing before the end, so a death at any point leaves nothing to repeat.
   const since = Date.now();
   const maxTokens = 64;
-  const pending = sdk(gateway).chat.completions.create({ model: stack.model, messages, max_tokens: maxTokens, ignore_eos: true, temperature: 0 } as
+  const pending = sdk(gateway, 120_000).chat.completions.create({ model: stack.model, messages, max_tokens: maxTokens, ignore_eos: true, temperature: 0 } as
     OpenAI.ChatCompletionCreateParamsNonStreaming);
-  const first = await watcher.waitJob(since, (t) => t.started.length > 0 && t.deltas > 0, 30_000, 'the job to start and publish text');
+  const first = await watcher.waitJob(since, (t) => t.started.length > 0 && t.deltas > 0, 60_000, 'the job to start and publish text');
   const victim = first.started[0].workerId;
   const survivor = stack.liveWorkerIds().find((id) => id !== victim)!;
   await stack.killWorker(victim);
@@ -289,7 +305,10 @@ test('a worker killed before anything reached its client: the job is retried on 
   timings.retryStartedAfterKillMs = trace.started[1].atMs - killedAt;
   timings.retryGenerationMs = trace.end!.atMs - trace.started[1].atMs;
   timings.retryAnsweredAfterKillMs = answeredAt - killedAt;
+  // The bound under test, the promise of docs/PROTOCOL.md: the lock lapses 2.5-5 s after the death and the next stalled
+  // check (every 2.5 s) re-queues the job, at most 7.5 s (measured 4.9-7.2 s); a longer bound would not test it.
   expect(timings.retryStartedAfterKillMs).toBeLessThan(10_000);
-  expect(timings.retryAnsweredAfterKillMs).toBeLessThan(10_000 + timings.retryGenerationMs + 1000);
+  // Then the retry's own generation, and the gateway's answer after its `done` (pub/sub, then HTTP: slack for load).
+  expect(timings.retryAnsweredAfterKillMs).toBeLessThan(10_000 + timings.retryGenerationMs + 5000);
   expect(await pendingJobs()).toEqual([]);
 }, 300_000); // includes the wait for the replacement worker's model load on a busy machine

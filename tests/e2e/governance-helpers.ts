@@ -3,7 +3,7 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { createServer } from "node:net";
 import path from "node:path";
-import { stack } from "./helpers";
+import { stack, waitFor } from "./helpers";
 
 const ROOT = path.resolve(__dirname, "../..");
 
@@ -45,17 +45,15 @@ export async function startGatewayProcess(env: Record<string, string>): Promise<
   child.stdout!.on("data", (b) => (out += b));
   child.stderr!.on("data", (b) => (out += b));
   const url = `http://127.0.0.1:${port}`;
-  const t0 = Date.now();
-  for (;;) {
-    if (child.exitCode !== null) throw new Error(`gateway exited (${child.exitCode}): ${out}`);
-    try {
-      if ((await fetch(`${url}/ready`)).status === 200) break;
-    } catch {
-      // not listening yet
-    }
-    if (Date.now() - t0 > 60_000) throw new Error(`gateway not ready: ${out}`);
-    await new Promise((r) => setTimeout(r, 200));
-  }
+  // Ready: listening, and it sees Redis and a live worker. The deadline only bounds a hang: tsx compiling the gateway
+  // on a loaded machine, two at once, takes a while.
+  await waitFor(async () => {
+    if (child.exitCode !== null || child.signalCode !== null) throw new Error(`gateway exited (${child.exitCode ?? child.signalCode})`);
+    return (await fetch(`${url}/ready`).catch(() => null))?.status === 200;
+  }, 180_000, `gateway ${url} to be ready`).catch((err: Error) => {
+    child.kill("SIGKILL");
+    throw new Error(`${err.message}; its output: ${out}`);
+  });
   return {
     url,
     child,

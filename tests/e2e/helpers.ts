@@ -40,6 +40,22 @@ export function client(opts: { apiKey?: string; maxRetries?: number; allowCache?
   });
 }
 
+export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/**
+ * Polls `check` every 100 ms until it holds; returns the elapsed milliseconds, or throws naming `what` after
+ * `timeoutMs`. Tests wait on a state this way, never with a fixed sleep: the deadline only bounds a hang, so make it
+ * generous (a loaded or slow machine takes longer, and a passing run never waits for it).
+ */
+export async function waitFor(check: () => boolean | Promise<boolean>, timeoutMs: number, what: string): Promise<number> {
+  const t0 = Date.now();
+  while (!(await check())) {
+    if (Date.now() - t0 > timeoutMs) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleep(100);
+  }
+  return Date.now() - t0;
+}
+
 export const PROMPT: OpenAI.ChatCompletionMessageParam[] = [
   { role: "system", content: "You are a concise assistant." },
   { role: "user", content: "Describe the sea in two sentences." },

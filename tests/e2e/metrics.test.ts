@@ -5,7 +5,7 @@ import { randomUUID } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { parsePrometheus, type Sample, select, sumOf } from "../../gateway/test/helpers/prom-text";
-import { client, stack } from "./helpers";
+import { client, stack, waitFor } from "./helpers";
 
 jest.setTimeout(240_000);
 
@@ -91,7 +91,12 @@ describe("the dashboard's metrics, after real traffic", () => {
       }
     }
     after = await scrape(`${stack.baseUrl}/metrics`);
-    worker = await scrape(`${workerMetricsUrl()}/metrics`);
+    // The worker counts a job just after publishing its end, and its token counter follows the engine's stats every
+    // 0.25 s: read until both show the traffic (if they never do, the test below fails on the last reading).
+    await waitFor(async () => {
+      worker = await scrape(`${workerMetricsUrl()}/metrics`);
+      return sumOf(worker, "llm_worker_generated_tokens_total") > 0 && sumOf(worker, "llm_worker_generation_seconds_count") >= 2;
+    }, 30_000, "the worker's metrics to show the traffic").catch(() => undefined);
   });
 
   test("every metric the dashboard queries is served with samples", () => {

@@ -56,7 +56,7 @@ def test_tutorial_python_example():
 
 
 def test_tutorial_health_example():
-    response = requests.get(f"{BASE_URL}/health", timeout=10)
+    response = requests.get(f"{BASE_URL}/health", timeout=60)
     assert response.status_code == 200
     assert response.json()["status"] == "healthy"
     assert response.json()["service"] == "llm-api"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -41,6 +42,47 @@ def engine(loaded):
     eng.stop()
 
 
+def wait_until(check, timeout: float, what: str, alive=None, interval: float = 0.05):
+    """Polls ``check`` until it is true; fails naming ``what`` after ``timeout`` seconds, or at once when ``alive``
+    (a process we wait on) says it died. Tests wait on a state this way, never with a fixed sleep; the deadline only
+    bounds a hang, so make it generous (a loaded machine takes longer, and a passing run never waits for it)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert alive is None or alive(), f"gave up waiting for {what}: the process exited"
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(interval)
+
+
+async def wait_until_async(check, timeout: float, what: str, interval: float = 0.02):
+    """``wait_until`` for a coroutine ``check`` on a running event loop."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        await asyncio.sleep(interval)
+
+
+async def wait_subscribed(pubsub, count: int, timeout: float = 60) -> None:
+    """Reads the confirmations of ``count`` (p)subscribe calls of a redis-py asyncio PubSub: until Redis has confirmed,
+    it may not deliver to it yet (and an unread confirmation makes a later get_message(ignore_subscribe_messages=True)
+    return None)."""
+    deadline = time.monotonic() + timeout
+    confirmed = 0
+    while confirmed < count:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no (p)subscribe confirmation within {timeout} s"
+        msg = await pubsub.get_message(timeout=min(left, 1.0))
+        if msg is not None and msg["type"] in ("subscribe", "psubscribe"):
+            confirmed += 1
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -58,16 +100,11 @@ def redis_url():
     proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                              "--maxmemory-policy", "noeviction", "--dir", workdir],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
+    wait_until(lambda: _accepts(port), 60, f"redis-server on port {port} to accept connections",
+               alive=lambda: proc.poll() is None)
     yield f"redis://127.0.0.1:{port}"
     proc.terminate()
-    proc.wait(timeout=10)
+    proc.wait(timeout=60)
     shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -29,8 +29,9 @@ def test_bad_values_raise(env):
 
 
 def test_bad_value_exits_2_with_a_clear_message():
+    # The timeout only bounds a hang: starting Python with the worker's imports is slow on a loaded machine.
     proc = subprocess.run([sys.executable, "-m", "llm_worker"], env={"MAX_BATCH": "-3", "PATH": "/usr/bin"},
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "MAX_BATCH" in proc.stderr
 

@@ -157,18 +157,19 @@ def test_eos_stops_and_is_not_emitted(model, ref_model):
 def test_cancel_frees_the_sequence_and_its_cache(engine):
     col = Collector()
     engine.submit(GenerationRequest("long", prompt(9, 40), SamplingParams(max_tokens=400, ignore_eos=True)), col)
-    end = time.monotonic() + 30
-    while not col.tokens.get("long") and time.monotonic() < end:
+    # Deadlines below only bound a hang (a loaded machine is slow; a passing run never waits for them).
+    end = time.monotonic() + 300
+    while not col.tokens.get("long"):
+        assert time.monotonic() < end, "no token in 300 s"
         time.sleep(0.01)
     assert engine.stats().kv_cache_bytes > 0
-    t0 = time.monotonic()
     engine.cancel("long")
-    col.wait({"long": 1}, timeout=5)
+    col.wait({"long": 1}, timeout=120)
     assert col.finish["long"][0] == "cancelled"
-    while (engine.stats().running_sequences or engine.stats().kv_cache_bytes) and time.monotonic() - t0 < 2:
+    end = time.monotonic() + 60
+    while engine.stats().running_sequences or engine.stats().kv_cache_bytes:
+        assert time.monotonic() < end, f"not freed in 60 s: {engine.stats()}"
         time.sleep(0.01)
-    stats = engine.stats()
-    assert stats.running_sequences == 0 and stats.kv_cache_bytes == 0
     assert len(col.tokens["long"][0]) < 400
 
 
@@ -177,7 +178,7 @@ def test_deadline_cuts_with_length(engine):
     req = GenerationRequest("late", prompt(3, 8), SamplingParams(max_tokens=400, ignore_eos=True),
                             deadline=time.time() + 0.3)
     engine.submit(req, col)
-    col.wait({"late": 1}, timeout=10)
+    col.wait({"late": 1}, timeout=120)
     assert col.finish["late"][0] == "length"
     assert len(col.tokens["late"][0]) < 400
 

@@ -53,7 +53,9 @@ def test_every_slot_fills_and_all_jobs_finish(redis_url, loaded):
                         await asyncio.sleep(0.005)
 
                 watcher = asyncio.create_task(watch())
-                results = await asyncio.gather(*(gw.run(job_data(f"job {i}", max_tokens=20, ignore_eos=True))
+                # Each job runs 3 s (150 steps of 20 ms): the loop has that long to fill all 16 slots before the first
+                # job ends, ample even on a loaded machine (a fetch takes milliseconds).
+                results = await asyncio.gather(*(gw.run(job_data(f"job {i}", max_tokens=150, ignore_eos=True))
                                                  for i in range(24)))
                 watcher.cancel()
                 return peak, results
@@ -63,4 +65,4 @@ def test_every_slot_fills_and_all_jobs_finish(redis_url, loaded):
     peak, results = asyncio.run(body())
     assert peak == 16  # MAX_BATCH jobs at once, the rest waited for a slot
     assert all(events[-1]["type"] == "done" for events, _ in results)
-    assert all(job.returnvalue["usage"]["completion_tokens"] == 20 for _, job in results)
+    assert all(job.returnvalue["usage"]["completion_tokens"] == 150 for _, job in results)

@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 
-from conftest import chat_ids
+from conftest import chat_ids, wait_until_async
 from transport_util import job_data, serve
 
 
@@ -139,15 +139,23 @@ def test_cancel_while_running_frees_sequence(redis_url, engine, loaded):
 
             events, job = await gw.run(job_data("Write a long essay.", max_tokens=2000, temperature=0,
                                                 ignore_eos=True), on_event=on_event)
-            await asyncio.sleep(0.5)
-            return events, job, sent["t"], engine.stats(), svc.metrics
 
-    events, job, t_cancel, stats, metrics = run(body())
+            # The engine frees the rows just after its last emit; the gauge follows its stats every 0.25 s.
+            async def freed():
+                s = engine.stats()
+                return s.running_sequences == 0 and s.kv_cache_bytes == 0 and svc.metrics.running._value.get() == 0
+
+            await wait_until_async(freed, 60, "the sequence to leave the batch and the gauge")
+            return events, job, sent["t"]
+
+    events, job, t_cancel = run(body())
     assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "cancelled"
-    assert events[-1]["_recv"] - t_cancel < 1.0
+    # Promptly, at a token boundary, not by running to max_tokens (2000 tokens: tens of seconds even on a fast machine):
+    # measured well under a second on an idle machine; the bound leaves a loaded one room.
+    assert events[-1]["_recv"] - t_cancel < 5.0
+    done_tokens = sum(c["tokens"] for e in events if e["type"] == "delta" for c in e["choices"])
+    assert done_tokens < 2000
     assert job.failedReason.startswith("cancelled: ")
-    assert stats.running_sequences == 0 and stats.kv_cache_bytes == 0
-    assert metrics.running._value.get() == 0
 
 
 def test_cancelled_before_pickup(redis_url, engine, loaded):
@@ -191,12 +199,17 @@ def test_registration_restored_when_redis_loses_it(redis_url, engine, loaded):
             await r.delete("llm:tokenizer:smollm2-135m-instruct", f"llm:worker:{wid}")
             await r.zrem("llm:workers", wid)
             started = time.time()
-            while await r.zscore("llm:workers", wid) is None and time.time() - started < 5:
-                await asyncio.sleep(0.02)
+
+            async def listed():
+                return await r.zscore("llm:workers", wid) is not None
+
+            await wait_until_async(listed, 60, "the worker to be listed again")
             listed_after = time.time() - started
             return listed_after, await r.hget("llm:tokenizer:smollm2-135m-instruct", "hash"), svc.info.tokenizer_hash, \
                 await r.exists(f"llm:worker:{wid}")
 
     listed_after, stored_hash, own_hash, info_exists = run(body())
-    assert listed_after < 2.5  # HEARTBEAT_MS is 1 s
+    # The next beat restores it (HEARTBEAT_MS 1 s; measured about a second): the bound under test is that it is back
+    # before HEARTBEAT_TTL_MS (5 s), the silence after which gateways would count the worker dead.
+    assert listed_after < 5.0
     assert stored_hash == own_hash and info_exists == 1  # the tokenizer is back by the time the worker is listed

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import redis.asyncio as aioredis
 from bullmq import Job, Queue
+from conftest import wait_subscribed
 
 from llm_worker.config import load_config
 from llm_worker.metrics import Metrics
@@ -64,6 +65,7 @@ class Gateway:
         job_id = job_id or f"chatcmpl-{uuid.uuid4().hex}"
         pubsub = self.redis.pubsub()
         await pubsub.subscribe(f"llm:job:{job_id}")
+        await wait_subscribed(pubsub, 1)  # as the gateway: listening before the job exists
         await self.queue.add("chat", data, {"jobId": job_id, "attempts": 1,
                                             "removeOnComplete": {"age": 300, "count": 1000},
                                             "removeOnFail": {"age": 3600, "count": 1000}})
@@ -81,7 +83,8 @@ class Gateway:
             if ev["type"] in ("done", "error"):
                 break
         await pubsub.aclose()
-        for _ in range(100):  # the processor's return lands in BullMQ right after the done event
+        finish_by = time.monotonic() + 60  # the processor's return lands in BullMQ right after the done event
+        while time.monotonic() < finish_by:
             job = await Job.fromId(self.queue, job_id)
             if job is not None and (job.finishedOn or job.failedReason):
                 return events, job

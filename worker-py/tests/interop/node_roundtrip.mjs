@@ -33,7 +33,12 @@ for (const { id, data } of JSON.parse(readFileSync(jobsFile, "utf8"))) {
     const stored = await queue.getJob(id);
     out = { id, ok: false, message: err.message, failedReason: stored?.failedReason };
   }
-  await new Promise((r) => setTimeout(r, 100)); // let the last pub/sub message land
+  // The worker publishes its done/error event before BullMQ stores the result, but on another connection than the
+  // one that told us: wait until that last pub/sub message has landed too (the deadline only bounds a hang).
+  const landBy = Date.now() + 60000;
+  while (!seen.some((e) => e.type === "done" || e.type === "error") && Date.now() < landBy) {
+    await new Promise((r) => setTimeout(r, 20));
+  }
   await sub.unsubscribe(`llm:job:${id}`);
   sub.removeAllListeners("message");
   out.events = seen;
