@@ -28,6 +28,9 @@ export const configSchema = z.object({
   DEFAULT_MODEL: z.string().min(1).default('smollm2-135m-instruct'),
   /** Largest accepted request body; larger bodies get 413. */
   MAX_BODY_BYTES: int(1024).default(4 * 1024 * 1024),
+  /** Worker threads that count prompt tokens (off the event loop), and how many counts may wait before 503 server_busy. */
+  TOKENIZER_THREADS: int(1, 64).default(2),
+  TOKENIZER_MAX_PENDING: int(1).default(256),
   /** max_tokens when a request sets none; always capped by what the model's context leaves. */
   DEFAULT_MAX_TOKENS: int(1).default(512),
   /** A job that no worker has started after this long is removed: 503 (or an in-stream error). */

@@ -35,6 +35,8 @@ export const ERROR_TABLE = {
   queue_timeout: { status: 503, type: 'server_error' },
   queue_full: { status: 503, type: 'server_error' },
   shutting_down: { status: 503, type: 'server_error' },
+  // The gateway's own bounded work queues (prompt counting) are full: retry shortly.
+  server_busy: { status: 503, type: 'server_error' },
   request_timeout: { status: 504, type: 'server_error' },
 } as const satisfies Record<string, { status: number; type: ErrorType }>;
 
@@ -100,6 +102,16 @@ export function toApiError(err: unknown): ApiError {
         return new ApiError('unsupported_media_type', String(err.message ?? 'Unsupported encoding.'), { cause: err });
       case 'request.aborted':
         return new ApiError('cancelled', 'The client closed the request.', { cause: err });
+    }
+    // A Content-Encoding body (gzip, deflate, br) that is not valid or is cut off: zlib's error, the client's fault.
+    if (typeof err.code === 'string' && /^(Z_|ERR_ZLIB|ERR__?BROTLI)/.test(err.code)) {
+      return new ApiError('invalid_request', `The request body could not be decompressed (${String(err.message ?? err.code)}).`, { cause: err });
+    }
+    // Any other body-reading error that http-errors marked as the client's (4xx, exposable).
+    const status = Number(err.status ?? err.statusCode);
+    if (err.expose === true && status >= 400 && status < 500) {
+      const code = status === 413 ? 'request_too_large' : status === 415 ? 'unsupported_media_type' : 'invalid_request';
+      return new ApiError(code, String(err.message ?? 'Invalid request body.'), { cause: err });
     }
     if (isRedisDown(err)) {
       return new ApiError('redis_unavailable', 'The service is temporarily unavailable (queue store unreachable). Please retry.', {

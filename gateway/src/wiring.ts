@@ -34,7 +34,10 @@ export function buildGateway(config: Config, logger: Logger, keys: readonly stri
   // A connection in subscriber mode may not run other commands, so job events get their own.
   const sub = createRedis(config.REDIS_URL, 'subscriber', logger);
   const registry = new WorkerRegistry(redis, logger.child({ module: 'registry' }), config.WORKER_REFRESH_MS);
-  const tokenizers = new TokenizerCache(redis, logger.child({ module: 'tokenizer' }));
+  const tokenizers = new TokenizerCache(redis, logger.child({ module: 'tokenizer' }), {
+    threads: config.TOKENIZER_THREADS,
+    maxPending: config.TOKENIZER_MAX_PENDING,
+  });
   registry.onRefresh((workers) => tokenizers.warm(workers));
   registry.start();
   const queues = new JobQueues(redis, config.REDIS_URL, logger.child({ module: 'queue' }));
@@ -70,6 +73,7 @@ export function buildGateway(config: Config, logger: Logger, keys: readonly stri
     async close() {
       registry.stop();
       await detachMetrics();
+      await tokenizers.close();
       await queues.close();
       await Promise.allSettled([redis.quit(), sub.quit()]);
       redis.disconnect();

@@ -88,7 +88,17 @@ export class ChatService {
         });
       }
     }
-    const promptTokens = tokenizer.countPrompt(messages);
+    // A prompt with more characters than the context can hold as tokens is refused before any tokenization: counting
+    // megabytes of text costs seconds of CPU and hundreds of MB, for an answer known in advance.
+    const chars = messages.reduce((n, m) => n + m.content.length, 0);
+    if (chars > model.contextLength * tokenizer.maxTokenChars) {
+      throw new ApiError(
+        'context_length_exceeded',
+        `This model's maximum context length is ${model.contextLength} tokens. However, your messages hold ${chars} characters, more than ${model.contextLength} tokens can carry. Please reduce the length of the messages.`,
+        { param: 'messages' },
+      );
+    }
+    const promptTokens = await tokenizer.countPrompt(messages);
     const maxTokens = this.decideMaxTokens(requestedMaxTokens(req), promptTokens, model.contextLength);
 
     const now = Date.now();

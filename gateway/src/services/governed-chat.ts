@@ -149,6 +149,7 @@ export class GovernedChat {
         degraded.push(`model=${fb}`);
       }
     }
+    await this.refuseIfOverBudget(raw, res, opts, limits);
     const p = await chat.prepare(effectiveBody, ctx);
     if (config.MAX_PROMPT_TOKENS > 0 && p.data.prompt_tokens > config.MAX_PROMPT_TOKENS) {
       throw new ApiError(
@@ -179,6 +180,23 @@ export class GovernedChat {
       chat.releaseEvents(p);
       throw err;
     }
+  }
+
+  /**
+   * Counting a large prompt costs CPU (on the tokenizer threads): a caller that is already over its budget is refused
+   * before that, from a read-only look at its buckets. Small prompts skip the look: counting them is cheaper than the
+   * round trip, and the real admission after counting refuses them just the same.
+   */
+  private async refuseIfOverBudget(raw: Record<string, unknown>, res: Response, opts: GovernOptions, limits: ReturnType<typeof effectiveLimits>) {
+    if (contentChars(raw.messages) < PEEK_BEFORE_COUNT_CHARS) return;
+    const { config, limiter } = this.deps;
+    const buckets = bucketsFor(config, opts.principal, limits, false);
+    if (buckets.length === 0) return;
+    const peek = await limiter.admit(buckets, 'peek', 0, true);
+    if (peek.limitedBy === null) return;
+    setRateLimitHeaders(res, peek.states);
+    rateLimitRejections.inc();
+    throw rateLimitError(res, peek, 0, limiter.windowMs);
   }
 
   private async admitPrepared(
@@ -265,6 +283,21 @@ export class GovernedChat {
     };
     return { prepared: p, ctx: governedCtx, cached: null, finish };
   }
+}
+
+/** Prompts above this many characters are checked against the caller's budget before they are counted. */
+const PEEK_BEFORE_COUNT_CHARS = 16_384;
+
+/** Characters of message content in a body not yet validated (strings only; the schema judges the rest later). */
+function contentChars(messages: unknown): number {
+  if (!Array.isArray(messages)) return 0;
+  let n = 0;
+  for (const m of messages) {
+    const c = (m as { content?: unknown } | null)?.content;
+    if (typeof c === 'string') n += c.length;
+    else if (Array.isArray(c)) for (const part of c) n += typeof part?.text === 'string' ? part.text.length : 0;
+  }
+  return n;
 }
 
 const allowed = (models: string[] | null, model: string) => models === null || models.includes(model);

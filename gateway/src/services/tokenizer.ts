@@ -1,100 +1,49 @@
 /**
  * Prompt token counting in the gateway, with the tokenizer each worker exports at registration (docs/PROTOCOL.md:
  * HASH llm:tokenizer:{model}), so that a prompt too long for the context is a plain HTTP 400 before any stream header.
- * Matches Transformers' apply_chat_template(add_generation_prompt=True): render the chat template with the special
- * tokens in scope, then encode without adding special tokens.
+ * The tokenizers themselves (model-tokenizer.ts) live on worker threads (tokenizer-pool.ts), never on the event loop.
  */
-import { Template } from '@huggingface/jinja';
-import { Tokenizer } from '@huggingface/tokenizers';
 import type Redis from 'ioredis';
 import { ApiError } from '../errors';
 import type { Logger } from '../logger';
 import { type JobMessage, tokenizerKey } from '../protocol/job';
+import { TokenizerPool } from './tokenizer-pool';
+import type { TokenizerSource } from './tokenizer-thread';
 import type { LiveWorker } from './worker-registry';
 
-type Json = Record<string, unknown>;
-
-const SPECIAL_TOKEN_KEYS = ['bos_token', 'eos_token', 'unk_token', 'pad_token', 'sep_token', 'cls_token', 'mask_token'];
-
-/** tokenizer_config.json may spell a special token as "<s>" or as an AddedToken object {"content": "<s>", …}. */
-function tokenText(v: unknown): string | undefined {
-  if (typeof v === 'string') return v;
-  if (v && typeof v === 'object' && typeof (v as Json).content === 'string') return (v as Json).content as string;
-  return undefined;
+/** A model's tokenizer as the request path sees it: what is checked before counting, and the count (on the pool). */
+export interface LoadedTokenizer {
+  vocabSize: number;
+  maxTokenChars: number;
+  countPrompt(messages: JobMessage[]): Promise<number>;
 }
 
-/** The template: a separate string (Transformers 5 saves chat_template.jinja) or tokenizer_config's own field. */
-export function pickChatTemplate(config: Json, separate?: string | null): string | null {
-  if (separate) return separate;
-  const t = config.chat_template;
-  if (typeof t === 'string') return t;
-  if (Array.isArray(t)) {
-    // Named templates: [{name, template}]; Transformers uses "default".
-    const named = t as Array<{ name?: string; template?: string }>;
-    return (named.find((x) => x.name === 'default') ?? named[0])?.template ?? null;
-  }
-  return null;
+export interface TokenizerPoolOptions {
+  /** Worker threads that count prompts. */
+  threads: number;
+  /** Counts waiting at most, beyond which requests get 503 server_busy. */
+  maxPending: number;
 }
 
-export class ModelTokenizer {
-  private readonly tokenizer: Tokenizer;
-  private readonly template: Template;
-  private readonly specials: Record<string, unknown>;
-  readonly vocabSize: number;
-
-  constructor(tokenizerJson: Json, config: Json, chatTemplate: string | null) {
-    if (!chatTemplate) throw new Error('the tokenizer has no chat template');
-    this.tokenizer = new Tokenizer(tokenizerJson, config);
-    this.template = new Template(chatTemplate);
-    this.specials = {};
-    for (const key of SPECIAL_TOKEN_KEYS) {
-      const text = tokenText(config[key]);
-      if (text !== undefined) this.specials[key] = text;
-    }
-    if (Array.isArray(config.additional_special_tokens)) {
-      this.specials.additional_special_tokens = config.additional_special_tokens.map(tokenText);
-    }
-    this.vocabSize = this.tokenizer.get_vocab(true).size;
-  }
-
-  render(messages: readonly JobMessage[]): string {
-    try {
-      return this.template.render({
-        ...this.specials,
-        messages,
-        add_generation_prompt: true,
-        // raise_exception is a built-in of @huggingface/jinja, as it is of Transformers.
-      });
-    } catch (err) {
-      // Templates reject some conversations on purpose (e.g. roles that do not alternate): that is the client's 400.
-      const message = err instanceof Error ? err.message : String(err);
-      throw new ApiError('invalid_request', `The model's chat template rejected these messages: ${message}`, {
-        param: 'messages',
-      });
-    }
-  }
-
-  countPrompt(messages: readonly JobMessage[]): number {
-    return this.tokenizer.encode(this.render(messages), { add_special_tokens: false }).ids.length;
-  }
-
-  encode(text: string): number[] {
-    return this.tokenizer.encode(text, { add_special_tokens: false }).ids;
-  }
-}
-
-/** Tokenizers by hash: built once (~100 ms for a 3.5 MB tokenizer.json), shared by every request of that model. */
+/**
+ * Tokenizers by hash: built once per thread (~200 ms for a 3.5 MB tokenizer.json, off the event loop), shared by
+ * every request of that model. The main thread keeps only their facts (vocabulary size, longest token).
+ */
 export class TokenizerCache {
-  private readonly byHash = new Map<string, Promise<ModelTokenizer>>();
+  private readonly byHash = new Map<string, Promise<LoadedTokenizer>>();
   private readonly loaded = new Set<string>();
+  private readonly pool: TokenizerPool;
   private static readonly MAX_ENTRIES = 16;
 
   constructor(
     private readonly redis: Redis,
     private readonly logger: Logger,
-  ) {}
+    pool: TokenizerPoolOptions = { threads: 1, maxPending: 64 },
+  ) {
+    this.pool = new TokenizerPool(pool.threads, pool.maxPending, logger);
+  }
 
-  get(model: string, hash: string): Promise<ModelTokenizer> {
+  get(model: string, hash: string): Promise<LoadedTokenizer> {
     let entry = this.byHash.get(hash);
     if (!entry) {
       entry = this.load(model, hash);
@@ -128,8 +77,22 @@ export class TokenizerCache {
     }
   }
 
-  private async load(model: string, hash: string): Promise<ModelTokenizer> {
+  close(): Promise<void> {
+    return this.pool.close();
+  }
+
+  private async load(model: string, hash: string): Promise<LoadedTokenizer> {
     const started = Date.now();
+    const info = await this.pool.load(hash, await this.source(model, hash));
+    this.logger.info('tokenizer loaded', { model, hash: hash.slice(0, 12), ms: Date.now() - started });
+    return {
+      ...info,
+      // A thread that evicted it gets the source again from Redis (rare: a few tokenizers per thread).
+      countPrompt: (messages) => this.pool.count(hash, () => this.source(model, hash), messages),
+    };
+  }
+
+  private async source(model: string, hash: string): Promise<TokenizerSource> {
     const fields = await this.redis.hgetall(tokenizerKey(model));
     if (!fields.tokenizer_json || !fields.tokenizer_config_json) {
       // A worker lists itself only after writing its tokenizer, so this is a Redis that lost data (restarted without
@@ -143,13 +106,6 @@ export class TokenizerCache {
       // A worker with another tokenizer version registered since; counting with it is still better than failing.
       this.logger.warn('tokenizer hash differs from worker info', { model, expected: hash, stored: fields.hash });
     }
-    const config = JSON.parse(fields.tokenizer_config_json) as Json;
-    const tok = new ModelTokenizer(
-      JSON.parse(fields.tokenizer_json) as Json,
-      config,
-      pickChatTemplate(config, fields.chat_template),
-    );
-    this.logger.info('tokenizer loaded', { model, hash: hash.slice(0, 12), ms: Date.now() - started });
-    return tok;
+    return { tokenizerJson: fields.tokenizer_json, configJson: fields.tokenizer_config_json, chatTemplate: fields.chat_template };
   }
 }

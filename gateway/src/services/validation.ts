@@ -115,9 +115,38 @@ export function zodErrorToApiError(error: z.ZodError, input: unknown): ApiError 
   }
 }
 
+/**
+ * The path of the first string (value or key) holding a lone UTF-16 surrogate ("\ud800" is valid JSON but not text):
+ * it cannot be encoded as UTF-8, so the worker's tokenizer would fail on it. Null when every string is text.
+ */
+export function loneSurrogateAt(value: unknown, path: PathKey[] = []): PathKey[] | null {
+  if (typeof value === 'string') return LONE_SURROGATE.test(value) ? path : null;
+  if (Array.isArray(value)) {
+    for (let i = 0; i < value.length; i++) {
+      const found = loneSurrogateAt(value[i], [...path, i]);
+      if (found) return found;
+    }
+  } else if (value !== null && typeof value === 'object') {
+    for (const [k, v] of Object.entries(value)) {
+      if (LONE_SURROGATE.test(k)) return [...path, k];
+      const found = loneSurrogateAt(v, [...path, k]);
+      if (found) return found;
+    }
+  }
+  return null;
+}
+
+/** A surrogate code point not part of a pair (with the u flag a well-formed pair is one code point, not Cs). */
+const LONE_SURROGATE = /\p{Cs}/u;
+
 /** Parses `input` with `schema` or throws the ApiError for its first issue. */
 export function parseOrThrow<S extends z.ZodType>(schema: S, input: unknown): z.infer<S> {
   const parsed = schema.safeParse(input);
   if (!parsed.success) throw zodErrorToApiError(parsed.error, input);
+  const bad = loneSurrogateAt(parsed.data);
+  if (bad) {
+    const param = formatParam(bad);
+    throw new ApiError('invalid_value', `Invalid '${param ?? 'body'}': the string contains a lone UTF-16 surrogate, which is not valid Unicode text.`, { param });
+  }
   return parsed.data;
 }

@@ -16,7 +16,7 @@ export interface TokenizerFixture {
   configWithTemplateJson: string;
   hash: string;
   vocabSize: number;
-  cases: Array<{ messages: JobMessage[]; rendered: string; ids: number[]; count: number }>;
+  cases: Array<{ messages: JobMessage[]; rendered: string; rendered_ids: number[]; ids: number[]; count: number }>;
 }
 
 let cached: TokenizerFixture | null = null;

@@ -11,6 +11,8 @@ import importlib.util
 import json
 import logging
 import os
+import re
+import secrets
 import tempfile
 import time
 from dataclasses import dataclass
@@ -246,11 +248,73 @@ def _convert_to_fast_json(tokenizer) -> str:
                           f"form: {exc}); use a model with a fast tokenizer") from exc
 
 
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
+
+
+class ForgedTurnError(ValueError):
+    """Content carries a control token's text and the template cannot carry it as plain text (a client error)."""
+
+
 def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of the chat template applied with add_generation_prompt (as the gateway counts them)."""
-    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    ids = enc["input_ids"] if hasattr(enc, "keys") else enc  # a BatchEncoding in transformers 5, a list in 4.x
-    return list(ids)
+    """Token ids of the chat template applied with add_generation_prompt, message content encoded as plain text.
+
+    A ``<|im_start|>`` typed by a user must not become the control token (it would forge turns). The template is rendered
+    with each content replaced by a marker (a fresh nonce, so content cannot fake one); the template's own text is
+    encoded with special tokens recognised, each content with ``split_special_tokens=True``. The gateway counts the same
+    way (gateway/src/services/tokenizer.ts), so both agree on the prompt's length.
+    """
+    rendered = _render(tokenizer, messages)
+    spans = _content_spans(tokenizer, messages, rendered)
+    if spans is None:
+        specials = [t for t in tokenizer.all_special_tokens if t]
+        if any(t in m["content"] for m in messages for t in specials):
+            raise ForgedTurnError("A message contains the text of one of the model's control tokens, which this model's "
+                                  "chat template cannot carry as plain text.")
+        return _encode(tokenizer, rendered, plain=False)
+    ids: list[int] = []
+    for text, is_content in spans:
+        ids.extend(_encode(tokenizer, text, plain=is_content))
+    return ids
+
+
+def _render(tokenizer, messages) -> str:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _encode(tokenizer, text: str, plain: bool) -> list[int]:
+    if not text:
+        return []
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"])
+
+
+def _content_spans(tokenizer, messages, rendered: str) -> list[tuple[str, bool]] | None:
+    """The rendering cut into (text, is_content) pieces that join to exactly ``rendered``, or None when the template
+    does not carry each content through unchanged (or trimmed)."""
+    nonce = secrets.token_hex(4)
+    masked = [{**m, "content": f"{_MARK_OPEN}{nonce}:{i}{_MARK_CLOSE}"} if m["content"] else m
+              for i, m in enumerate(messages)]
+    try:
+        with_marks = _render(tokenizer, masked)
+    except Exception:
+        return None  # the template looked at the content itself
+    pattern = re.compile(f"{_MARK_OPEN}{nonce}:(\\d+){_MARK_CLOSE}")
+    spans: list[list] = []
+    last = 0
+    for m in pattern.finditer(with_marks):
+        spans.append([with_marks[last:m.start()], False])
+        spans.append([messages[int(m.group(1))]["content"], True])
+        last = m.end()
+    spans.append([with_marks[last:], False])
+    if any(not c and _MARK_OPEN + nonce in t for t, c in spans):
+        return None
+    for trim in (False, True):  # templates that trim content (Llama 3's `| trim`)
+        if trim:
+            for s in spans:
+                if s[1]:
+                    s[0] = s[0].strip()
+        if "".join(t for t, _ in spans) == rendered:
+            return [(t, c) for t, c in spans if t]
+    return None
 
 
 def warm_up(engine, tokenizer) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from ..engine.base import ChoiceOutput, Engine, GenerationRequest
 from ..errors import JobError
 from ..log import now_ms
-from ..model import chat_prompt_ids
+from ..model import ForgedTurnError, chat_prompt_ids
 from ..protocol import JobData
 from ..text.detokenizer import StreamDetokenizer
 from ..text.logprobs import AlignedLogprobs, LogprobFormatter
@@ -99,7 +99,10 @@ class JobRun:
         if d.deadline_ms is not None and now_ms() >= d.deadline_ms:
             raise JobError("queue_timeout", f"job waited in the queue past its deadline ({d.deadline_ms})")
         messages = [m.model_dump() for m in d.messages]
-        prompt_ids = await asyncio.to_thread(chat_prompt_ids, ctx.tokenizer, messages)
+        try:
+            prompt_ids = await asyncio.to_thread(chat_prompt_ids, ctx.tokenizer, messages)
+        except (ForgedTurnError, UnicodeError) as exc:  # the client's content, not our fault (the gateway checks too)
+            raise JobError("invalid_request", f"messages: {exc}") from exc
         if ctx.log_prompts:
             log.info("prompt", extra={"jobId": self.job_id, "messages": messages})
         room = ctx.context_length - len(prompt_ids)

@@ -1,0 +1,151 @@
+/**
+ * Prompt counting on a small pool of worker threads (services/tokenizer-thread.ts), so that a large prompt never
+ * blocks the event loop: /health, other streams and other requests go on while it is counted. With two threads or
+ * more, large prompts never occupy the first one (leastBusy). The pool is bounded:
+ * past `maxPending` waiting counts a request gets 503 server_busy (retryable) instead of queuing without end.
+ */
+import path from 'node:path';
+import { Worker } from 'node:worker_threads';
+import { ApiError, type ErrorCode } from '../errors';
+import type { Logger } from '../logger';
+import type { JobMessage } from '../protocol/job';
+import type { ThreadReply, ThreadRequest, TokenizerSource } from './tokenizer-thread';
+
+/** Above this many content characters a prompt is "large" (see leastBusy). */
+const LARGE_PROMPT_CHARS = 16_384;
+
+export interface TokenizerInfo {
+  vocabSize: number;
+  maxTokenChars: number;
+}
+
+interface Pending {
+  resolve(reply: ThreadReply): void;
+  reject(err: Error): void;
+}
+
+/** One thread, its in-flight requests, and the tokenizer hashes it has been sent. */
+class TokenizerThread {
+  private readonly worker: Worker;
+  readonly pending = new Map<number, Pending>();
+  readonly known = new Set<string>();
+  dead = false;
+
+  constructor(onExit: (t: TokenizerThread, err: Error) => void) {
+    this.worker = spawnThread();
+    this.worker.unref(); // never what keeps the process alive
+    this.worker.on('message', (reply: ThreadReply) => {
+      const p = this.pending.get(reply.id);
+      this.pending.delete(reply.id);
+      p?.resolve(reply);
+    });
+    const fail = (err: Error) => {
+      if (this.dead) return;
+      this.dead = true;
+      for (const p of this.pending.values()) p.reject(err);
+      this.pending.clear();
+      onExit(this, err);
+    };
+    this.worker.on('error', fail);
+    this.worker.on('exit', (code) => fail(new Error(`tokenizer thread exited (${code})`)));
+  }
+
+  send(req: ThreadRequest): Promise<ThreadReply> {
+    return new Promise((resolve, reject) => {
+      this.pending.set(req.id, { resolve, reject });
+      this.worker.postMessage(req);
+    });
+  }
+
+  terminate(): Promise<number> {
+    this.dead = true;
+    return this.worker.terminate();
+  }
+}
+
+/** Under tsx or ts-jest the thread runs the TypeScript source through tsx's require hook; compiled, its .js. */
+function spawnThread(): Worker {
+  const file = path.join(__dirname, `tokenizer-thread${path.extname(__filename)}`);
+  if (!file.endsWith('.ts')) return new Worker(file);
+  const hook = require.resolve('tsx/cjs');
+  return new Worker(`require(${JSON.stringify(hook)}); require(${JSON.stringify(file)});`, { eval: true });
+}
+
+export class TokenizerPool {
+  private threads: TokenizerThread[] = [];
+  private nextId = 1;
+  private closed = false;
+
+  constructor(
+    size: number,
+    private readonly maxPending: number,
+    private readonly logger: Logger,
+  ) {
+    for (let i = 0; i < size; i++) this.threads.push(this.spawn());
+  }
+
+  private spawn(): TokenizerThread {
+    return new TokenizerThread((dead, err) => {
+      if (this.closed) return;
+      this.logger.error('tokenizer thread died; starting another', { err: err.message });
+      this.threads = this.threads.map((t) => (t === dead ? this.spawn() : t));
+    });
+  }
+
+  private get pendingCount(): number {
+    return this.threads.reduce((n, t) => n + t.pending.size, 0);
+  }
+
+  /**
+   * Large prompts take seconds to count (whitespace runs ~10 µs a character): they go only to threads 1…n-1, so thread
+   * 0 always serves ordinary prompts and one client's huge prompt cannot make everyone else's count wait behind it.
+   */
+  private leastBusy(large: boolean): TokenizerThread {
+    const lane = large && this.threads.length > 1 ? this.threads.slice(1) : this.threads;
+    return lane.reduce((a, b) => (b.pending.size < a.pending.size ? b : a));
+  }
+
+  /** Builds the tokenizer on every thread (so any of them can count) and returns what the gateway checks early. */
+  async load(hash: string, source: TokenizerSource): Promise<TokenizerInfo> {
+    const replies = await Promise.all(this.threads.map((t) => this.loadOn(t, hash, source)));
+    return replies[0];
+  }
+
+  private async loadOn(t: TokenizerThread, hash: string, source: TokenizerSource): Promise<TokenizerInfo> {
+    const reply = unwrap(await t.send({ id: this.nextId++, op: 'load', hash, source }));
+    t.known.add(hash);
+    if (!('vocabSize' in reply)) throw new ApiError('internal_error', 'tokenizer thread: unexpected reply to load');
+    return { vocabSize: reply.vocabSize, maxTokenChars: reply.maxTokenChars };
+  }
+
+  /** Prompt tokens of `messages` (content as plain text, services/tokenizer.ts). */
+  async count(hash: string, source: () => Promise<TokenizerSource>, messages: JobMessage[]): Promise<number> {
+    if (this.pendingCount >= this.maxPending) {
+      throw new ApiError('server_busy', 'The server is busy counting other prompts. Please retry shortly.', { retryAfterMs: 1000 });
+    }
+    const chars = messages.reduce((n, m) => n + m.content.length, 0);
+    const t = this.leastBusy(chars > LARGE_PROMPT_CHARS);
+    for (let attempt = 0; attempt < 2; attempt++) {
+      if (!t.known.has(hash)) await this.loadOn(t, hash, await source());
+      const reply = await t.send({ id: this.nextId++, op: 'count', hash, messages });
+      if (reply.ok || !('missing' in reply)) {
+        const done = unwrap(reply);
+        if (!('count' in done)) throw new ApiError('internal_error', 'tokenizer thread: unexpected reply to count');
+        return done.count;
+      }
+      t.known.delete(hash); // the thread evicted it: send it again
+    }
+    throw new ApiError('internal_error', 'the tokenizer thread lost its tokenizer twice');
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    await Promise.allSettled(this.threads.map((t) => t.terminate()));
+  }
+}
+
+function unwrap(reply: ThreadReply): Extract<ThreadReply, { ok: true }> {
+  if (reply.ok) return reply;
+  if ('error' in reply) throw new ApiError(reply.error.code as ErrorCode, reply.error.message, { param: reply.error.param });
+  throw new ApiError('internal_error', 'tokenizer missing in its thread');
+}
