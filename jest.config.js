@@ -7,13 +7,14 @@ const transform = { '^.+\\.ts$': ['ts-jest', { tsconfig: { ...compilerOptions, i
 
 /** @type {import('jest').Config} */
 module.exports = {
+  // Many tests start gateways, fake workers, a redis-server or a real worker; jest's 5 s default fails them on a slow or
+  // loaded machine. Waits inside tests are on conditions with their own deadlines; this is only the outer bound (a
+  // global option: jest ignores it inside `projects`). e2e files set longer ones for themselves.
+  testTimeout: 60_000,
   projects: [
     {
       displayName: 'gateway',
       testEnvironment: 'node',
-      // Many of these tests start gateways, fake workers and a redis-server; jest's 5 s default fails them on a slow or
-      // loaded machine. Waits inside tests are on conditions with their own deadlines; this is only the outer bound.
-      testTimeout: 60_000,
       roots: ['<rootDir>/gateway/test'],
       testMatch: ['**/*.test.ts'],
       transform,
@@ -22,7 +23,6 @@ module.exports = {
       // End to end: the official openai Node SDK against the stack `npm test` starts (real Redis, worker, gateway).
       displayName: 'e2e',
       testEnvironment: 'node',
-      testTimeout: 180_000,
       roots: ['<rootDir>/tests/e2e'],
       testMatch: ['**/*.test.ts'],
       transform,

@@ -34,7 +34,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     MODEL=bundled \
     DEVICE=cpu \
-    METRICS_PORT=9101
+    METRICS_PORT=9101 \
+    METRICS_HOST=0.0.0.0
 USER 10001:10001
 WORKDIR /home/worker
 # Prometheus metrics and /health (200 once the model is loaded and the worker registered) on METRICS_PORT.

@@ -39,7 +39,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     DEVICE=cuda \
     DTYPE=bfloat16 \
     DEVICE_MAP=auto \
-    METRICS_PORT=9101
+    METRICS_PORT=9101 \
+    METRICS_HOST=0.0.0.0
 # Mount a model folder at /models (read-only is fine) and/or a persistent Hugging Face cache at /data/hf.
 VOLUME ["/data/hf"]
 USER 10001:10001

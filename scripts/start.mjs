@@ -27,7 +27,7 @@ if (!(await portIsFree(port))) fail(`port ${port} is in use: stop what runs ther
 
 let redisUrl = process.env.REDIS_URL;
 if (!redisUrl) {
-  ({ url: redisUrl } = await startRedis(await freePort()));
+  ({ url: redisUrl } = await startRedis(await freePort(), { persist: true }));
   log(`Redis started at ${redisUrl}`);
 }
 

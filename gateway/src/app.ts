@@ -11,6 +11,8 @@ import type { Config } from './config';
 import { ApiError, errorMiddleware, writeError } from './errors';
 import type { Lifecycle } from './lifecycle';
 import type { Logger } from './logger';
+import { effectiveLimits } from './limits/admission';
+import { AuthFailureLimiter } from './limits/auth-failures';
 import { observeRequest } from './metrics';
 import { routeLabeller } from './openapi/routes';
 import { adminRoutes } from './admin/routes';
@@ -95,6 +97,8 @@ export function createApp(deps: AppDeps): Express {
   app.disable('x-powered-by');
   app.disable('etag');
   app.set('query parser', 'simple');
+  // Behind a proxy (ingress, load balancer), the client's address comes from X-Forwarded-For only when trusted.
+  app.set('trust proxy', config.TRUST_PROXY);
 
   app.use(requestContext(logger, lifecycle, routeLabeller(app)));
   app.use(drainGuard(lifecycle));
@@ -104,14 +108,16 @@ export function createApp(deps: AppDeps): Express {
 
   const gov = deps.governance;
   if (gov) app.use(adminRoutes(config, gov.keys, deps.redis));
-  app.use('/v1', requireAuth(deps.auth));
-  if (gov) app.use('/chat', requireAuth(deps.auth), express.json({ limit: config.MAX_BODY_BYTES, type: () => true, strict: true }));
+  // One shared count of failed authentications per client address (Redis), for /v1 and the tutorial's routes.
+  const failures = new AuthFailureLimiter(deps.redis, config.AUTH_FAILURE_LIMIT, config.AUTH_FAILURE_WINDOW_MS, logger.child({ module: 'auth' }));
+  app.use('/v1', requireAuth(deps.auth, failures));
+  if (gov) app.use('/chat', requireAuth(deps.auth, failures), express.json({ limit: config.MAX_BODY_BYTES, type: () => true, strict: true }));
   // Any content type is read as JSON, as OpenAI does; a body that is not a JSON object is a 400 (strict).
   app.use('/v1', express.json({ limit: config.MAX_BODY_BYTES, type: () => true, strict: true }));
   if (gov) app.use('/v1', rateLimitHeaders(gov.governed));
   app.use(chatRoutes(deps.chat, gov?.governed));
   if (gov) app.use(tutorialRoutes(gov.tutorial, gov.governed));
-  app.use(modelRoutes(deps.registry));
+  app.use(modelRoutes(deps.registry, (principal) => (principal ? effectiveLimits(config, principal).models : null)));
 
   app.use((req, _res, next) => {
     next(new ApiError('unknown_url', `Invalid URL (${req.method} ${req.path})`));

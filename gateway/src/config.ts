@@ -28,6 +28,14 @@ export const configSchema = z.object({
   DEFAULT_MODEL: z.string().min(1).default('smollm2-135m-instruct'),
   /** Largest accepted request body; larger bodies get 413. */
   MAX_BODY_BYTES: int(1024).default(4 * 1024 * 1024),
+  /** Failed authentications per client address and window (shared by replicas) before 429; 0 = no limit. */
+  AUTH_FAILURE_LIMIT: int(0).default(20),
+  AUTH_FAILURE_WINDOW_MS: int(1000).default(60_000),
+  /** Express's `trust proxy`: whether and which proxies' X-Forwarded-For give the client address (false, true, a hop count, or addresses). */
+  TRUST_PROXY: z
+    .string()
+    .default('false')
+    .transform((v): boolean | number | string => (v === 'true' ? true : v === 'false' ? false : /^\d+$/.test(v) ? Number(v) : v)),
   /** Worker threads that count prompt tokens (off the event loop), and how many counts may wait before 503 server_busy. */
   TOKENIZER_THREADS: int(1, 64).default(2),
   TOKENIZER_MAX_PENDING: int(1).default(256),

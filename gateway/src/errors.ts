@@ -4,6 +4,8 @@
  * because the official SDKs raise their typed errors (BadRequestError, AuthenticationError …) only for that shape.
  */
 import type { ErrorRequestHandler, Response } from 'express';
+import type { Server } from 'node:http';
+import type { Duplex } from 'node:stream';
 import type { Logger } from './logger';
 
 type ErrorType = 'invalid_request_error' | 'server_error' | 'rate_limit_error';
@@ -23,6 +25,7 @@ export const ERROR_TABLE = {
   model_not_found: { status: 404, type: 'invalid_request_error' },
   unknown_url: { status: 404, type: 'invalid_request_error' },
   request_too_large: { status: 413, type: 'invalid_request_error' },
+  request_header_too_large: { status: 431, type: 'invalid_request_error' },
   unsupported_media_type: { status: 415, type: 'invalid_request_error' },
   rate_limit_exceeded: { status: 429, type: 'rate_limit_error' },
   // The client went away; the status is only ever seen in our own logs (nginx's convention).
@@ -156,4 +159,26 @@ export function errorMiddleware(logger: Logger): ErrorRequestHandler {
     }
     writeError(res, apiErr);
   };
+}
+
+/**
+ * Requests Node's HTTP parser refuses before Express sees them (headers over --max-http-header-size, malformed
+ * request lines): answered in the same error shape instead of Node's bare 400/431 with an empty body.
+ */
+export function answerClientErrors(server: Server): void {
+  server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
+    if (err.code === 'ECONNRESET' || !socket.writable) {
+      socket.destroy();
+      return;
+    }
+    const e =
+      err.code === 'HPE_HEADER_OVERFLOW'
+        ? new ApiError('request_header_too_large', 'The request headers are too large (the Authorization header or cookies, most likely).')
+        : new ApiError('invalid_request', 'The HTTP request could not be parsed.');
+    const body = JSON.stringify(e.toBody());
+    const reason = e.status === 431 ? 'Request Header Fields Too Large' : 'Bad Request';
+    socket.end(
+      `HTTP/1.1 ${e.status} ${reason}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`,
+    );
+  });
 }

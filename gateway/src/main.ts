@@ -6,6 +6,7 @@ import { randomBytes } from 'node:crypto';
 import type { Server } from 'node:http';
 import { keyIdOf } from './auth/api-keys';
 import { type Config, ConfigError, loadConfig } from './config';
+import { answerClientErrors } from './errors';
 import { createLogger, type Logger } from './logger';
 import { buildGateway } from './wiring';
 
@@ -44,6 +45,7 @@ async function main(): Promise<void> {
     server.once('error', reject);
   });
   // Streams may be idle for long stretches while queued (keep-alives are sent, but be generous).
+  answerClientErrors(server);
   server.requestTimeout = 0;
   server.keepAliveTimeout = 65_000;
   logger.info('gateway listening', {

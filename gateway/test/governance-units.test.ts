@@ -117,10 +117,12 @@ describe('ResponseCache (L2 in Redis)', () => {
     }) as unknown as JobData;
   const result = (text: string): JobResult => ({ choices: [{ index: 0, text, finish_reason: 'stop', logprobs: null }], usage: { prompt_tokens: 3, completion_tokens: 4 } });
 
-  it('keys ignore stream and request ids, and only deterministic requests are cacheable', () => {
+  it('keys ignore stream and request ids, differ by scope (caller), and only deterministic requests are cacheable', () => {
     const a = data('hi');
-    expect(cacheKey(a)).toBe(cacheKey({ ...a, stream: true, request_id: 'other' }));
-    expect(cacheKey(a)).not.toBe(cacheKey(data('hi', { max_tokens: 6 })));
+    expect(cacheKey(a, 'k1')).toBe(cacheKey({ ...a, stream: true, request_id: 'other' }, 'k1'));
+    expect(cacheKey(a, 'k1')).not.toBe(cacheKey(data('hi', { max_tokens: 6 }), 'k1'));
+    expect(cacheKey(a, 'k1')).not.toBe(cacheKey(a, 'k2'));
+    expect(cacheKey(a, 'shared')).not.toBe(cacheKey(a, 'k1'));
     expect(isCacheable(a)).toBe(true);
     expect(isCacheable(data('hi', { temperature: 0.7 }))).toBe(false);
     expect(isCacheable(data('hi', { temperature: 0.7, seed: 1 }))).toBe(true);
@@ -132,10 +134,10 @@ describe('ResponseCache (L2 in Redis)', () => {
     const log = createLogger('error', () => undefined);
     const one = new ResponseCache(config, redis.client, log);
     const two = new ResponseCache(config, redis.client, log);
-    const k0 = cacheKey(data(`first ${randomUUID()}`));
+    const k0 = cacheKey(data(`first ${randomUUID()}`), 's');
     await one.put(k0, result('zero'));
     expect((await two.get(k0))?.choices[0].text).toBe('zero');
-    for (let i = 0; i < 200; i++) await one.put(cacheKey(data(`n${i}`)), result('x'.repeat(500)));
+    for (let i = 0; i < 200; i++) await one.put(cacheKey(data(`n${i}`), 's'), result('x'.repeat(500)));
     expect(Number(await redis.client.get('llm:cache:bytes'))).toBeLessThanOrEqual(budget);
     const keys = await redis.client.keys('llm:cache:*');
     const entries = keys.filter((k) => !['llm:cache:bytes', 'llm:cache:index', 'llm:cache:sizes'].includes(k));

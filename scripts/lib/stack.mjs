@@ -127,14 +127,17 @@ export function startChild(name, cmd, args, { env = {}, echo = false, logFile } 
   return child;
 }
 
-export async function startRedis(port) {
+/**
+ * A local Redis (BullMQ requires noeviction). `persist`: an append-only file in .run/redis-data, so that `npm start`
+ * keeps its stored API keys and queued jobs across restarts; the tests' Redis keeps nothing on disk.
+ */
+export async function startRedis(port, { persist = false } = {}) {
   const bin = ensureRedisServer();
-  const dir = path.join(RUN_DIR, `redis-${port}`);
+  const dir = persist ? path.join(RUN_DIR, "redis-data") : path.join(RUN_DIR, `redis-${port}`);
   mkdirSync(dir, { recursive: true });
-  // BullMQ requires noeviction; no persistence for a local development/test Redis.
+  const persistence = persist ? ["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""] : ["--save", "", "--appendonly", "no"];
   const child = startChild("redis", bin, [
-    "--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-    "--maxmemory-policy", "noeviction", "--dir", dir,
+    "--port", String(port), "--bind", "127.0.0.1", ...persistence, "--maxmemory-policy", "noeviction", "--dir", dir,
   ]);
   await waitFor(async () => (await redisPing(port)) || (child.exitCode !== null && fail("redis-server exited; see .run/redis.log")), 10_000, "Redis");
   return { child, url: `redis://127.0.0.1:${port}` };

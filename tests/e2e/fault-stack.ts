@@ -144,7 +144,7 @@ export class FaultStack {
   async startGateway(name: string, env: Record<string, string> = {}): Promise<FaultGateway> {
     const port = await freePort();
     const proc = launch(`gateway-${name}`, process.execPath, [path.join(ROOT, 'node_modules/tsx/dist/cli.mjs'), 'gateway/src/main.ts'], {
-      REDIS_URL: this.redisUrl, PORT: String(port), API_KEYS: this.apiKey, LOG_LEVEL: 'info', ...env,
+      REDIS_URL: this.redisUrl, PORT: String(port), API_KEYS: this.apiKey, LOG_LEVEL: 'info', AUTH_FAILURE_LIMIT: '100000', ...env,
     });
     const gw = { url: `http://127.0.0.1:${port}`, proc };
     this.gateways.push(gw);

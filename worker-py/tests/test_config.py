@@ -71,3 +71,17 @@ def test_quantization_builds_the_bitsandbytes_config(monkeypatch, mode):
                         lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))
     q = model_mod._quantization_config(load_config({"QUANTIZATION": mode}), "cuda")
     assert (q.load_in_8bit, q.load_in_4bit) == (mode == "8bit", mode == "4bit")
+
+
+def test_metrics_port_listens_on_loopback_unless_configured():
+    from conftest import free_port
+    from llm_worker.metrics import Metrics
+
+    assert load_config({}).metrics_host == "127.0.0.1"
+    server = Metrics().serve(free_port(), load_config({}).metrics_host)
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert load_config({"METRICS_HOST": "0.0.0.0"}).metrics_host == "0.0.0.0"

@@ -6,6 +6,7 @@
 import { createHash } from 'node:crypto';
 import type { RequestHandler } from 'express';
 import { ApiError } from '../errors';
+import type { AuthFailureLimiter } from '../limits/auth-failures';
 import type { KeyLimits } from './key-store';
 
 export interface Principal {
@@ -55,9 +56,17 @@ export class StaticKeyAuthenticator implements Authenticator {
   }
 }
 
-export function requireAuth(auth: Authenticator): RequestHandler {
+/** Authenticates the request; with `failures`, an address that failed too often is refused first, and failures count. */
+export function requireAuth(auth: Authenticator, failures?: AuthFailureLimiter): RequestHandler {
   return async (req, res, next) => {
-    const principal = await auth.authenticate(req.get('authorization'));
+    await failures?.check(req);
+    let principal: Principal;
+    try {
+      principal = await auth.authenticate(req.get('authorization'));
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 401) await failures?.recordFailure(req);
+      throw err;
+    }
     res.locals.principal = principal;
     res.locals.log = res.locals.log.child({ keyId: principal.keyId });
     next();

@@ -124,7 +124,8 @@ export class KeyStore {
   async revoke(id: string): Promise<KeyRecord | null> {
     const hash = await this.redis.hget(keyRecordKey(id), 'hash');
     if (!hash) return null;
-    await this.redis.multi().del(keyHashKey(hash)).hset(keyRecordKey(id), 'revoked_at', String(Date.now())).exec();
+    // HSETNX: revoking again keeps the first revocation time (the audit trail's "when"), and is still a 200.
+    await this.redis.multi().del(keyHashKey(hash)).hsetnx(keyRecordKey(id), 'revoked_at', String(Date.now())).exec();
     return this.get(id);
   }
 

@@ -66,6 +66,11 @@ export const governanceConfigShape = {
   /** Budget of the Redis cache (Redis runs with noeviction, so the cache evicts itself); 0 = no L2. */
   CACHE_L2_MAX_BYTES: int(0).default(64 * 1024 * 1024),
   CACHE_MAX_ENTRY_BYTES: int(1024).default(1024 * 1024),
+  /**
+   * Whose answers a cache entry may serve: `caller` (default) only the same key / JWT subject, so one tenant cannot
+   * learn what another asked; `shared` every caller (one tenant, or public prompts: more hits).
+   */
+  CACHE_SCOPE: z.enum(['caller', 'shared']).default('caller'),
   /** Input limits: messages per request, prompt tokens per request (0 = the model's context only). */
   MAX_MESSAGES: int(1).default(256),
   MAX_PROMPT_TOKENS: int(0).default(0),

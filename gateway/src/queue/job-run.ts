@@ -234,7 +234,11 @@ export class JobRun {
     try {
       const snap = await this.deps.queues.snapshot(this.data.model, this.jobId);
       if (this.settled || this.removing) return;
-      if (snap === null) return this.fail(new ApiError('internal_error', 'The job was lost.'));
+      if (snap === null) {
+        // The job is gone from Redis: a Redis restart without persistence (or a flush) took it. Nothing about the
+        // request was wrong, and a retry will be served: a retryable 503, never a 500.
+        return this.fail(new ApiError('redis_unavailable', 'The request was lost when the queue store restarted. Please retry.', { retryAfterMs: 1000 }));
+      }
       if (snap.state === 'completed') this.finishFromStored(snap.returnvalue);
       else if (snap.state === 'failed') this.fail(failedReasonToApiError(snap.failedReason));
     } catch (err) {

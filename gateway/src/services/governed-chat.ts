@@ -2,7 +2,8 @@
  * Governance around ChatService (issue 5): what a caller may ask for and how much, before a job exists, and what
  * happens to the answer after. One path for /v1/chat/completions and the tutorial's routes:
  *   input limits → allowed models → degradation (fallback model) → prepare (validation, tokens) → max_tokens cap →
- *   cache lookup → rate limits (RPM + TPM, prompt + max_tokens) → concurrency → queue depth → job (priority by tier)
+ *   cache lookup (scoped to the caller) → rate limits (RPM + TPM, prompt + max_tokens) → concurrency → queue depth →
+ *   job (priority by tier)
  *   → output filter → cache store, real usage replaces the estimate in the token budget, usage counters.
  */
 import type { RequestHandler, Response } from 'express';
@@ -213,12 +214,16 @@ export class GovernedChat {
 
     // Cache, then the budgets: a hit costs its prompt only (no completion tokens are generated again).
     const cacheable = cache.enabled && !opts.noStore && isCacheable(p.data);
-    const key = cacheable ? cacheKey(p.data) : null;
+    const key = cacheable ? cacheKey(p.data, config.CACHE_SCOPE === 'shared' ? 'shared' : opts.principal.keyId) : null;
     const cached = key ? await cache.get(key) : null;
-    if (key) cacheLookups.inc({ result: cached ? 'hit' : 'miss' });
-    res.setHeader('x-cache', cached ? 'hit' : 'miss');
+    if (key) {
+      cacheLookups.inc({ result: cached ? 'hit' : 'miss' });
+      res.setHeader('x-cache', cached ? 'hit' : 'miss'); // only when the cache was consulted (not for no-store)
+    }
     const prompt = p.data.prompt_tokens;
-    const estimate = cached ? prompt : prompt + p.data.params.max_tokens * p.data.params.n;
+    // A hit is charged what its body reports (the usage of the answer it repeats), so a client's own token accounting
+    // and its budget agree.
+    const estimate = cached ? cached.usage.prompt_tokens + cached.usage.completion_tokens : prompt + p.data.params.max_tokens * p.data.params.n;
     const buckets = bucketsFor(config, opts.principal, limits, false);
     const member = p.meta.id;
     const a = await limiter.admit(buckets, member, estimate);
@@ -229,7 +234,8 @@ export class GovernedChat {
     }
     const principalId = opts.principal.keyId;
     if (cached) {
-      await addUsage(redis, principalId, { requests: 1, prompt_tokens: prompt, cache_hits: 1 });
+      const { prompt_tokens, completion_tokens } = cached.usage;
+      await addUsage(redis, principalId, { requests: 1, prompt_tokens, completion_tokens, cache_hits: 1 });
       return { prepared: p, ctx, cached: filterResult(filter, cached), finish: async () => undefined };
     }
 

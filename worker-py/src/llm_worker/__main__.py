@@ -28,7 +28,7 @@ def build_and_serve(cfg: Config) -> None:
     from .transport.service import WorkerService
 
     metrics = Metrics()
-    metrics.serve(cfg.metrics_port)
+    metrics.serve(cfg.metrics_port, cfg.metrics_host)
     if model_mod.resolve_device(cfg) == "cpu":
         model_mod.keep_main_thread_serial()
     loaded = model_mod.load(cfg)

@@ -39,6 +39,9 @@ class Config(BaseModel):
     stalled_interval_ms: int = Field(2500, ge=500)
     shutdown_grace_ms: int = Field(30000, ge=0)
     metrics_port: int = Field(9101, ge=0, le=65535)
+    # Loopback unless configured: /metrics and /health are for this machine's scraper and probes; the images set
+    # 0.0.0.0 for themselves (a container's probes and Prometheus reach it from outside).
+    metrics_host: str = "127.0.0.1"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = False
     worker_id: str = ""

@@ -38,9 +38,10 @@ class Metrics:
         self._last_update = time.monotonic()
         self.ready = False  # set by the transport once registered, cleared when shutting down
 
-    def serve(self, port: int) -> None:
+    def serve(self, port: int, host: str = "127.0.0.1"):
+        """Starts the HTTP endpoint on a daemon thread; returns its server (None when the port is 0)."""
         if not port:
-            return
+            return None
         metrics = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -66,13 +67,14 @@ class Metrics:
                 pass
 
         try:
-            server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+            server = ThreadingHTTPServer((host, port), Handler)
         except OSError as exc:
             from .errors import ConfigError
 
-            raise ConfigError(f"METRICS_PORT {port} cannot be used ({exc.strerror}); set another port, or 0 to turn it off")
+            raise ConfigError(f"METRICS_HOST:METRICS_PORT {host}:{port} cannot be used ({exc.strerror}); set another port, or 0 to turn it off")
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+        return server
 
     def update(self, s: EngineStats) -> None:
         self.running.set(s.running_sequences)

@@ -1,0 +1,154 @@
+/**
+ * One tenant must not learn about another (issue 11, items 3 and 8), through the real wiring, real Redis and a FAKE
+ * worker (helpers/fake-worker.ts): the response cache is scoped to the caller unless CACHE_SCOPE=shared, a cached body
+ * is charged what it reports, /v1/models lists only what the key may use, and smaller leaks of the HTTP surface.
+ */
+import { randomUUID } from 'node:crypto';
+import http from 'node:http';
+import request from 'supertest';
+import { FakeWorker } from './helpers/fake-worker';
+import { startGateway, TEST_KEY, type TestGateway } from './helpers/gateway';
+import { useTestRedis } from './helpers/redis-server';
+
+const ADMIN = 'admin-0123456789abcdef';
+const admin = { authorization: `Bearer ${ADMIN}` };
+const bearer = (k: string) => ({ authorization: `Bearer ${k}` });
+const MODEL = `m-${randomUUID().slice(0, 8)}`;
+const OTHER = `o-${randomUUID().slice(0, 8)}`;
+
+const redis = useTestRedis();
+let gw: TestGateway;
+let worker: FakeWorker;
+let other: FakeWorker;
+
+beforeAll(async () => {
+  gw = await startGateway(redis.url, { DEFAULT_MODEL: MODEL, ADMIN_API_KEY: ADMIN });
+  worker = new FakeWorker({ redisUrl: redis.url, model: MODEL, contextLength: 400 });
+  other = new FakeWorker({ redisUrl: redis.url, model: OTHER, contextLength: 400 });
+  await Promise.all([worker.start(), other.start()]);
+});
+redis.beforeStop(async () => {
+  await Promise.all([worker.close(), other.close()]);
+  await gw.close();
+});
+
+const createKey = async (fields: Record<string, unknown> = {}) => {
+  const r = await request(gw.url).post('/admin/keys').set(admin).send({ name: 'tenant', ...fields });
+  expect(r.status).toBe(201);
+  return r.body as { id: string; key: string };
+};
+const deterministic = (content: string) => ({ model: MODEL, temperature: 0, max_tokens: 5, messages: [{ role: 'user', content }] });
+
+describe('response cache scope', () => {
+  it("key B never gets key A's cached answer; A gets its own", async () => {
+    const [a, b] = [await createKey(), await createKey()];
+    const body = deterministic(`private question ${randomUUID()}`);
+    const first = await request(gw.url).post('/v1/chat/completions').set(bearer(a.key)).send(body);
+    expect(first.headers['x-cache']).toBe('miss');
+    const jobs = worker.jobs.length;
+    const fromB = await request(gw.url).post('/v1/chat/completions').set(bearer(b.key)).send(body);
+    expect(fromB.status).toBe(200);
+    expect(fromB.headers['x-cache']).toBe('miss');
+    expect(worker.jobs.length).toBe(jobs + 1); // B's answer was generated for B
+    const again = await request(gw.url).post('/v1/chat/completions').set(bearer(a.key)).send(body);
+    expect(again.headers['x-cache']).toBe('hit');
+  });
+
+  it('CACHE_SCOPE=shared shares entries between callers (documented opt-in)', async () => {
+    const shared = await startGateway(redis.url, { DEFAULT_MODEL: MODEL, ADMIN_API_KEY: ADMIN, CACHE_SCOPE: 'shared' });
+    try {
+      const [a, b] = [await createKey(), await createKey()];
+      const body = deterministic(`public question ${randomUUID()}`);
+      expect((await request(shared.url).post('/v1/chat/completions').set(bearer(a.key)).send(body)).headers['x-cache']).toBe('miss');
+      expect((await request(shared.url).post('/v1/chat/completions').set(bearer(b.key)).send(body)).headers['x-cache']).toBe('hit');
+    } finally {
+      await shared.close();
+    }
+  });
+
+  it('a hit is charged the usage its body reports (budget and usage counters agree with the body)', async () => {
+    const k = await createKey({ tpm: 100_000 });
+    const body = deterministic(`charged ${randomUUID()}`);
+    const first = await request(gw.url).post('/v1/chat/completions').set(bearer(k.key)).send(body);
+    const hit = await request(gw.url).post('/v1/chat/completions').set(bearer(k.key)).send(body);
+    expect(hit.headers['x-cache']).toBe('hit');
+    expect(hit.body.usage).toEqual(first.body.usage);
+    const rec = (await request(gw.url).get(`/admin/keys/${k.id}`).set(admin)).body;
+    expect(rec.usage).toEqual({
+      requests: 2,
+      cache_hits: 1,
+      prompt_tokens: first.body.usage.prompt_tokens + hit.body.usage.prompt_tokens,
+      completion_tokens: first.body.usage.completion_tokens + hit.body.usage.completion_tokens,
+    });
+    const models = await request(gw.url).get('/v1/models').set(bearer(k.key));
+    expect(Number(models.headers['x-ratelimit-remaining-tokens'])).toBe(100_000 - first.body.usage.total_tokens - hit.body.usage.total_tokens);
+  });
+
+  it('no x-cache header when the cache was not consulted (cache-control: no-store)', async () => {
+    const r = await request(gw.url).post('/v1/chat/completions').set(bearer(TEST_KEY)).set('cache-control', 'no-store')
+      .send(deterministic(`nostore ${randomUUID()}`));
+    expect(r.status).toBe(200);
+    expect(r.headers['x-cache']).toBeUndefined();
+  });
+});
+
+describe('what a key may see', () => {
+  it('/v1/models lists only the models the key may use; /v1/models/{id} of another is a 404', async () => {
+    const k = await createKey({ models: [OTHER] });
+    const list = await request(gw.url).get('/v1/models').set(bearer(k.key));
+    expect(list.body.data.map((m: { id: string }) => m.id)).toEqual([OTHER]);
+    expect((await request(gw.url).get(`/v1/models/${MODEL}`).set(bearer(k.key))).status).toBe(404);
+    expect((await request(gw.url).get(`/v1/models/${OTHER}`).set(bearer(k.key))).status).toBe(200);
+    const all = await request(gw.url).get('/v1/models').set(bearer(TEST_KEY));
+    expect(all.body.data.map((m: { id: string }) => m.id).sort()).toEqual([MODEL, OTHER].sort());
+  });
+
+  it('revoking a revoked key keeps the first revocation time', async () => {
+    const k = await createKey();
+    const first = await request(gw.url).delete(`/admin/keys/${k.id}`).set(admin);
+    expect(first.body.revoked_at).toEqual(expect.any(Number));
+    // Wait until the clock has moved on, so a rewrite would be visible.
+    const t = Date.now();
+    while (Date.now() <= first.body.revoked_at + 1 || Date.now() === t) await new Promise((r) => setImmediate(r));
+    const second = await request(gw.url).delete(`/admin/keys/${k.id}`).set(admin);
+    expect(second.status).toBe(200);
+    expect(second.body.revoked_at).toBe(first.body.revoked_at);
+  });
+
+  it('an oversized Authorization header gets 431 in the OpenAI error shape, not an empty body', async () => {
+    const url = new URL('/v1/models', gw.url);
+    const res = await new Promise<{ status: number; type: string; body: string }>((resolve, reject) => {
+      const req = http.get(url, { headers: { authorization: `Bearer ${'x'.repeat(20_000)}` } }, (r) => {
+        let body = '';
+        r.on('data', (c) => (body += c));
+        r.on('end', () => resolve({ status: r.statusCode ?? 0, type: String(r.headers['content-type']), body }));
+      });
+      req.on('error', reject);
+    });
+    expect(res.status).toBe(431);
+    expect(res.type).toMatch(/application\/json/);
+    expect(JSON.parse(res.body).error).toMatchObject({ code: 'request_header_too_large', type: 'invalid_request_error' });
+  });
+});
+
+describe('key guessing', () => {
+  it('failed authentications are limited per address, across replicas, before the key is looked at', async () => {
+    const env = { DEFAULT_MODEL: MODEL, AUTH_FAILURE_LIMIT: '3', AUTH_FAILURE_WINDOW_MS: '60000' };
+    const [g1, g2] = [await startGateway(redis.url, env), await startGateway(redis.url, env)];
+    try {
+      const guess = (g: TestGateway) => request(g.url).get('/v1/models').set(bearer(`sk-guess-${randomUUID()}`));
+      expect((await guess(g1)).status).toBe(401);
+      expect((await guess(g2)).status).toBe(401);
+      expect((await guess(g1)).status).toBe(401);
+      const blocked = await guess(g2); // the fourth failure from this address, on the other replica
+      expect(blocked.status).toBe(429);
+      expect(blocked.body.error.code).toBe('rate_limit_exceeded');
+      expect(Number(blocked.headers['retry-after'])).toBeGreaterThan(0);
+      // Blocked before the key is looked at: even a right guess gets nothing from this address now.
+      expect((await request(g1.url).get('/v1/models').set(bearer(TEST_KEY))).status).toBe(429);
+    } finally {
+      await Promise.all([g1.close(), g2.close()]);
+      await redis.client.del(...(await redis.client.keys('llm:authfail:*')));
+    }
+  });
+});
