@@ -45,6 +45,8 @@ export const configSchema = z.object({
   QUEUE_TIMEOUT_MS: int(100).default(30_000),
   /** Whole-request limit; it is the job's deadline_ms, at which the worker cuts generation. */
   REQUEST_TIMEOUT_MS: int(1000).default(600_000),
+  /** Unread bytes a streaming client may leave in the gateway before its stream ends and its job is cancelled. */
+  SSE_MAX_BUFFER_BYTES: int(16 * 1024).default(4 * 1024 * 1024),
   /** SSE comment interval while a stream has nothing else to send. */
   SSE_KEEPALIVE_MS: int(100).default(15_000),
   /** Mirrors the worker's HEARTBEAT_TTL_MS (docs/PROTOCOL.md); sizes retry-after when no worker is live. */

@@ -40,6 +40,8 @@ export const ERROR_TABLE = {
   shutting_down: { status: 503, type: 'server_error' },
   // The gateway's own bounded work queues (prompt counting) are full: retry shortly.
   server_busy: { status: 503, type: 'server_error' },
+  // In-stream only: the client left more than SSE_MAX_BUFFER_BYTES unread (streaming/sse.ts); the job is cancelled.
+  stream_buffer_full: { status: 503, type: 'server_error' },
   request_timeout: { status: 504, type: 'server_error' },
 } as const satisfies Record<string, { status: number; type: ErrorType }>;
 

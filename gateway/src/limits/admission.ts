@@ -133,5 +133,7 @@ export class ConcurrencyLimiter {
 export async function queueDepth(redis: Redis, model: string): Promise<number> {
   const q = `bull:${queueName(model)}`;
   const res = await redis.multi().llen(`${q}:wait`).zcard(`${q}:prioritized`).llen(`${q}:paused`).exec();
+  // A command's own error (WRONGTYPE …) is an error, not a depth of 0.
+  for (const [err] of res ?? []) if (err) throw err;
   return (res ?? []).reduce((sum, [, v]) => sum + Number(v ?? 0), 0);
 }

@@ -166,7 +166,12 @@ export class ChatService {
   async stream(p: PreparedChat, res: Response, ctx: RequestContext): Promise<void> {
     const stamps = ctx.stamps;
     const chunks = new ChunkFactory(p.meta, p.includeUsage);
-    const sse = new SseWriter(res, { keepAliveMs: this.deps.config.SSE_KEEPALIVE_MS });
+    let cancelRun = () => {};
+    const sse = new SseWriter(res, {
+      keepAliveMs: this.deps.config.SSE_KEEPALIVE_MS,
+      maxBufferedBytes: this.deps.config.SSE_MAX_BUFFER_BYTES,
+      onOverflow: () => cancelRun(),
+    });
     const opened = new Set<number>();
     const openChoice = (index: number) => {
       if (opened.has(index)) return;
@@ -193,6 +198,7 @@ export class ChatService {
       onStarted: () => stamps?.mark('started'),
       placement: p.placement,
     });
+    cancelRun = () => run.cancel();
     await run.start(); // throws before any header: plain HTTP error
     stamps?.mark('enqueued');
     sse.open();

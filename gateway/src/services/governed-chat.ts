@@ -93,7 +93,7 @@ export class GovernedChat {
         res.json(toChatCompletion(p.meta, a.cached, p.wantLogprobs));
         return;
       }
-      const sse = new SseWriter(res, { keepAliveMs: config.SSE_KEEPALIVE_MS });
+      const sse = new SseWriter(res, { keepAliveMs: config.SSE_KEEPALIVE_MS, maxBufferedBytes: config.SSE_MAX_BUFFER_BYTES });
       const chunks = new ChunkFactory(p.meta, p.includeUsage);
       sse.open();
       const choices = [...a.cached.choices].sort((x, y) => x.index - y.index);
@@ -249,7 +249,15 @@ export class GovernedChat {
       });
     }
     if (depth) {
-      const d = await depth;
+      // Anything that fails from here until the run owns them (a Redis error reading the depth) gives the slot and the
+      // token budget back: leaked, they would stay taken for the whole lease.
+      let d: number;
+      try {
+        d = await depth;
+      } catch (err) {
+        await Promise.all([refund(), release().catch(() => undefined)]);
+        throw err;
+      }
       if (d >= config.MAX_QUEUE_DEPTH) {
         await Promise.all([refund(), release()]);
         throw new ApiError('queue_full', `The queue of model '${p.data.model}' is full (${d} waiting). Please retry shortly.`, {

@@ -4,12 +4,22 @@
  * `data: {"error":{…}}` then `data: [DONE]`, so the SDKs raise an APIError instead of seeing a silent close.
  */
 import type { Response } from 'express';
-import type { ApiError } from '../errors';
+import { ApiError } from '../errors';
 
 export interface SseOptions {
   /** Send ": keep-alive" after this long without writing anything. */
   keepAliveMs: number;
+  /**
+   * Bytes the client may leave unread (in the response's buffer, past what the socket took). Beyond, the stream ends
+   * with a `stream_buffer_full` error event and `onOverflow` runs (the caller cancels the job): a slow or stalled
+   * reader must not pile its output up in the gateway's memory. Unset: no bound.
+   */
+  maxBufferedBytes?: number;
+  onOverflow?: () => void;
 }
+
+/** How long an overflowed stream's last events may take to leave before the connection is dropped. */
+const OVERFLOW_DRAIN_MS = 10_000;
 
 export class SseWriter {
   private keepAlive: NodeJS.Timeout | null = null;
@@ -92,6 +102,21 @@ export class SseWriter {
     if (!this.writable) return;
     this.lastWriteMs = Date.now();
     this.res.write(chunk);
+    const max = this.opts.maxBufferedBytes;
+    if (max !== undefined && this.res.writableLength > max) this.overflow(max);
+  }
+
+  private overflow(max: number): void {
+    this.opts.onOverflow?.();
+    this.write(
+      `data: ${JSON.stringify(new ApiError('stream_buffer_full', `The client read the stream too slowly: more than ${max} bytes were waiting, so generation was stopped.`).toBody())}\n\n`,
+    );
+    this.write('data: [DONE]\n\n');
+    this.end();
+    // A reader that has stalled for good would hold the socket and its buffer: drop it after a grace.
+    const drop = setTimeout(() => this.res.destroy(), OVERFLOW_DRAIN_MS);
+    drop.unref();
+    this.res.once('finish', () => clearTimeout(drop));
   }
 
   private stopKeepAlive(): void {

@@ -64,7 +64,13 @@ export class TutorialService {
   async stream(body: unknown, res: Response, ctx: RequestContext, opts: GovernOptions): Promise<void> {
     const req = parseOrThrow(tutorialChatRequestSchema, body);
     const a = await this.governed.admit(this.toChatBody(req, true), res, ctx, opts);
-    const sse = new SseWriter(res, { keepAliveMs: this.config.SSE_KEEPALIVE_MS });
+    // A reader too slow for SSE_MAX_BUFFER_BYTES ends its stream; `stop` then cancels the job like a disconnect.
+    const stop = new AbortController();
+    const sse = new SseWriter(res, {
+      keepAliveMs: this.config.SSE_KEEPALIVE_MS,
+      maxBufferedBytes: this.config.SSE_MAX_BUFFER_BYTES,
+      onOverflow: () => stop.abort('client'),
+    });
     if (a.cached) {
       sse.open();
       const text = a.cached.choices.find((c) => c.index === 0)?.text ?? '';
@@ -75,7 +81,8 @@ export class TutorialService {
     const out = a.ctx.output!;
     let opened = false;
     try {
-      const { result, rest } = await this.chat.run(a.prepared, a.ctx, {
+      const runCtx = { ...a.ctx, signal: AbortSignal.any([a.ctx.signal, stop.signal]) };
+      const { result, rest } = await this.chat.run(a.prepared, runCtx, {
         onDelta: (index, raw) => {
           const text = index === 0 ? out.text(0, raw) : '';
           if (text) sse.text(text);
@@ -95,7 +102,7 @@ export class TutorialService {
       if (!opened) throw err;
       const apiErr = toApiError(err);
       ctx.log.info('tutorial stream ended early', { code: apiErr.code });
-      res.write(`event: error\ndata: ${JSON.stringify(apiErr.toBody())}\n\n`);
+      if (sse.writable) res.write(`event: error\ndata: ${JSON.stringify(apiErr.toBody())}\n\n`);
       sse.done();
     } finally {
       sse.end();
