@@ -7,7 +7,7 @@ import { randomUUID } from 'node:crypto';
 import request from 'supertest';
 import { queueName } from '../src/protocol/job';
 import { FakeWorker } from './helpers/fake-worker';
-import { startGateway, type TestGateway } from './helpers/gateway';
+import { startGateway, type TestGateway, waitFor } from './helpers/gateway';
 import { useTestRedis } from './helpers/redis-server';
 
 const ADMIN = 'admin-0123456789abcdef';
@@ -39,6 +39,9 @@ it('a Redis error while reading the queue depth releases the concurrency slot an
   // The one slot is free again and the estimate (prompt + 100) was refunded: the next request is admitted at once.
   const ok = await send();
   expect(ok.status).toBe(200);
-  const models = await request(gw.url).get('/v1/models').set({ authorization: `Bearer ${key}` });
-  expect(Number(models.headers['x-ratelimit-remaining-tokens'])).toBe(1000 - ok.body.usage.total_tokens);
+  // The correction to real usage is written just after the response: wait for it (a leak would never get there).
+  await waitFor(async () => {
+    const models = await request(gw.url).get('/v1/models').set({ authorization: `Bearer ${key}` });
+    return Number(models.headers['x-ratelimit-remaining-tokens']) === 1000 - ok.body.usage.total_tokens;
+  }, undefined, 'the refund and the real usage in the token budget');
 });

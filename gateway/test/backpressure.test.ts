@@ -35,13 +35,13 @@ it('a client that stops reading: its stream is cut and its job cancelled, not bu
     `POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer ${TEST_KEY}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`,
   );
   try {
-    await waitFor(() => worker.jobs.length === 1, 30_000, 'the job to start');
-    await waitFor(() => worker.cancelled.size === 1, 60_000, 'the job to be cancelled for its unread stream');
+    await waitFor(() => worker.jobs.length === 1, 20_000, 'the job to start');
+    await waitFor(() => worker.cancelled.size === 1, 40_000, 'the job to be cancelled for its unread stream');
     // Once the reader catches up it finds the error event and [DONE] (what a slow SDK client would see).
     socket.resume();
     let text = '';
     socket.on('data', (b) => (text = (text + b.toString('latin1')).slice(-4096)));
-    await waitFor(() => text.includes('data: [DONE]') || socket.destroyed, 60_000, 'the end of the stream');
+    await waitFor(() => text.includes('data: [DONE]') || socket.destroyed, 15_000, 'the end of the stream');
     if (!socket.destroyed) expect(text).toContain('"code":"stream_buffer_full"');
   } finally {
     socket.destroy();

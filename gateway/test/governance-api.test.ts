@@ -8,7 +8,8 @@ import { randomUUID } from 'node:crypto';
 import { exportSPKI, generateKeyPair, SignJWT } from 'jose';
 import request from 'supertest';
 import { FakeWorker } from './helpers/fake-worker';
-import { parseSse, sleep, startGateway, TEST_KEY, type TestGateway } from './helpers/gateway';
+import { queueDepth } from '../src/limits/admission';
+import { parseSse, pollUntil, sleep, startGateway, TEST_KEY, type TestGateway, waitFor } from './helpers/gateway';
 import { useTestRedis } from './helpers/redis-server';
 
 const ADMIN = 'admin-0123456789abcdef';
@@ -53,19 +54,22 @@ redis.beforeStop(async () => {
 const body = (extra: Record<string, unknown> = {}) => ({ model: MODEL, messages: [{ role: 'user', content: 'Hi' }], max_tokens: 5, ...extra });
 const chat = (key: string, b: object = body()) => request(gw.url).post('/v1/chat/completions').set(bearer(key)).send(b);
 /** A fresh gateway answers once its Redis connection is up and its registry has seen the workers. */
-const settle = async (g: TestGateway, model = MODEL) => {
-  for (let i = 0; i < 100; i++) {
+const settle = (g: TestGateway, model = MODEL) =>
+  waitFor(async () => {
     const r = await request(g.url).get('/v1/models').set(bearer(TEST_KEY));
-    if (r.status === 200 && r.body.data.some((m: { id: string }) => m.id === model)) return;
-    await sleep(50);
-  }
-  throw new Error('gateway not ready');
-};
+    return r.status === 200 && r.body.data.some((m: { id: string }) => m.id === model);
+  }, undefined, `a gateway that lists ${model}`);
 const createKey = async (fields: Record<string, unknown>) => {
   const r = await request(gw.url).post('/admin/keys').set(admin).send({ name: 'test', ...fields });
   expect(r.status).toBe(201);
   return r.body as { id: string; key: string; prefix: string };
 };
+/**
+ * A completion's accounting (usage counters, the cache store, the real token cost) runs after its response has gone out
+ * (governed-chat.ts `finish`): wait until the key's counters show `requests` requests before reading what follows them.
+ */
+const accounted = (id: string, requests: number) =>
+  waitFor(async () => (await request(gw.url).get(`/admin/keys/${id}`).set(admin)).body.usage.requests >= requests, undefined, `usage of ${requests} request(s)`);
 
 describe('admin API and stored keys', () => {
   it('refuses without the admin key', async () => {
@@ -79,6 +83,7 @@ describe('admin API and stored keys', () => {
     const dump = JSON.stringify(await redis.client.hgetall(`llm:key:${k.id}`)) + JSON.stringify(await redis.client.keys('*'));
     expect(dump).not.toContain(k.key);
     expect((await chat(k.key)).status).toBe(200);
+    await accounted(k.id, 1);
     const list = await request(gw.url).get('/admin/keys').set(admin);
     const rec = list.body.data.find((r: { id: string }) => r.id === k.id);
     expect(rec).toMatchObject({ name: 'alice', prefix: k.prefix, rpm: 100, tier: 'high', revoked_at: null });
@@ -92,8 +97,8 @@ describe('admin API and stored keys', () => {
     expect((await chat(k.key)).body.error.code).toBe('model_not_found');
     const patched = await request(gw.url).patch(`/admin/keys/${k.id}`).set(admin).send({ models: null, rpm: 7 });
     expect(patched.body).toMatchObject({ models: null, rpm: 7 });
-    await sleep(600); // KEY_CACHE_MS
-    const r = await chat(k.key);
+    // The old record stays cached in the gateway for up to KEY_CACHE_MS: poll until the new one is seen.
+    const r = await pollUntil(() => chat(k.key), (x) => x.status !== 404, 'the patched key to be seen');
     expect(r.status).toBe(200);
     expect(r.headers['x-ratelimit-limit-requests']).toBe('7');
   });
@@ -101,15 +106,20 @@ describe('admin API and stored keys', () => {
   it('a revoked key is refused within KEY_CACHE_MS', async () => {
     const k = await createKey({});
     expect((await chat(k.key)).status).toBe(200);
-    const t0 = Date.now();
+    // The gateway's cached lookup was made during that request, so it expires by `stale` at the latest. The bound under
+    // test is that one, measured against when each probe was *sent*: a slow machine sends fewer probes, never a
+    // wrong one. Every probe sent after `stale` must be refused; one is (the poll ends on a 401 or times out).
+    const stale = Date.now() + gw.config.KEY_CACHE_MS;
     expect((await request(gw.url).delete(`/admin/keys/${k.id}`).set(admin)).body.revoked_at).toEqual(expect.any(Number));
-    let status = 200;
-    while (status === 200 && Date.now() - t0 < 2000) {
-      status = (await request(gw.url).get('/v1/models').set(bearer(k.key))).status;
-      if (status === 200) await sleep(50);
-    }
-    expect(status).toBe(401);
-    expect(Date.now() - t0).toBeLessThan(1000);
+    const probes: Array<{ sentAt: number; status: number }> = [];
+    await waitFor(async () => {
+      const sentAt = Date.now();
+      const status = (await request(gw.url).get('/v1/models').set(bearer(k.key))).status;
+      probes.push({ sentAt, status });
+      return status !== 200;
+    }, undefined, 'the revoked key to be refused');
+    expect(probes.at(-1)!.status).toBe(401);
+    expect(probes.filter((p) => p.sentAt > stale && p.status !== 401)).toEqual([]);
   });
 });
 
@@ -191,6 +201,7 @@ describe('limits', () => {
     expect(ms).toBeGreaterThan(0);
     expect(ms).toBeLessThanOrEqual(3000);
     expect(r3.headers['retry-after']).toBe(String(Math.ceil(ms / 1000)));
+    // Waiting for time itself: what is checked is that retry-after-ms is long enough (a slower machine waits longer).
     await sleep(ms + 30);
     expect((await chat(k.key)).status).toBe(200);
   });
@@ -203,10 +214,14 @@ describe('limits', () => {
     const ok = await chat(k.key, body({ max_tokens: 20 }));
     expect(ok.status).toBe(200);
     expect(ok.headers['x-ratelimit-limit-tokens']).toBe('60');
-    // After completion the estimate (prompt + 20) is replaced by real usage (prompt + 5 fake tokens or fewer).
-    const models = await request(gw.url).get('/v1/models').set(bearer(k.key));
+    // After completion the estimate (prompt + 20) is replaced by real usage (prompt + 5 fake tokens or fewer). That
+    // happens after the response has gone out, so poll for it; a budget that keeps the estimate times out.
     const used = ok.body.usage.total_tokens;
-    expect(Number(models.headers['x-ratelimit-remaining-tokens'])).toBe(60 - used);
+    await pollUntil(
+      () => request(gw.url).get('/v1/models').set(bearer(k.key)),
+      (m) => Number(m.headers['x-ratelimit-remaining-tokens']) === 60 - used,
+      'the real usage to replace the estimate',
+    );
   });
 
   it('input limits: too many messages', async () => {
@@ -218,17 +233,19 @@ describe('limits', () => {
 
 describe('cache', () => {
   it('a deterministic request is answered from the cache: same body, x-cache hit, no job', async () => {
+    const k = await createKey({}); // a stored key: its usage counters show when the answer has been stored
     const b = body({ temperature: 0, messages: [{ role: 'user', content: `cache ${randomUUID()}` }] });
-    const first = await chat(TEST_KEY, b);
+    const first = await chat(k.key, b);
     expect(first.headers['x-cache']).toBe('miss');
+    await accounted(k.id, 1);
     const jobs = worker.jobs.length;
-    const second = await chat(TEST_KEY, b);
+    const second = await chat(k.key, b);
     expect(second.headers['x-cache']).toBe('hit');
     expect(worker.jobs.length).toBe(jobs);
     const strip = (x: Record<string, unknown>) => ({ ...x, id: undefined, created: undefined });
     expect(strip(second.body)).toEqual(strip(first.body));
     // Streamed from the cache too.
-    const s = await chat(TEST_KEY, { ...b, stream: true });
+    const s = await chat(k.key, { ...b, stream: true });
     expect(s.headers['x-cache']).toBe('hit');
     const text = parseSse(s.text).data.filter((d): d is { choices: Array<{ delta: { content?: string } }> } => typeof d === 'object')
       .map((d) => d.choices[0]?.delta.content ?? '').join('');
@@ -237,26 +254,42 @@ describe('cache', () => {
   });
 
   it('is bypassed by cache-control: no-store, and sampled requests are never cached', async () => {
+    // A stored key: its usage counters show when a request's accounting (and cache store, if any) is done, so each
+    // request below is checked against a cache that would already hold the answer. Neither consults the cache (no
+    // x-cache header); each is answered by a job.
+    const k = await createKey({});
     const b = body({ temperature: 0, messages: [{ role: 'user', content: `nostore ${randomUUID()}` }] });
-    await chat(TEST_KEY, b);
-    const r = await request(gw.url).post('/v1/chat/completions').set(bearer(TEST_KEY)).set('cache-control', 'no-store').send(b);
-    expect(r.headers['x-cache']).toBe('miss');
+    await chat(k.key, b);
+    await accounted(k.id, 1);
+    let jobs = worker.jobs.length;
+    const r = await request(gw.url).post('/v1/chat/completions').set(bearer(k.key)).set('cache-control', 'no-store').send(b);
+    expect(r.status).toBe(200);
+    expect(r.headers['x-cache']).toBeUndefined();
+    expect(worker.jobs.length).toBe(jobs + 1);
     const sampled = body({ temperature: 0.9, messages: [{ role: 'user', content: `sampled ${randomUUID()}` }] });
-    await chat(TEST_KEY, sampled);
-    expect((await chat(TEST_KEY, sampled)).headers['x-cache']).toBe('miss');
+    await chat(k.key, sampled);
+    await accounted(k.id, 3);
+    jobs = worker.jobs.length;
+    const again = await chat(k.key, sampled);
+    expect(again.status).toBe(200);
+    expect(again.headers['x-cache']).toBeUndefined();
+    expect(worker.jobs.length).toBe(jobs + 1);
   });
 
-  it('a hit counts the request and its prompt, not its completion tokens again', async () => {
+  it('a hit counts as a request and a cache hit, charged the usage its body reports', async () => {
     const k = await createKey({});
     const b = body({ seed: 7, messages: [{ role: 'user', content: `usage ${randomUUID()}` }] });
     const first = await chat(k.key, b);
-    await chat(k.key, b);
+    await accounted(k.id, 1);
+    const hit = await chat(k.key, b);
+    expect(hit.headers['x-cache']).toBe('hit');
+    expect(hit.body.usage).toEqual(first.body.usage);
     const rec = (await request(gw.url).get(`/admin/keys/${k.id}`).set(admin)).body;
     expect(rec.usage).toEqual({
       requests: 2,
       cache_hits: 1,
       prompt_tokens: 2 * first.body.usage.prompt_tokens,
-      completion_tokens: first.body.usage.completion_tokens,
+      completion_tokens: 2 * first.body.usage.completion_tokens,
     });
   });
 });
@@ -297,7 +330,7 @@ describe('queue depth and degradation', () => {
       await settle(g, idle);
       const send = (b: object) => request(g.url).post('/v1/chat/completions').set(bearer(TEST_KEY)).send(b);
       const held = send({ model: idle, messages: [{ role: 'user', content: 'wait' }] }).then((r) => r.status, () => 0);
-      await sleep(300);
+      await waitFor(async () => (await queueDepth(redis.client, idle)) === 1, undefined, 'the held request to be queued');
       const degraded = await send({ model: idle, messages: [{ role: 'user', content: 'Hi' }], max_tokens: 50 });
       expect(degraded.status).toBe(200);
       expect(degraded.body.model).toBe(OTHER);
@@ -316,7 +349,8 @@ describe('queue depth and degradation', () => {
       const k = await createKey({ max_concurrent: 1, models: [idle] }); // no fallback allowed: it stays queued
       const first = request(g.url).post('/v1/chat/completions').set(bearer(k.key))
         .send({ model: idle, messages: [{ role: 'user', content: 'hold' }] }).then((r) => r.status, () => 0);
-      await sleep(300);
+      // Queued means admitted: it holds the key's only slot now.
+      await waitFor(async () => (await queueDepth(redis.client, idle)) === 2, undefined, "the key's first request to be queued");
       const second = await request(g.url).post('/v1/chat/completions').set(bearer(k.key)).send({ model: idle, messages: [{ role: 'user', content: 'Hi' }] });
       expect(second.status).toBe(429);
       expect(second.body.error.message).toMatch(/concurrent/);

@@ -7,31 +7,40 @@ import Redis from 'ioredis';
 import { silentLogger } from '../src/logger';
 import { jobChannel } from '../src/protocol/job';
 import { JobEventBus } from '../src/queue/job-events';
+import { waitFor } from './helpers/gateway';
 import { useTestRedis } from './helpers/redis-server';
 
 const redis = useTestRedis();
 let pub: Redis;
+let sub: Redis;
 let bus: JobEventBus;
 
 beforeAll(() => {
   pub = redis.connect();
-  bus = new JobEventBus(redis.connect(), silentLogger);
+  sub = redis.connect();
+  bus = new JobEventBus(sub, silentLogger);
 });
 
 const subscribers = async (jobId: string) =>
   Number(((await pub.call('PUBSUB', 'NUMSUB', jobChannel(jobId))) as [string, number])[1]);
+const subscribed = (jobId: string, n: number) => waitFor(async () => (await subscribers(jobId)) === n, undefined, `${n} subscriber(s) of ${jobId}`);
+/**
+ * Redis pushes a PUBLISH to its subscribers before it answers the publisher, and answers a connection's commands in
+ * order: once a PING on the bus's own connection is answered, every message published before has reached the bus.
+ */
+const delivered = () => sub.ping();
 
 it('subscribe takes over a reservation: messages that came before are delivered first, in order, then live ones', async () => {
   bus.reserve('job-a');
-  await new Promise((r) => setTimeout(r, 50)); // the SUBSCRIBE is acknowledged by now
+  await subscribed('job-a', 1);
   await pub.publish(jobChannel('job-a'), 'one');
   await pub.publish(jobChannel('job-a'), 'two');
-  await new Promise((r) => setTimeout(r, 50));
+  await delivered(); // both are buffered in the reservation now, before `subscribe` takes it over
   const got: string[] = [];
   const unsubscribe = await bus.subscribe('job-a', (m) => got.push(m));
   expect(got).toEqual(['one', 'two']);
   await pub.publish(jobChannel('job-a'), 'three');
-  await new Promise((r) => setTimeout(r, 50));
+  await delivered();
   expect(got).toEqual(['one', 'two', 'three']);
   await unsubscribe();
   expect(await subscribers('job-a')).toBe(0);
@@ -44,19 +53,17 @@ it('subscribe right after reserve waits for the acknowledgement (subscribe-befor
   const unsubscribe = await bus.subscribe('job-b', (m) => got.push(m));
   expect(await subscribers('job-b')).toBe(1); // Redis has the subscription when subscribe() resolves
   await pub.publish(jobChannel('job-b'), 'started');
-  await new Promise((r) => setTimeout(r, 50));
+  await delivered();
   expect(got).toEqual(['started']);
   await unsubscribe();
 });
 
 it('release drops a reservation that no run took, and a second subscribe of a taken channel is refused', async () => {
   bus.reserve('job-c');
-  await new Promise((r) => setTimeout(r, 50));
-  expect(await subscribers('job-c')).toBe(1);
+  await subscribed('job-c', 1);
   bus.release('job-c');
-  await new Promise((r) => setTimeout(r, 50));
-  expect(await subscribers('job-c')).toBe(0);
   expect(bus.size).toBe(0);
+  await subscribed('job-c', 0); // the UNSUBSCRIBE follows the SUBSCRIBE's acknowledgement; a leak times out here
 
   const unsubscribe = await bus.subscribe('job-d', () => undefined);
   bus.release('job-d'); // not a reservation any more: no effect

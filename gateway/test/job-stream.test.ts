@@ -5,24 +5,30 @@
 import { randomUUID } from 'node:crypto';
 import { Queue } from 'bullmq';
 import request from 'supertest';
+import { queueDepth } from '../src/limits/admission';
 import { cancelledKey, queueName } from '../src/protocol/job';
 import { FakeWorker, type FakeScript } from './helpers/fake-worker';
-import { parseSse, sleep, startGateway, TEST_KEY, type TestGateway, waitFor } from './helpers/gateway';
+import { completeEvents, openStream, parseSse, startGateway, TEST_KEY, type TestGateway, waitFor } from './helpers/gateway';
 import { useTestRedis } from './helpers/redis-server';
 
-jest.setTimeout(30_000);
-
 const redis = useTestRedis();
+/** Takes the tests' jobs: its queue timeout is far beyond the time a worker needs to pick a job up, however slow. */
 let gw: TestGateway;
+/** For the tests of the queue timeout itself: a short one, so that they do not wait long for it. */
+let gwQ: TestGateway;
 const workers: FakeWorker[] = [];
 
 beforeAll(async () => {
-  gw = await startGateway(redis.url, { QUEUE_TIMEOUT_MS: '600', SSE_KEEPALIVE_MS: '100', JOB_POLL_MS: '300' });
+  const env = { SSE_KEEPALIVE_MS: '100', JOB_POLL_MS: '300' };
+  gw = await startGateway(redis.url, { ...env, QUEUE_TIMEOUT_MS: '30000' });
+  gwQ = await startGateway(redis.url, { ...env, QUEUE_TIMEOUT_MS: '600' });
 });
 afterEach(async () => {
   await Promise.all(workers.splice(0).map((w) => w.close()));
 });
-redis.beforeStop(() => gw.close());
+redis.beforeStop(async () => {
+  await Promise.all([gw.close(), gwQ.close()]);
+});
 
 async function fake(script: FakeScript = {}, extra: Partial<ConstructorParameters<typeof FakeWorker>[0]> = {}) {
   const w = new FakeWorker({ redisUrl: redis.url, model: extra.model ?? `m-${randomUUID().slice(0, 8)}`, script, ...extra });
@@ -31,7 +37,9 @@ async function fake(script: FakeScript = {}, extra: Partial<ConstructorParameter
   return w;
 }
 
-const post = (body: object) => request(gw.url).post('/v1/chat/completions').set('authorization', `Bearer ${TEST_KEY}`).send(body);
+const post = (body: object, g = gw) => request(g.url).post('/v1/chat/completions').set('authorization', `Bearer ${TEST_KEY}`).send(body);
+/** Jobs of the model's queue that no worker has taken (BullMQ's wait list and prioritized set). */
+const queued = (model: string) => queueDepth(redis.client, model);
 const ask = (model: string, extra: object = {}) => ({ model, messages: [{ role: 'user', content: 'Hi' }], ...extra });
 
 function streamText(body: string) {
@@ -108,14 +116,16 @@ describe('worker failures', () => {
     expect(s.text).toBe(REPLY.slice(0, 10));
     expect(s.error).toMatchObject({ code: 'worker_lost', type: 'server_error' });
     expect(s.done).toBe(true);
-    expect(Date.now() - started).toBeLessThan(3000);
+    // "At once" is what is tested: the gateway sees the worker gone from the registry (die() unregisters it), instead
+    // of hanging until the request timeout (10 min). Loose, so that a loaded machine passes.
+    expect(Date.now() - started).toBeLessThan(15_000);
   });
 
   it('the worker dies before any text: the gateway waits for BullMQ to retry the job on another worker', async () => {
     const model = `m-${randomUUID().slice(0, 8)}`;
     const doomed = await fake({ reply, dieAfterDeltas: 0 }, { model });
     const res = post(ask(model, { stream: true })).then((r) => r);
-    await waitFor(() => doomed.jobs.length === 1, 5000, 'the first worker to take the job');
+    await waitFor(() => doomed.jobs.length === 1, undefined, 'the first worker to take the job');
     const healthy = await fake({ reply: () => 'second attempt' }, { model });
     const s = streamText((await res).text);
     expect(s.error).toBeUndefined();
@@ -128,66 +138,62 @@ describe('no worker left', () => {
   it('the only worker dies before any text: 503 queue_timeout soon after QUEUE_TIMEOUT_MS, not a hang', async () => {
     const w = await fake({ reply, dieAfterDeltas: 0 });
     const t0 = Date.now();
-    const res = await post(ask(w.model));
+    const res = await post(ask(w.model), gwQ);
     expect(res.status).toBe(503);
     expect(res.body.error.code).toBe('queue_timeout');
     expect(res.headers['retry-after']).toBeDefined();
-    expect(Date.now() - t0).toBeLessThan(5000);
+    // "Not a hang" is what is tested: QUEUE_TIMEOUT_MS (0.6 s) after the worker is seen gone, not the request timeout
+    // (10 min). Loose, so that a loaded machine passes.
+    expect(Date.now() - t0).toBeLessThan(15_000);
   });
 });
 
 describe('queueing', () => {
   it('SSE keep-alive comments while the job waits for a worker', async () => {
-    const w = await fake({ reply, startDelayMs: 450 });
-    const s = streamText((await post(ask(w.model, { stream: true }))).text);
-    expect(s.comments.filter((c) => c === 'keep-alive').length).toBeGreaterThanOrEqual(2);
-    expect(s.text).toBe(REPLY);
+    // The worker holds the job before `started` until the client has seen two keep-alives, then answers.
+    let start!: () => void;
+    const w = await fake({ reply, startGate: new Promise<void>((r) => (start = r)) });
+    try {
+      const stream = await openStream(`${gw.url}/v1/chat/completions`, ask(w.model, { stream: true }), { authorization: `Bearer ${TEST_KEY}` });
+      const keepAlives = () => streamText(completeEvents(stream.received())).comments.filter((c) => c === 'keep-alive').length;
+      await waitFor(() => keepAlives() >= 2, undefined, 'two keep-alive comments');
+      start();
+      const s = streamText(await stream.body);
+      expect(s.comments.filter((c) => c === 'keep-alive').length).toBeGreaterThanOrEqual(2);
+      expect(s.text).toBe(REPLY);
+    } finally {
+      start();
+    }
   });
 
   it('no worker takes the job within QUEUE_TIMEOUT_MS: 503 + retry-after, and the job is removed', async () => {
     const w = await fake({}, { consume: false });
-    const res = await post(ask(w.model));
+    const res = await post(ask(w.model), gwQ);
     expect(res.status).toBe(503);
     expect(res.body.error.code).toBe('queue_timeout');
     expect(Number(res.headers['retry-after'])).toBeGreaterThanOrEqual(1);
-    const q = new Queue(queueName(w.model), { connection: redis });
+    const q = new Queue(queueName(w.model), { connection: redis.client });
     expect(await q.getJobCounts('waiting', 'prioritized', 'active')).toEqual({ waiting: 0, prioritized: 0, active: 0 });
     await q.close();
   });
 
   it('stream: queue timeout is an in-stream error after keep-alives', async () => {
     const w = await fake({}, { consume: false });
-    const s = streamText((await post(ask(w.model, { stream: true }))).text);
+    const s = streamText((await post(ask(w.model, { stream: true }), gwQ)).text);
     expect(s.error).toMatchObject({ code: 'queue_timeout' });
     expect(s.done).toBe(true);
   });
 });
 
 describe('client disconnect cancels the job', () => {
-  async function openAndDrop(body: object, afterMs: number, untilFirstChunk: boolean) {
-    const ctrl = new AbortController();
-    const resp = fetch(`${gw.url}/v1/chat/completions`, {
-      method: 'POST',
-      headers: { authorization: `Bearer ${TEST_KEY}`, 'content-type': 'application/json' },
-      body: JSON.stringify(body),
-      signal: ctrl.signal,
-    });
-    if (untilFirstChunk) {
-      const r = await resp;
-      const reader = r.body!.getReader();
-      await reader.read();
-    } else {
-      resp.catch(() => undefined);
-      await sleep(afterMs);
-    }
-    ctrl.abort();
-  }
-
   it('streaming: the worker is told (llm:cancel and the llm:cancelled key)', async () => {
-    const w = await fake({ reply, pieceChars: 2, delayMs: 100 });
-    await openAndDrop(ask(w.model, { stream: true }), 0, true);
-    await waitFor(() => w.jobs.length === 1, 5000, 'job picked up');
-    await waitFor(() => w.cancelled.size === 1, 5000, 'cancel message');
+    // 22 deltas 250 ms apart: the job is still generating when the client goes, however slow the machine.
+    const w = await fake({ reply, pieceChars: 2, delayMs: 250 });
+    const stream = await openStream(`${gw.url}/v1/chat/completions`, ask(w.model, { stream: true }), { authorization: `Bearer ${TEST_KEY}` });
+    await waitFor(() => streamText(completeEvents(stream.received())).text.length > 0, undefined, 'the first generated text');
+    stream.abort();
+    expect(w.jobs.length).toBe(1);
+    await waitFor(() => w.cancelled.size === 1, undefined, 'cancel message');
     const [jobId] = [...w.cancelled];
     expect(await redis.client.get(cancelledKey(jobId))).toBe('1');
     expect(await redis.client.ttl(cancelledKey(jobId))).toBeGreaterThan(500);
@@ -195,11 +201,19 @@ describe('client disconnect cancels the job', () => {
 
   it('non-stream, still queued: the job is removed from the queue', async () => {
     const w = await fake({}, { consume: false });
-    await openAndDrop(ask(w.model), 200, false);
-    const q = new Queue(queueName(w.model), { connection: redis });
-    await waitFor(async () => w.cancelled.size === 1, 5000, 'cancel message');
-    expect(await q.getJobCounts('waiting')).toEqual({ waiting: 0 });
-    await q.close();
+    const ctrl = new AbortController();
+    const resp = fetch(`${gw.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${TEST_KEY}`, 'content-type': 'application/json' },
+      body: JSON.stringify(ask(w.model)),
+      signal: ctrl.signal,
+    });
+    resp.catch(() => undefined);
+    await waitFor(async () => (await queued(w.model)) === 1, undefined, 'the job to be queued');
+    ctrl.abort();
+    await waitFor(() => w.cancelled.size === 1, undefined, 'cancel message');
+    // The gateway publishes the cancel message before it removes the job: wait for the removal itself.
+    await waitFor(async () => (await queued(w.model)) === 0, undefined, 'the job to leave the queue');
   });
 });
 

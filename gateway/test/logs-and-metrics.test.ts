@@ -12,8 +12,6 @@ import { startGateway, TEST_KEY, type TestGateway, waitFor } from './helpers/gat
 import { parsePrometheus, select, sumOf } from './helpers/prom-text';
 import { useTestRedis } from './helpers/redis-server';
 
-jest.setTimeout(30_000);
-
 const auth = { authorization: `Bearer ${TEST_KEY}` };
 const MODEL = `m-${randomUUID().slice(0, 8)}`;
 const IDLE_MODEL = `idle-${randomUUID().slice(0, 8)}`;
@@ -30,7 +28,7 @@ beforeAll(async () => {
   // Registers and heartbeats but never takes a job: what is sent to it stays queued.
   idle = new FakeWorker({ redisUrl: redis.url, model: IDLE_MODEL, consume: false });
   await Promise.all([worker.start(), idle.start()]);
-  await waitFor(async () => (await request(gw.url).get('/ready')).status === 200, 10_000, '/ready');
+  await waitFor(async () => (await request(gw.url).get('/ready')).status === 200, undefined, '/ready');
 });
 redis.beforeStop(async () => {
   await Promise.all([worker.close(), idle.close()]);
@@ -99,7 +97,7 @@ describe('metrics', () => {
     // Queued = waiting + prioritized: BullMQ keeps a job with a priority (per-key priorities) out of the wait list.
     const queuedJobs = (m: ReturnType<typeof parsePrometheus>) =>
       sumOf(m, 'llm_queue_jobs', { model: IDLE_MODEL, state: 'waiting' }) + sumOf(m, 'llm_queue_jobs', { model: IDLE_MODEL, state: 'prioritized' });
-    await waitFor(async () => queuedJobs(await scrape()) === 1, 5000, 'a queued job');
+    await waitFor(async () => queuedJobs(await scrape()) === 1, undefined, 'a queued job');
     const m = await scrape();
     for (const state of ['waiting', 'prioritized', 'active', 'delayed']) {
       expect(select(m, 'llm_queue_jobs', { model: IDLE_MODEL, state })).toHaveLength(1);
@@ -118,7 +116,7 @@ describe('logs', () => {
     gw.logs.length = 0;
     const res = await chat(hello({ user: 'u1' })).set('x-request-id', 'req-logs-1');
     expect(res.status).toBe(200);
-    await waitFor(() => gw.logs.some((l) => l.includes('"msg":"request"') && l.includes('req-logs-1')), 2000, 'the request log');
+    await waitFor(() => gw.logs.some((l) => l.includes('"msg":"request"') && l.includes('req-logs-1')), undefined, 'the request log');
     const lines = gw.logs.map((l) => JSON.parse(l) as Record<string, unknown>).filter((l) => l.requestId === 'req-logs-1');
     const done = lines.find((l) => l.msg === 'chat completion finished')!;
     expect(done).toMatchObject({ level: 'info', model: MODEL, promptTokens: expect.any(Number), completionTokens: 7 });
@@ -140,11 +138,11 @@ describe('logs', () => {
     const quiet = await startGateway(redis.url, { DEFAULT_MODEL: MODEL, LOG_LEVEL: 'warn' });
     try {
       for (const g of [verbose, quiet]) {
-        await waitFor(async () => (await request(g.url).get('/ready')).status === 200, 10_000, '/ready');
+        await waitFor(async () => (await request(g.url).get('/ready')).status === 200, undefined, '/ready');
         const r = await request(g.url).post('/v1/chat/completions').set(auth).send(hello());
         expect(r.status).toBe(200);
       }
-      await waitFor(() => verbose.logs.some((l) => l.includes('"msg":"request"')), 2000, 'the request log');
+      await waitFor(() => verbose.logs.some((l) => l.includes('"msg":"request"')), undefined, 'the request log');
       const all = verbose.logs.join('\n');
       expect(all).toContain(SECRET_PROMPT);
       expect(all).toContain('one two three');

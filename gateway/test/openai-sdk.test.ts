@@ -8,8 +8,6 @@ import { FakeWorker } from './helpers/fake-worker';
 import { startGateway, TEST_KEY, type TestGateway } from './helpers/gateway';
 import { useTestRedis } from './helpers/redis-server';
 
-jest.setTimeout(30_000);
-
 const redis = useTestRedis();
 let gw: TestGateway;
 let worker: FakeWorker;
@@ -17,7 +15,7 @@ let client: OpenAI;
 const MODEL = `m-${randomUUID().slice(0, 8)}`;
 
 beforeAll(async () => {
-  gw = await startGateway(redis.url, { QUEUE_TIMEOUT_MS: '500' });
+  gw = await startGateway(redis.url);
   worker = new FakeWorker({ redisUrl: redis.url, model: MODEL, contextLength: 200 });
   await worker.start();
   client = new OpenAI({ baseURL: `${gw.url}/v1`, apiKey: TEST_KEY, maxRetries: 0 });

@@ -16,8 +16,6 @@ import { modelListSchema } from '../src/protocol/models';
 import { startGateway, TEST_KEY, type TestGateway } from './helpers/gateway';
 import { useTestRedis } from './helpers/redis-server';
 
-jest.setTimeout(30_000);
-
 const METHODS = ['get', 'put', 'post', 'delete', 'options', 'head', 'patch', 'trace'];
 const ADMIN_KEY = `admin-${randomUUID()}`;
 /** Every optional route on, and metrics moved and guarded. */

@@ -5,8 +5,6 @@ import { FakeWorker } from './helpers/fake-worker';
 import { startGateway, TEST_KEY, type TestGateway, waitFor } from './helpers/gateway';
 import { useTestRedis } from './helpers/redis-server';
 
-jest.setTimeout(30_000);
-
 const redis = useTestRedis();
 let gw: TestGateway;
 let worker: FakeWorker;
@@ -32,13 +30,15 @@ it('answers 503 + retry-after while Redis is down, and serves again once it is b
   expect((await chat()).status).toBe(200);
 
   await redis.kill();
-  await waitFor(() => gw.gateway.redis.status !== 'ready', 5000, 'the gateway to notice');
+  await waitFor(() => gw.gateway.redis.status !== 'ready', undefined, 'the gateway to notice');
   const started = Date.now();
   const down = await chat();
   expect(down.status).toBe(503);
   expect(down.body.error).toMatchObject({ code: 'redis_unavailable', type: 'server_error' });
   expect(Number(down.headers['retry-after'])).toBeGreaterThanOrEqual(1);
-  expect(Date.now() - started).toBeLessThan(2000);
+  // "Fast" is what is tested: answered from the connection's status at once (well under a second, even loaded), not
+  // after a reconnect attempt per Redis command (up to 2 s each) or never (a hang). 5 s: loose, yet below the former.
+  expect(Date.now() - started).toBeLessThan(5000);
   expect((await request(gw.url).get('/ready')).status).toBe(503);
   expect((await request(gw.url).get('/health')).status).toBe(200);
   const models = await request(gw.url).get('/v1/models').set('authorization', `Bearer ${TEST_KEY}`);
@@ -46,7 +46,7 @@ it('answers 503 + retry-after while Redis is down, and serves again once it is b
 
   await redis.restart();
   // The worker re-registers with its next heartbeat (the tokenizer stays cached in the gateway by hash).
-  await waitFor(async () => (await request(gw.url).get('/ready')).status === 200, 10_000, '/ready after the restart');
+  await waitFor(async () => (await request(gw.url).get('/ready')).status === 200, undefined, '/ready after the restart');
   const back = await chat();
   expect(back.status).toBe(200);
   expect(back.body.choices[0].message.content).toBe('Hello from the fake worker!');

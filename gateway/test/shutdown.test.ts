@@ -6,22 +6,30 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { join } from 'node:path';
 import { FakeWorker } from './helpers/fake-worker';
-import { parseSse, sleep, TEST_KEY, waitFor } from './helpers/gateway';
+import { completeEvents, openStream as open, parseSse, TEST_KEY, waitFor } from './helpers/gateway';
 import { freePort, useTestRedis } from './helpers/redis-server';
 
-jest.setTimeout(60_000);
+// Each test starts the gateway as a child process through tsx (its start-up alone may take tens of seconds on a loaded
+// machine: its wait allows 60 s), then streams.
+jest.setTimeout(120_000);
 
 const redis = useTestRedis();
 let worker: FakeWorker;
+let slow: FakeWorker;
 const MODEL = `m-${randomUUID().slice(0, 8)}`;
+/** Its worker sends one character a second: a ~36 s stream, far longer than the 300 ms grace it is cut by. */
+const SLOW_MODEL = `s-${randomUUID().slice(0, 8)}`;
 const REPLY = 'abcdefghijklmnopqrstuvwxyz0123456789';
 
 beforeAll(async () => {
   // One character every 60 ms: a stream of ~2.2 s.
   worker = new FakeWorker({ redisUrl: redis.url, model: MODEL, script: { reply: () => REPLY, pieceChars: 1, delayMs: 60 } });
-  await worker.start();
+  slow = new FakeWorker({ redisUrl: redis.url, model: SLOW_MODEL, script: { reply: () => REPLY, pieceChars: 1, delayMs: 1000 } });
+  await Promise.all([worker.start(), slow.start()]);
 });
-redis.beforeStop(() => worker.close());
+redis.beforeStop(async () => {
+  await Promise.all([worker.close(), slow.close()]);
+});
 
 async function startMain(env: Record<string, string>) {
   const port = await freePort();
@@ -35,30 +43,16 @@ async function startMain(env: Record<string, string>) {
   child.stderr!.on('data', (d) => (out += d));
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
   const url = `http://127.0.0.1:${port}`;
-  await waitFor(async () => (await fetch(`${url}/ready`).catch(() => null))?.status === 200, 30_000, 'gateway ready');
+  await waitFor(async () => (await fetch(`${url}/ready`).catch(() => null))?.status === 200, 60_000, 'gateway ready');
   return { url, child, exited, output: () => out };
 }
 
-async function openStream(url: string) {
-  const resp = await fetch(`${url}/v1/chat/completions`, {
-    method: 'POST',
-    headers: { authorization: `Bearer ${TEST_KEY}`, 'content-type': 'application/json' },
-    body: JSON.stringify({ model: MODEL, messages: [{ role: 'user', content: 'Hi' }], stream: true }),
-  });
-  const reader = resp.body!.getReader();
-  const decoder = new TextDecoder();
-  let body = '';
-  const first = await reader.read();
-  body += decoder.decode(first.value);
-  // Resolves to a promise of the whole body, once the first chunk has arrived (so the request is surely open).
-  const rest = (async () => {
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) return body;
-      body += decoder.decode(value);
-    }
-  })();
-  return { body: rest };
+/** Opens a stream and returns once its first text has arrived: the worker has the job and the stream is under way. */
+async function openStream(url: string, model = MODEL) {
+  const body = { model, messages: [{ role: 'user', content: 'Hi' }], stream: true };
+  const stream = await open(`${url}/v1/chat/completions`, body, { authorization: `Bearer ${TEST_KEY}` });
+  await waitFor(() => textOf(completeEvents(stream.received())).text.length > 0, undefined, 'the first text of the stream');
+  return stream;
 }
 
 function textOf(body: string) {
@@ -72,11 +66,11 @@ function textOf(body: string) {
 }
 
 it('lets an open stream finish, refuses new work, and exits 0', async () => {
-  const gw = await startMain({ SHUTDOWN_GRACE_MS: '20000' });
+  // Grace far beyond the ~2.2 s stream, even on a loaded machine.
+  const gw = await startMain({ SHUTDOWN_GRACE_MS: '60000' });
   const stream = await openStream(gw.url);
-  await sleep(300);
   gw.child.kill('SIGTERM');
-  await waitFor(() => gw.output().includes('shutting down'), 10_000, 'the gateway to start draining');
+  await waitFor(() => gw.output().includes('shutting down'), undefined, 'the gateway to start draining');
   // A new connection is refused; a request on a kept-alive one would get 503 shutting_down.
   const late = await fetch(`${gw.url}/health`).then((r) => r.status).catch(() => 'refused');
   expect(['refused', 503]).toContain(late);
@@ -92,8 +86,7 @@ it('lets an open stream finish, refuses new work, and exits 0', async () => {
 
 it('when the grace period runs out, open streams end with an in-stream error, then exit 0', async () => {
   const gw = await startMain({ SHUTDOWN_GRACE_MS: '300' });
-  const stream = await openStream(gw.url);
-  await sleep(200);
+  const stream = await openStream(gw.url, SLOW_MODEL);
   gw.child.kill('SIGTERM');
   const s = textOf(await stream.body);
   expect(s.text.length).toBeLessThan(REPLY.length);

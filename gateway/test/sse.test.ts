@@ -1,9 +1,10 @@
 /** The SSE writer: the wire format the openai SDKs parse, keep-alive comments, errors as events, then [DONE]. */
+import type { Server } from 'node:http';
 import express from 'express';
 import request from 'supertest';
 import { ApiError } from '../src/errors';
 import { SseWriter } from '../src/streaming/sse';
-import { parseSse, sleep } from './helpers/gateway';
+import { completeEvents, openStream, parseSse, waitFor } from './helpers/gateway';
 
 function app(script: (sse: SseWriter) => Promise<void>, keepAliveMs = 60_000) {
   const a = express();
@@ -13,6 +14,20 @@ function app(script: (sse: SseWriter) => Promise<void>, keepAliveMs = 60_000) {
     await script(sse);
   });
   return a;
+}
+
+async function listen(a: express.Express): Promise<{ url: string; close(): Promise<void> }> {
+  const server: Server = await new Promise((resolve) => {
+    const s = a.listen(0, '127.0.0.1', () => resolve(s));
+  });
+  const { port } = server.address() as { port: number };
+  return {
+    url: `http://127.0.0.1:${port}/s`,
+    async close() {
+      server.closeAllConnections();
+      await new Promise((r) => server.close(r));
+    },
+  };
 }
 
 describe('SseWriter', () => {
@@ -47,16 +62,27 @@ describe('SseWriter', () => {
   });
 
   it('sends ": keep-alive" comments while idle, and none once it writes often enough', async () => {
-    const res = await request(
+    // The stream stays idle until the client has seen two keep-alives (however long a loaded machine takes), then ends.
+    let finish!: () => void;
+    const finished = new Promise<void>((r) => (finish = r));
+    const srv = await listen(
       app(async (sse) => {
-        await sleep(350);
+        await finished;
         sse.done();
       }, 100),
-    ).get('/s');
-    const { comments, data } = parseSse(res.text);
-    expect(comments.length).toBeGreaterThanOrEqual(2);
-    expect(comments.every((c) => c === 'keep-alive')).toBe(true);
-    expect(data).toEqual(['[DONE]']);
+    );
+    try {
+      const stream = await openStream(srv.url, undefined);
+      await waitFor(() => parseSse(completeEvents(stream.received())).comments.length >= 2, undefined, 'two keep-alive comments');
+      finish();
+      const { comments, data } = parseSse(await stream.body);
+      expect(comments.length).toBeGreaterThanOrEqual(2);
+      expect(comments.every((c) => c === 'keep-alive')).toBe(true);
+      expect(data).toEqual(['[DONE]']);
+    } finally {
+      finish();
+      await srv.close();
+    }
   });
 
   it('holds events written before open() and sends them right after the headers', async () => {
@@ -85,16 +111,15 @@ describe('SseWriter', () => {
         sse.data({ b: 2 }); // must not throw
       });
     });
-    const server = a.listen(0);
-    const port = (server.address() as { port: number }).port;
-    const ctrl = new AbortController();
-    const resp = await fetch(`http://127.0.0.1:${port}/s`, { signal: ctrl.signal });
-    const reader = resp.body!.getReader();
-    await reader.read();
-    ctrl.abort();
-    await sleep(100);
-    server.closeAllConnections();
-    await new Promise((r) => server.close(r));
-    expect(writableAfterClose).toBe(false);
+    const srv = await listen(a);
+    try {
+      const stream = await openStream(srv.url, undefined);
+      await waitFor(() => stream.received().length > 0, undefined, 'the first event');
+      stream.abort();
+      await waitFor(() => writableAfterClose !== null, undefined, "the server to see the client's close");
+      expect(writableAfterClose).toBe(false);
+    } finally {
+      await srv.close();
+    }
   });
 });

@@ -7,7 +7,7 @@ import { randomUUID } from 'node:crypto';
 import http from 'node:http';
 import request from 'supertest';
 import { FakeWorker } from './helpers/fake-worker';
-import { startGateway, TEST_KEY, type TestGateway } from './helpers/gateway';
+import { startGateway, TEST_KEY, type TestGateway, waitFor } from './helpers/gateway';
 import { useTestRedis } from './helpers/redis-server';
 
 const ADMIN = 'admin-0123456789abcdef';
@@ -73,15 +73,23 @@ describe('response cache scope', () => {
     const hit = await request(gw.url).post('/v1/chat/completions').set(bearer(k.key)).send(body);
     expect(hit.headers['x-cache']).toBe('hit');
     expect(hit.body.usage).toEqual(first.body.usage);
-    const rec = (await request(gw.url).get(`/admin/keys/${k.id}`).set(admin)).body;
+    // Accounting is written just after each response goes out: wait for both requests' share.
+    let rec: { usage: { requests: number } } = { usage: { requests: 0 } };
+    await waitFor(async () => {
+      rec = (await request(gw.url).get(`/admin/keys/${k.id}`).set(admin)).body;
+      return rec.usage.requests === 2;
+    }, undefined, 'the usage of both requests');
     expect(rec.usage).toEqual({
       requests: 2,
       cache_hits: 1,
       prompt_tokens: first.body.usage.prompt_tokens + hit.body.usage.prompt_tokens,
       completion_tokens: first.body.usage.completion_tokens + hit.body.usage.completion_tokens,
     });
-    const models = await request(gw.url).get('/v1/models').set(bearer(k.key));
-    expect(Number(models.headers['x-ratelimit-remaining-tokens'])).toBe(100_000 - first.body.usage.total_tokens - hit.body.usage.total_tokens);
+    const expected = 100_000 - first.body.usage.total_tokens - hit.body.usage.total_tokens;
+    await waitFor(async () => {
+      const models = await request(gw.url).get('/v1/models').set(bearer(k.key));
+      return Number(models.headers['x-ratelimit-remaining-tokens']) === expected;
+    }, undefined, 'the token budget to show both charges');
   });
 
   it('no x-cache header when the cache was not consulted (cache-control: no-store)', async () => {

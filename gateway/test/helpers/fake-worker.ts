@@ -29,6 +29,8 @@ export interface FakeScript {
   delayMs?: number;
   /** Pause after picking the job up, before `started`. */
   startDelayMs?: number;
+  /** Hold after picking the job up, before `started`, until this settles: the test decides when the job starts. */
+  startGate?: Promise<unknown>;
   /** These seq numbers are not published (simulates lost pub/sub messages); the result is still stored. */
   dropSeqs?: number[];
   /** Fail the job with this protocol error after `failAfterDeltas` deltas. */
@@ -51,6 +53,11 @@ export interface FakeWorkerOptions {
   model?: string;
   workerId?: string;
   contextLength?: number;
+  /**
+   * How long a heartbeat keeps the worker registered (default 3000; beats come every 200 ms). Generous so that a busy
+   * test process cannot look like a dead worker; `die` and `close` unregister at once, so tests of a dead worker do
+   * not wait for it.
+   */
   heartbeatTtlMs?: number;
   /** false: register and heartbeat but never take jobs (they stay queued). */
   consume?: boolean;
@@ -59,7 +66,8 @@ export interface FakeWorkerOptions {
   script?: FakeScript;
 }
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+// unref: a scripted pause of a job that a test abandoned (closed worker, cancelled run) must not keep jest from exiting.
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms).unref());
 
 export class FakeWorker {
   readonly model: string;
@@ -79,7 +87,7 @@ export class FakeWorker {
     this.model = opts.model ?? 'fake-model';
     this.workerId = opts.workerId ?? `w-fake-${Math.random().toString(16).slice(2, 8)}`;
     this.script = opts.script ?? {};
-    this.ttl = opts.heartbeatTtlMs ?? 1000;
+    this.ttl = opts.heartbeatTtlMs ?? 3000;
     this.redis = new Redis(opts.redisUrl, { maxRetriesPerRequest: null });
     this.sub = new Redis(opts.redisUrl, { maxRetriesPerRequest: null });
   }
@@ -154,6 +162,7 @@ export class FakeWorker {
     const s = this.script;
     if (await this.redis.get(cancelledKey(id))) throw new UnrecoverableError('cancelled: cancelled before start');
     if (s.startDelayMs) await sleep(s.startDelayMs);
+    if (s.startGate) await s.startGate;
     let seq = 0;
     const drop = new Set(s.dropSeqs ?? []);
     const publish = async (event: Record<string, unknown>) => {

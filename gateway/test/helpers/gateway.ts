@@ -2,6 +2,7 @@
 import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { loadConfig, type Config } from '../../src/config';
+import { answerClientErrors } from '../../src/errors';
 import { createLogger, type LogLevel } from '../../src/logger';
 import { buildGateway, type Gateway } from '../../src/wiring';
 
@@ -33,6 +34,7 @@ export async function startGateway(redisUrl: string, env: Record<string, string>
   const gateway = buildGateway(config, logger, config.API_KEYS);
   const server: Server = await new Promise((resolve) => {
     const s = gateway.app.listen(0, '127.0.0.1', () => resolve(s));
+    answerClientErrors(s); // as main.ts does
   });
   const { port } = server.address() as AddressInfo;
   return {
@@ -64,12 +66,67 @@ export function parseSse(body: string): { data: unknown[]; comments: string[] } 
   return { data, comments };
 }
 
+/** The complete events of a stream still under way (its last block may hold half a line): for `parseSse`. */
+export const completeEvents = (body: string): string => body.slice(0, body.lastIndexOf('\n\n') + 2);
+
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-export async function waitFor(cond: () => boolean | Promise<boolean>, ms = 5000, what = 'condition'): Promise<void> {
+/**
+ * Deadlines of the waits below. Generous on purpose: a wait ends as soon as its condition holds, so a long deadline costs
+ * nothing on a fast machine and only keeps a slow or loaded one (2 cores busy twice over, one core) from failing. Below
+ * jest's testTimeout (jest.config.js), so that a wait that runs out says what it waited for.
+ */
+export const WAIT_MS = 15_000;
+
+/** Polls `cond` until it holds; throws (failing the test) when `ms` runs out first. Never a fixed sleep for a state. */
+export async function waitFor(cond: () => boolean | Promise<boolean>, ms = WAIT_MS, what = 'condition'): Promise<void> {
   const deadline = Date.now() + ms;
   while (!(await cond())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
     await sleep(20);
   }
+}
+
+/** Like `waitFor`, but returns the value that satisfied `ok` (e.g. the response whose header shows the new limit). */
+export async function pollUntil<T>(probe: () => Promise<T>, ok: (v: T) => boolean, what: string, ms = WAIT_MS): Promise<T> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const v = await probe();
+    if (ok(v)) return v;
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what} (last: ${JSON.stringify(v)})`);
+    await sleep(20);
+  }
+}
+
+/** A streamed response read as it arrives: lets a test act on a state of the stream (its first chunk, a keep-alive). */
+export interface OpenStream {
+  status: number;
+  /** Everything received so far. */
+  received(): string;
+  /** The whole body, once the server ends it. */
+  body: Promise<string>;
+  /** Drops the connection, as a client that goes away. */
+  abort(): void;
+}
+
+export async function openStream(url: string, body: unknown, headers: Record<string, string> = {}): Promise<OpenStream> {
+  const ctrl = new AbortController();
+  const resp = await fetch(url, {
+    method: body === undefined ? 'GET' : 'POST',
+    headers: { 'content-type': 'application/json', ...headers },
+    body: body === undefined ? undefined : JSON.stringify(body),
+    signal: ctrl.signal,
+  });
+  const reader = resp.body!.getReader();
+  const decoder = new TextDecoder();
+  let text = '';
+  const all = (async () => {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return text;
+      text += decoder.decode(value, { stream: true });
+    }
+  })();
+  all.catch(() => undefined); // an aborted stream rejects; only a caller that awaits `body` cares
+  return { status: resp.status, received: () => text, body: all, abort: () => ctrl.abort() };
 }
