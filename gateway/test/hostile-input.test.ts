@@ -115,6 +115,20 @@ describe('a huge prompt does not freeze the gateway', () => {
   });
 });
 
+describe('one request cannot outgrow a worker', () => {
+  it('n above the workers\' batch (MAX_BATCH, 8 for the fake worker) is a 400 before a job exists', async () => {
+    const jobs = small.jobs.length;
+    const r = await request(gw.url).post('/v1/chat/completions').set(auth)
+      .send({ model: MODEL, messages: [{ role: 'user', content: 'Hi' }], n: 9, max_tokens: 3 });
+    expect(r.status).toBe(400);
+    expect(r.body.error).toMatchObject({ code: 'invalid_value', param: 'n' });
+    expect(r.body.error.message).toMatch(/at most 8/);
+    expect(small.jobs.length).toBe(jobs);
+    expect((await request(gw.url).post('/v1/chat/completions').set(auth)
+      .send({ model: MODEL, messages: [{ role: 'user', content: 'Hi' }], n: 8, max_tokens: 3 })).status).toBe(200);
+  });
+});
+
 describe('client input never reaches a 5xx', () => {
   it('a lone UTF-16 surrogate in content is a 400 naming the field', async () => {
     // Written by hand: JSON.stringify would escape it the same way, but this is exactly what a client sends.

@@ -113,6 +113,21 @@ def test_invalid_request_fails_without_quotes(redis_url, engine, loaded):
     assert job.failedReason.startswith("invalid_request: ") and '"' not in job.failedReason
 
 
+def test_more_choices_than_the_batch_and_forged_turns_are_client_errors(redis_url, engine, loaded):
+    """n above MAX_BATCH would grow the batch (and its cache) past its size; a lone surrogate cannot be tokenized.
+    Both are the client's errors (invalid_request, a 400 at the gateway), never a worker crash or internal_error."""
+    async def body():
+        async with serve(redis_url, engine, loaded) as (svc, gw):
+            wide = await gw.run(job_data("Hi", n=engine.max_batch + 1, max_tokens=2))
+            surrogate = await gw.run(job_data("bad \ud800 text", max_tokens=2))
+            return wide, surrogate
+
+    (ev_wide, _), (ev_sur, _) = run(body())
+    assert ev_wide[-1]["type"] == "error" and ev_wide[-1]["error"]["code"] == "invalid_request"
+    assert "MAX_BATCH" in ev_wide[-1]["error"]["message"]
+    assert ev_sur[-1]["type"] == "error" and ev_sur[-1]["error"]["code"] == "invalid_request"
+
+
 def test_queue_timeout_and_context_length(redis_url, engine, loaded):
     async def body():
         async with serve(redis_url, engine, loaded, context_length=30) as (svc, gw):

@@ -79,6 +79,12 @@ export class ChatService {
     const params = toJobParams(req);
     const messages = normaliseMessages(req.messages);
     const model = await this.liveModel(req.model);
+    if (model.maxBatch !== null && params.n > model.maxBatch) {
+      // More choices than a worker's batch holds can never run as sized: refused before a job exists.
+      throw new ApiError('invalid_value', `Invalid 'n': this model runs at most ${model.maxBatch} sequences at once, so n may be at most ${model.maxBatch}.`, {
+        param: 'n',
+      });
+    }
     const tokenizer = await this.deps.tokenizers.get(model.id, model.tokenizerHash);
 
     for (const id of Object.keys(params.logit_bias)) {

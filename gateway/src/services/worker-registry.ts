@@ -24,6 +24,9 @@ export interface ModelView {
   tokenizerHash: string;
   createdMs: number;
   workers: number;
+  /** The fewest sequences a live worker runs at once (its MAX_BATCH), when the workers say: a request's `n` choices
+   * must fit one worker's batch, or they would grow its cache past what it was sized for. */
+  maxBatch: number | null;
 }
 
 export class WorkerRegistry {
@@ -140,11 +143,12 @@ export class WorkerRegistry {
     for (const w of this.liveWorkers()) {
       if (w.model !== id) continue;
       if (!view) {
-        view = { id, contextLength: w.context_length, tokenizerHash: w.tokenizer_hash, createdMs: w.started_at_ms, workers: 1 };
+        view = { id, contextLength: w.context_length, tokenizerHash: w.tokenizer_hash, createdMs: w.started_at_ms, workers: 1, maxBatch: w.max_batch ?? null };
         continue;
       }
       view.workers += 1;
       view.contextLength = Math.min(view.contextLength, w.context_length);
+      if (w.max_batch !== undefined) view.maxBatch = view.maxBatch === null ? w.max_batch : Math.min(view.maxBatch, w.max_batch);
       if (w.started_at_ms < view.createdMs) {
         view.createdMs = w.started_at_ms;
         view.tokenizerHash = w.tokenizer_hash;

@@ -263,6 +263,8 @@ def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     encoded with special tokens recognised, each content with ``split_special_tokens=True``. The gateway counts the same
     way (gateway/src/services/tokenizer.ts), so both agree on the prompt's length.
     """
+    for m in messages:
+        m["content"].encode("utf-8")  # a lone surrogate raises UnicodeEncodeError here (the tokenizer's TypeError is vaguer)
     rendered = _render(tokenizer, messages)
     spans = _content_spans(tokenizer, messages, rendered)
     if spans is None:

@@ -98,6 +98,11 @@ class JobRun:
         d, ctx = self.data, self.ctx
         if d.deadline_ms is not None and now_ms() >= d.deadline_ms:
             raise JobError("queue_timeout", f"job waited in the queue past its deadline ({d.deadline_ms})")
+        max_batch = getattr(ctx.engine, "max_batch", None)
+        if max_batch is not None and d.params.n > max_batch:
+            # The gateway refuses these too (worker info max_batch); a wider request would grow the batch, and its
+            # cache, past what MAX_BATCH sized it for.
+            raise JobError("invalid_request", f"n={d.params.n} exceeds this worker's MAX_BATCH ({max_batch})")
         messages = [m.model_dump() for m in d.messages]
         try:
             prompt_ids = await asyncio.to_thread(chat_prompt_ids, ctx.tokenizer, messages)
