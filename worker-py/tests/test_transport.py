@@ -173,6 +173,38 @@ def test_cancel_while_running_frees_sequence(redis_url, engine, loaded):
     assert job.failedReason.startswith("cancelled: ")
 
 
+def test_cancel_sent_while_the_listener_was_disconnected_is_not_missed(redis_url, engine, loaded):
+    """The gateway sets llm:cancelled:{id}, then publishes on llm:cancel. If the worker's subscription was down at that
+    moment (a Redis blip), the message is gone; on resubscribing the worker must look at the keys of its running jobs."""
+    async def body():
+        async with serve(redis_url, engine, loaded) as (svc, gw):
+            # The worker's cancel listener is the only subscriber before the test subscribes to the job's channel.
+            await wait_until_async(lambda: _pubsub_ids(gw.redis), 30, "the worker's cancel listener")
+            listeners = await _pubsub_ids(gw.redis)
+            killed = []
+
+            async def on_event(ev, job_id):
+                if ev["type"] == "delta" and not killed:
+                    killed.append(job_id)
+                    await gw.redis.set(f"llm:cancelled:{job_id}", "1", ex=600)  # the key, but no message
+                    for cid in listeners:  # drop the worker's listener (a Redis blip), not our own subscription
+                        await gw.redis.execute_command("CLIENT", "KILL", "ID", cid)
+
+            return await gw.run(job_data("Write a long essay.", max_tokens=2000, temperature=0, ignore_eos=True),
+                                on_event=on_event)
+
+    events, job = run(body())
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "cancelled"
+    done_tokens = sum(c["tokens"] for e in events if e["type"] == "delta" for c in e["choices"])
+    assert done_tokens < 2000
+
+
+async def _pubsub_ids(redis) -> list[str]:
+    listing = await redis.execute_command("CLIENT", "LIST", "TYPE", "pubsub")
+    text = listing.decode() if isinstance(listing, bytes) else str(listing)
+    return [field.split("=", 1)[1] for line in text.splitlines() for field in line.split() if field.startswith("id=")]
+
+
 def test_cancelled_before_pickup(redis_url, engine, loaded):
     async def body():
         async with serve(redis_url, engine, loaded) as (svc, gw):

@@ -183,6 +183,11 @@ class WorkerService:
             try:
                 await pubsub.subscribe(CANCEL_CHANNEL)
                 async for message in pubsub.listen():
+                    if message.get("type") == "subscribe":
+                        # (Re)subscribed: a cancel published while we were not listening (a Redis blip) is lost, but
+                        # the gateway sets the job's cancelled key before publishing: look at those of running jobs.
+                        await self._recheck_cancelled()
+                        continue
                     if message.get("type") != "message":
                         continue
                     run = self.runs.get(str(message["data"]))
@@ -200,6 +205,12 @@ class WorkerService:
                     await pubsub.aclose()
                 except Exception:
                     pass
+
+    async def _recheck_cancelled(self) -> None:
+        for job_id, run in list(self.runs.items()):
+            if not run.cancelled and await self.redis.exists(cancelled_key(job_id)):
+                log.info("cancel (found on resubscribe)", extra={"jobId": job_id})
+                run.cancel()
 
     async def _metrics_loop(self) -> None:
         while True:
