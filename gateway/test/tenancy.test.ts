@@ -160,3 +160,29 @@ describe('key guessing', () => {
     }
   });
 });
+
+describe('/chat/batch headers', () => {
+  it("say what holds for the batch, not whichever item finished last", async () => {
+    // A gateway whose tutorial budget is wide, so the key's own RPM is the tightest budget the headers report.
+    const g = await startGateway(redis.url, { DEFAULT_MODEL: MODEL, ADMIN_API_KEY: ADMIN, TUTORIAL_RPM: '1000' });
+    try {
+      const k = await createKey({ rpm: 50 });
+      const prompt = `batch cached ${randomUUID()}`;
+      const once = await request(g.url).post('/chat').set(bearer(k.key)).send({ prompt, max_length: 5, temperature: 0 });
+      expect(once.headers['x-cache']).toBe('miss');
+      await waitFor(async () => (await request(g.url).post('/chat').set(bearer(k.key)).send({ prompt, max_length: 5, temperature: 0 })).headers['x-cache'] === 'hit', undefined, 'the answer to be cached');
+      const r = await request(g.url).post('/chat/batch').set(bearer(k.key)).send([
+        { prompt, max_length: 5, temperature: 0 }, // answered from the cache
+        { prompt: 'sampled', max_length: 5, temperature: 0.7 }, // not cacheable: no lookup
+        { prompt: `fresh ${randomUUID()}`, max_length: 5, temperature: 0 }, // looked up, missed
+      ]);
+      expect(r.status).toBe(200);
+      expect(r.headers['x-cache']).toBe('hit, -, miss');
+      // Each item drew one request from the key's budget; the header shows the least left, i.e. after all three.
+      const after = await request(g.url).get('/v1/models').set(bearer(k.key));
+      expect(Number(r.headers['x-ratelimit-remaining-requests'])).toBe(Number(after.headers['x-ratelimit-remaining-requests']));
+    } finally {
+      await g.close();
+    }
+  });
+});

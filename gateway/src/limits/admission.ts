@@ -57,7 +57,13 @@ export function formatDuration(ms: number): string {
 }
 
 /** Sets the x-ratelimit-* headers: the tightest request budget and the token budget that apply. */
-export function setRateLimitHeaders(res: Response, states: BucketState[]): void {
+/** Where admission writes its headers: the response, or one item's own set (/chat/batch). */
+export interface HeaderTarget {
+  setHeader(name: string, value: string | number | readonly string[]): unknown;
+  hasHeader(name: string): boolean;
+}
+
+export function setRateLimitHeaders(res: HeaderTarget, states: BucketState[]): void {
   const req = states.filter((s) => s.bucket.rpm > 0).sort((a, b) => a.remainingRequests - b.remainingRequests)[0];
   const tok = states.find((s) => s.bucket.tpm > 0);
   if (req) {
@@ -73,7 +79,7 @@ export function setRateLimitHeaders(res: Response, states: BucketState[]): void 
 }
 
 /** The 429 for a refused admission (OpenAI's wording); a request larger than the whole token budget is never retried. */
-export function rateLimitError(res: Response, a: Admission, cost: number, windowMs: number): ApiError {
+export function rateLimitError(res: HeaderTarget, a: Admission, cost: number, windowMs: number): ApiError {
   const per = windowMs === 60_000 ? 'per minute' : `per ${windowMs / 1000} s`;
   const state = a.states.find((s) => (a.limitedBy === 'tokens' ? s.bucket.tpm > 0 : s.bucket.rpm > 0)) ?? a.states[0];
   if (a.retryAfterMs < 0) {

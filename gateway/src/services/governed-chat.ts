@@ -18,6 +18,7 @@ import {
   bucketsFor,
   type ConcurrencyLimiter,
   effectiveLimits,
+  type HeaderTarget,
   queueDepth,
   rateLimitError,
   setRateLimitHeaders,
@@ -62,7 +63,7 @@ export class GovernedChat {
   constructor(private readonly deps: GovernanceDeps) {}
 
   /** Sets x-ratelimit-* from a read-only look at the caller's budgets (responses that admit nothing). */
-  async peekHeaders(res: Response, principal: Principal, tutorial = false): Promise<void> {
+  async peekHeaders(res: HeaderTarget, principal: Principal, tutorial = false): Promise<void> {
     const { config, limiter } = this.deps;
     const buckets = bucketsFor(config, principal, effectiveLimits(config, principal), tutorial);
     if (buckets.length === 0) return;
@@ -116,7 +117,7 @@ export class GovernedChat {
     await a.finish();
   }
 
-  async admit(body: unknown, res: Response, ctx: RequestContext, opts: GovernOptions): Promise<Admitted> {
+  async admit(body: unknown, res: HeaderTarget, ctx: RequestContext, opts: GovernOptions): Promise<Admitted> {
     try {
       return await this.admitInner(body, res, ctx, opts);
     } catch (err) {
@@ -127,7 +128,7 @@ export class GovernedChat {
     }
   }
 
-  private async admitInner(body: unknown, res: Response, ctx: RequestContext, opts: GovernOptions): Promise<Admitted> {
+  private async admitInner(body: unknown, res: HeaderTarget, ctx: RequestContext, opts: GovernOptions): Promise<Admitted> {
     const { config, chat, filter, redis } = this.deps;
     const limits = effectiveLimits(config, opts.principal);
     const raw = (typeof body === 'object' && body !== null ? body : {}) as Record<string, unknown>;
@@ -188,7 +189,7 @@ export class GovernedChat {
    * before that, from a read-only look at its buckets. Small prompts skip the look: counting them is cheaper than the
    * round trip, and the real admission after counting refuses them just the same.
    */
-  private async refuseIfOverBudget(raw: Record<string, unknown>, res: Response, opts: GovernOptions, limits: ReturnType<typeof effectiveLimits>) {
+  private async refuseIfOverBudget(raw: Record<string, unknown>, res: HeaderTarget, opts: GovernOptions, limits: ReturnType<typeof effectiveLimits>) {
     if (contentChars(raw.messages) < PEEK_BEFORE_COUNT_CHARS) return;
     const { config, limiter } = this.deps;
     const buckets = bucketsFor(config, opts.principal, limits, false);
@@ -202,7 +203,7 @@ export class GovernedChat {
 
   private async admitPrepared(
     p: PreparedChat,
-    res: Response,
+    res: HeaderTarget,
     ctx: RequestContext,
     opts: GovernOptions,
     limits: ReturnType<typeof effectiveLimits>,

@@ -10,6 +10,7 @@ import { type TutorialChatRequest, type TutorialChatResponse, tutorialChatReques
 import type { JobResult } from '../protocol/job';
 import { SseWriter } from '../streaming/sse';
 import type { ChatService, RequestContext } from '../services/chat-service';
+import type { HeaderTarget } from '../limits/admission';
 import type { Admitted, GovernedChat, GovernOptions } from '../services/governed-chat';
 import { parseOrThrow } from '../services/validation';
 
@@ -36,8 +37,8 @@ export class TutorialService {
     };
   }
 
-  /** POST /chat (and each item of /chat/batch). */
-  async chatOnce(body: unknown, res: Response, ctx: RequestContext, opts: GovernOptions): Promise<TutorialChatResponse> {
+  /** POST /chat (and each item of /chat/batch, with that item's own headers). */
+  async chatOnce(body: unknown, res: HeaderTarget, ctx: RequestContext, opts: GovernOptions): Promise<TutorialChatResponse> {
     const t0 = performance.now();
     const req = parseOrThrow(tutorialChatRequestSchema, body);
     const a = await this.governed.admit(this.toChatBody(req, false), res, ctx, opts);
@@ -45,17 +46,23 @@ export class TutorialService {
     return this.shape(req, result, t0);
   }
 
-  /** POST /chat/batch: every item runs concurrently through the queue; one failure does not fail the others. */
+  /**
+   * POST /chat/batch: every item runs concurrently through the queue; one failure does not fail the others. Each item
+   * is admitted with headers of its own; the response then says what holds for the batch: `x-cache` lists every
+   * item's in order (`-` where the cache was not consulted), `x-ratelimit-*` are the tightest seen.
+   */
   async batch(items: unknown[], res: Response, ctx: RequestContext, opts: GovernOptions) {
+    const itemHeaders = items.map(() => new ItemHeaders());
     const results = await Promise.all(
       items.map((item, i) =>
-        this.chatOnce(item, res, { ...ctx, log: ctx.log.child({ item: i }) }, opts).catch((err) => {
+        this.chatOnce(item, itemHeaders[i], { ...ctx, log: ctx.log.child({ item: i }) }, opts).catch((err) => {
           const apiErr = toApiError(err);
           ctx.log.info('batch item failed', { item: i, code: apiErr.code });
           return apiErr.toBody();
         }),
       ),
     );
+    ItemHeaders.merge(res, itemHeaders);
     return { results };
   }
 
@@ -130,5 +137,32 @@ export class TutorialService {
       tokens_used: result.usage.prompt_tokens + result.usage.completion_tokens,
       processing_time: Math.round(performance.now() - t0) / 1000,
     };
+  }
+}
+
+/** One /chat/batch item's response headers, merged into the batch's response afterwards. */
+class ItemHeaders implements HeaderTarget {
+  private readonly headers = new Map<string, string>();
+
+  setHeader(name: string, value: string | number | readonly string[]): this {
+    this.headers.set(name.toLowerCase(), String(value));
+    return this;
+  }
+
+  hasHeader(name: string): boolean {
+    return this.headers.has(name.toLowerCase());
+  }
+
+  static merge(res: Response, items: ItemHeaders[]): void {
+    if (items.some((h) => h.headers.has('x-cache'))) res.setHeader('x-cache', items.map((h) => h.headers.get('x-cache') ?? '-').join(', '));
+    for (const dim of ['requests', 'tokens']) {
+      // The item that saw the least left speaks for the batch (its limit, remaining and reset belong together).
+      const seen = items.filter((h) => h.headers.has(`x-ratelimit-remaining-${dim}`));
+      if (seen.length === 0) continue;
+      const tightest = seen.reduce((a, b) => (Number(b.headers.get(`x-ratelimit-remaining-${dim}`)) < Number(a.headers.get(`x-ratelimit-remaining-${dim}`)) ? b : a));
+      for (const f of ['limit', 'remaining', 'reset']) res.setHeader(`x-ratelimit-${f}-${dim}`, tightest.headers.get(`x-ratelimit-${f}-${dim}`)!);
+    }
+    const degraded = [...new Set(items.map((h) => h.headers.get('x-degraded')).filter((d): d is string => !!d))];
+    if (degraded.length > 0) res.setHeader('x-degraded', degraded.join(', '));
   }
 }
