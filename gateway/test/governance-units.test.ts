@@ -3,7 +3,6 @@
  * L1 LRU bounds, and the Redis cache keeping inside its byte budget (real Redis: it runs with noeviction).
  */
 import { randomUUID } from 'node:crypto';
-import { Lru } from '../src/cache/lru';
 import { cacheKey, isCacheable, ResponseCache } from '../src/cache/response-cache';
 import { ConfigError, loadConfig } from '../src/config';
 import { OutputFilter } from '../src/filter/output-filter';
@@ -82,24 +81,6 @@ describe('OutputFilter', () => {
   });
 });
 
-describe('Lru', () => {
-  it('bounds entries and bytes, evicts least recently used, expires by TTL', () => {
-    const l = new Lru<string>(3, 100);
-    l.set('a', 'A', 10, 1000, 0);
-    l.set('b', 'B', 10, 1000, 0);
-    l.set('c', 'C', 10, 1000, 0);
-    expect(l.get('a', 1)).toBe('A'); // a is now most recent
-    l.set('d', 'D', 10, 1000, 1);
-    expect(l.get('b', 1)).toBeUndefined();
-    l.set('big', 'X', 90, 1000, 2); // needs 90 of 100 bytes: evicts until it fits
-    expect(l.totalBytes).toBeLessThanOrEqual(100);
-    expect(l.get('big', 3)).toBe('X');
-    expect(l.get('big', 2000)).toBeUndefined();
-    l.set('huge', 'H', 101, 1000, 0);
-    expect(l.get('huge', 1)).toBeUndefined();
-  });
-});
-
 describe('ResponseCache (L2 in Redis)', () => {
   const redis = useTestRedis();
 
@@ -146,5 +127,20 @@ describe('ResponseCache (L2 in Redis)', () => {
     expect(real).toBeLessThanOrEqual(budget);
     expect(entries.length).toBe(await redis.client.zcard('llm:cache:index'));
     expect(await two.get(k0)).toBeNull(); // the oldest went first
+  });
+
+  it('L1 (lru-cache) is bounded by entries and bytes, and an answer larger than it stays in L2 only', async () => {
+    const config = loadConfig({ CACHE_L2_MAX_BYTES: '0', CACHE_L1_MAX_ENTRIES: '2', CACHE_L1_MAX_BYTES: '2000' });
+    const c = new ResponseCache(config, redis.client, createLogger('error', () => undefined));
+    const [a, b, d] = ['a', 'b', 'd'].map((x) => cacheKey(data(`${x} ${randomUUID()}`), 's'));
+    await c.put(a, result('A'));
+    await c.put(b, result('B'));
+    expect((await c.get(a))?.choices[0].text).toBe('A'); // a is now the most recent
+    await c.put(d, result('D'));
+    expect(await c.get(b)).toBeNull(); // two entries at most: the least recent went
+    expect((await c.get(a))?.choices[0].text).toBe('A');
+    const big = cacheKey(data(`big ${randomUUID()}`), 's');
+    await c.put(big, result('x'.repeat(3000))); // over CACHE_L1_MAX_BYTES: not kept (and no error)
+    expect(await c.get(big)).toBeNull();
   });
 });

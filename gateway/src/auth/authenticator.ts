@@ -5,6 +5,7 @@
  * that time; unknown keys are never cached (a revoked key cannot come back through a negative entry either).
  */
 import type Redis from 'ioredis';
+import { LRUCache } from 'lru-cache';
 import type { Config } from '../config';
 import { ApiError } from '../errors';
 import { type Authenticator, bearerToken, type Principal, StaticKeyAuthenticator } from './api-keys';
@@ -16,7 +17,8 @@ const MAX_CACHED = 10_000;
 export class GatewayAuthenticator implements Authenticator {
   private readonly statics: StaticKeyAuthenticator;
   private readonly jwt: JwtVerifier | null;
-  private readonly cache = new Map<string, { principal: Principal; until: number }>();
+  /** Stored-key lookups by the key's SHA-256, each for KEY_CACHE_MS (null when 0). */
+  private readonly cache: LRUCache<string, Principal> | null;
 
   constructor(
     config: Config,
@@ -26,6 +28,7 @@ export class GatewayAuthenticator implements Authenticator {
     private readonly cacheMs = config.KEY_CACHE_MS,
   ) {
     this.statics = new StaticKeyAuthenticator(keys);
+    this.cache = cacheMs > 0 ? new LRUCache<string, Principal>({ max: MAX_CACHED, ttl: cacheMs }) : null;
     this.jwt = JwtVerifier.fromConfig(config, redis);
   }
 
@@ -39,18 +42,13 @@ export class GatewayAuthenticator implements Authenticator {
 
   private async lookup(token: string): Promise<Principal> {
     const digest = sha256(token);
-    const now = Date.now();
-    const hit = this.cache.get(digest);
-    if (hit && hit.until > now) return hit.principal;
-    this.cache.delete(digest);
+    const hit = this.cache?.get(digest);
+    if (hit) return hit;
     const record = await this.store.lookup(token);
     if (!record) throw new ApiError('invalid_api_key', 'Incorrect API key provided.');
     const { models, rpm, tpm, max_concurrent, tier } = record;
     const principal: Principal = { keyId: record.id, kind: 'key', limits: { models, rpm, tpm, max_concurrent, tier } };
-    if (this.cacheMs > 0) {
-      if (this.cache.size >= MAX_CACHED) this.cache.delete(this.cache.keys().next().value!);
-      this.cache.set(digest, { principal, until: now + this.cacheMs });
-    }
+    this.cache?.set(digest, principal);
     return principal;
   }
 }

@@ -13,7 +13,7 @@ import type Redis from 'ioredis';
 import type { Config } from '../config';
 import type { Logger } from '../logger';
 import { type JobData, type JobResult, jobResultSchema } from '../protocol/job';
-import { Lru } from './lru';
+import { LRUCache } from 'lru-cache';
 
 const PREFIX = 'llm:cache:';
 const INDEX = 'llm:cache:index';
@@ -72,14 +72,18 @@ export function cacheKey(data: JobData, scope: string): string {
 }
 
 export class ResponseCache {
-  private readonly l1: Lru<JobResult>;
+  /** In-process L1: entries, bytes and per-entry TTL bounded by lru-cache (null when CACHE_L1_MAX_ENTRIES is 0). */
+  private readonly l1: LRUCache<string, JobResult> | null;
 
   constructor(
     private readonly config: Config,
     private readonly redis: Redis,
     private readonly log: Logger,
   ) {
-    this.l1 = new Lru(config.CACHE_L1_MAX_ENTRIES, config.CACHE_L1_MAX_BYTES);
+    this.l1 =
+      config.CACHE_L1_MAX_ENTRIES > 0 && config.CACHE_L1_MAX_BYTES > 0
+        ? new LRUCache<string, JobResult>({ max: config.CACHE_L1_MAX_ENTRIES, maxSize: config.CACHE_L1_MAX_BYTES })
+        : null;
   }
 
   get enabled(): boolean {
@@ -87,7 +91,7 @@ export class ResponseCache {
   }
 
   async get(key: string): Promise<JobResult | null> {
-    const local = this.l1.get(key);
+    const local = this.l1?.get(key);
     if (local) return local;
     if (this.config.CACHE_L2_MAX_BYTES <= 0) return null;
     try {
@@ -95,7 +99,7 @@ export class ResponseCache {
       if (!raw) return null;
       const parsed = jobResultSchema.safeParse(JSON.parse(raw));
       if (!parsed.success) return null;
-      if (pttl > 0) this.l1.set(key, parsed.data, raw.length, pttl);
+      if (pttl > 0) this.setL1(key, parsed.data, raw.length, pttl);
       return parsed.data;
     } catch (err) {
       this.log.warn('cache read failed; answering without it', { err: String(err) });
@@ -107,7 +111,7 @@ export class ResponseCache {
     const { worker_id: _w, timing: _t, ...kept } = result;
     const raw = JSON.stringify(kept);
     if (raw.length > this.config.CACHE_MAX_ENTRY_BYTES) return;
-    this.l1.set(key, kept as JobResult, raw.length, this.config.CACHE_TTL_MS);
+    this.setL1(key, kept as JobResult, raw.length, this.config.CACHE_TTL_MS);
     if (this.config.CACHE_L2_MAX_BYTES <= 0) return;
     const size = raw.length + key.length + ENTRY_OVERHEAD;
     try {
@@ -115,5 +119,11 @@ export class ResponseCache {
     } catch (err) {
       this.log.warn('cache write failed', { err: String(err) });
     }
+  }
+
+  /** lru-cache refuses an entry larger than maxSize by throwing unless told its size fits: such answers stay L2-only. */
+  private setL1(key: string, value: JobResult, bytes: number, ttl: number): void {
+    if (!this.l1 || bytes > this.config.CACHE_L1_MAX_BYTES) return;
+    this.l1.set(key, value, { size: Math.max(1, bytes), ttl });
   }
 }

@@ -3,6 +3,7 @@
  * ModelTokenizers it is sent (by hash, a few at most) and answers count requests; errors travel back as plain data.
  */
 import { parentPort } from 'node:worker_threads';
+import { LRUCache } from 'lru-cache';
 import { ApiError } from '../errors';
 import type { JobMessage } from '../protocol/job';
 import { ModelTokenizer, pickChatTemplate } from './model-tokenizer';
@@ -25,8 +26,7 @@ export type ThreadReply =
   | { id: number; ok: false; error: { code: string; message: string; param: string | null } };
 
 /** Tokenizers this thread has built; the pool sends a source again after an eviction (reply `missing`). */
-const MAX_TOKENIZERS = 4;
-const built = new Map<string, ModelTokenizer>();
+const built = new LRUCache<string, ModelTokenizer>({ max: 4 });
 
 function handle(req: ThreadRequest): ThreadReply {
   if (req.op === 'load') {
@@ -35,7 +35,6 @@ function handle(req: ThreadRequest): ThreadReply {
       const config = JSON.parse(req.source.configJson) as Record<string, unknown>;
       tok = new ModelTokenizer(JSON.parse(req.source.tokenizerJson), config, pickChatTemplate(config, req.source.chatTemplate));
       built.set(req.hash, tok);
-      if (built.size > MAX_TOKENIZERS) built.delete(built.keys().next().value as string);
     }
     return { id: req.id, ok: true, vocabSize: tok.vocabSize, maxTokenChars: tok.maxTokenChars };
   }

@@ -4,6 +4,7 @@
  * The tokenizers themselves (model-tokenizer.ts) live on worker threads (tokenizer-pool.ts), never on the event loop.
  */
 import type Redis from 'ioredis';
+import { LRUCache } from 'lru-cache';
 import { ApiError } from '../errors';
 import type { Logger } from '../logger';
 import { type JobMessage, tokenizerKey } from '../protocol/job';
@@ -30,10 +31,10 @@ export interface TokenizerPoolOptions {
  * every request of that model. The main thread keeps only their facts (vocabulary size, longest token).
  */
 export class TokenizerCache {
-  private readonly byHash = new Map<string, Promise<LoadedTokenizer>>();
   private readonly loaded = new Set<string>();
+  /** At most 16 models' tokenizers; an evicted one is built again on its next request. */
+  private readonly byHash = new LRUCache<string, Promise<LoadedTokenizer>>({ max: 16, dispose: (_v, hash) => this.loaded.delete(hash) });
   private readonly pool: TokenizerPool;
-  private static readonly MAX_ENTRIES = 16;
 
   constructor(
     private readonly redis: Redis,
@@ -49,14 +50,11 @@ export class TokenizerCache {
       entry = this.load(model, hash);
       this.byHash.set(hash, entry);
       entry.then(
-        () => this.loaded.add(hash),
+        () => {
+          if (this.byHash.get(hash) === entry) this.loaded.add(hash);
+        },
         () => this.byHash.delete(hash),
       );
-      if (this.byHash.size > TokenizerCache.MAX_ENTRIES) {
-        const oldest = this.byHash.keys().next().value as string;
-        this.byHash.delete(oldest);
-        this.loaded.delete(oldest);
-      }
     }
     return entry;
   }
