@@ -8,7 +8,7 @@ import http from 'node:http';
 import { deflateSync, gzipSync } from 'node:zlib';
 import request from 'supertest';
 import { FakeWorker } from './helpers/fake-worker';
-import { startGateway, TEST_KEY, type TestGateway } from './helpers/gateway';
+import { startGateway, TEST_KEY, type TestGateway, waitFor } from './helpers/gateway';
 import { useTestRedis } from './helpers/redis-server';
 
 const ADMIN = 'admin-0123456789abcdef';
@@ -27,6 +27,11 @@ beforeAll(async () => {
   // A context so large that a multi-megabyte prompt passes the character cap and really has to be counted.
   big = new FakeWorker({ redisUrl: redis.url, model: BIG, contextLength: 1_000_000 });
   await Promise.all([small.start(), big.start()]);
+  // Every test may run alone (-t): wait until the gateway's registry sees both workers.
+  await waitFor(async () => {
+    const r = await request(gw.url).get('/v1/models').set(auth);
+    return r.status === 200 && [MODEL, BIG].every((id) => r.body.data.some((m: { id: string }) => m.id === id));
+  }, undefined, 'the gateway to see both workers');
 });
 redis.beforeStop(async () => {
   await Promise.all([small.close(), big.close()]);
@@ -139,6 +144,17 @@ describe('client input never reaches a 5xx', () => {
     // A well-formed pair (an emoji written as escapes) is fine.
     const ok = await rawPost('/v1/chat/completions', Buffer.from(`{"model":"${MODEL}","messages":[{"role":"user","content":"\\ud83d\\ude00"}],"max_tokens":3}`), {});
     expect(ok.status).toBe(200);
+  });
+
+  it('a body nested thousands of levels deep is answered, not a 500 (no recursion over client input)', async () => {
+    const deep = '['.repeat(20_000) + ']'.repeat(20_000);
+    const body = Buffer.from(`{"model":"${MODEL}","messages":[{"role":"user","content":"Hi"}],"max_tokens":3,"x":${deep}}`);
+    const t0 = Date.now();
+    const r = await rawPost('/v1/chat/completions', body, {});
+    expect([r.status, r.body?.error?.code]).toEqual([200, undefined]);
+    // Linear work: a path copied per level made this take seconds of event loop (and the fake worker, which shares
+    // the loop, missed its heartbeat). Generous: a loaded machine answers in well under a second.
+    expect(Date.now() - t0).toBeLessThan(3000);
   });
 
   it('a lone surrogate in a stop string too', async () => {

@@ -138,3 +138,25 @@ def test_deadline_cuts_generation(engine, tokenizer):
                           SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True), deadline=time.time() + 1.0)
     out = run_requests(engine, [r])["late"]
     assert out.finish[0] == "length" and len(out.tokens[0]) < 500
+
+
+def test_a_request_with_no_room_before_its_start_deadline_ends_not_started(engine, tokenizer):
+    """The gateway's queue timeout also covers waiting inside the worker: a request that cannot join the batch (every
+    row busy) by its start deadline leaves the waiting line with "not_started" (the transport fails it queue_timeout),
+    instead of waiting up to the whole request's deadline."""
+    wide = req(tokenizer, "wide", "Write a very long essay about history.", max_tokens=2000, temperature=1.0,
+               n=engine.max_batch, ignore_eos=True)
+    c = Collector([wide])
+    engine.submit(wide, c.emit)
+    wait_until(lambda: engine.stats().running_sequences == engine.max_batch, 300, "every row to be taken")
+    start_by = time.time() + 0.5
+    late = GenerationRequest("no-room", chat_ids(tokenizer, "Hi"), SamplingParams(max_tokens=5), start_deadline=start_by)
+    lc = Collector([late])
+    engine.submit(late, lc.emit)
+    assert lc.done.wait(120), "the waiting request was never ended"
+    assert lc.results["no-room"].finish == {0: "not_started"} and lc.results["no-room"].tokens[0] == []
+    assert time.time() >= start_by
+    assert engine.stats().running_sequences == engine.max_batch  # the wide one is still running: no room was made
+    engine.cancel("wide")
+    assert c.done.wait(300)
+    wait_until(lambda: engine.stats().running_sequences == 0, 60, "the engine to free the wide request")

@@ -128,6 +128,27 @@ def test_more_choices_than_the_batch_and_forged_turns_are_client_errors(redis_ur
     assert ev_sur[-1]["type"] == "error" and ev_sur[-1]["error"]["code"] == "invalid_request"
 
 
+def test_no_room_in_the_batch_before_the_start_deadline_is_queue_timeout(redis_url, engine, loaded):
+    """A job the worker took but could not start (every row busy) by start_deadline_ms fails queue_timeout (a 503 the
+    client may retry), instead of waiting inside the worker up to the request's whole deadline."""
+    async def body():
+        async with serve(redis_url, engine, loaded) as (svc, gw):
+            wide = asyncio.create_task(gw.run(job_data("Write a very long essay.", n=engine.max_batch, max_tokens=2000,
+                                                       temperature=1.0, ignore_eos=True)))
+            await wait_until_async(lambda: engine.stats().running_sequences == engine.max_batch, 300, "a full batch")
+            late = job_data("Hi", max_tokens=3)
+            late["start_deadline_ms"] = int(time.time() * 1000) + 500
+            events, job = await gw.run(late)
+            for job_id, run_ in list(svc.runs.items()):
+                await gw.cancel(job_id)
+            await wide
+            return events, job
+
+    events, job = run(body())
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "queue_timeout"
+    assert job.failedReason.startswith("queue_timeout: ")
+
+
 def test_queue_timeout_and_context_length(redis_url, engine, loaded):
     async def body():
         async with serve(redis_url, engine, loaded, context_length=30) as (svc, gw):

@@ -78,6 +78,11 @@ export const jobDataSchema = z.object({
   enqueued_at_ms: z.number(),
   /** Epoch ms; null = no deadline (the gateway always sets one: now + REQUEST_TIMEOUT_MS). */
   deadline_ms: z.number().nullable(),
+  /**
+   * Epoch ms by which generation must have started (now + QUEUE_TIMEOUT_MS), also while the job waits inside a worker
+   * for room in its batch; past it the worker fails the job with queue_timeout. Absent: no such limit.
+   */
+  start_deadline_ms: z.number().nullable().optional(),
 });
 export type JobData = z.infer<typeof jobDataSchema>;
 

@@ -119,6 +119,7 @@ export class ChatService {
       prompt_tokens: promptTokens,
       enqueued_at_ms: now,
       deadline_ms: now + config.REQUEST_TIMEOUT_MS,
+      start_deadline_ms: now + config.QUEUE_TIMEOUT_MS,
     };
     // Written once this turn of the event loop is over, i.e. while the request waits for its first Redis replies:
     // formatting and writing a log line took ~0.25 ms of the hot path (services/stamps.ts measured it).

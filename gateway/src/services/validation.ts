@@ -119,18 +119,29 @@ export function zodErrorToApiError(error: z.ZodError, input: unknown): ApiError 
  * The path of the first string (value or key) holding a lone UTF-16 surrogate ("\ud800" is valid JSON but not text):
  * it cannot be encoded as UTF-8, so the worker's tokenizer would fail on it. Null when every string is text.
  */
-export function loneSurrogateAt(value: unknown, path: PathKey[] = []): PathKey[] | null {
-  if (typeof value === 'string') return LONE_SURROGATE.test(value) ? path : null;
-  if (Array.isArray(value)) {
-    for (let i = 0; i < value.length; i++) {
-      const found = loneSurrogateAt(value[i], [...path, i]);
-      if (found) return found;
-    }
-  } else if (value !== null && typeof value === 'object') {
-    for (const [k, v] of Object.entries(value)) {
-      if (LONE_SURROGATE.test(k)) return [...path, k];
-      const found = loneSurrogateAt(v, [...path, k]);
-      if (found) return found;
+export function loneSurrogateAt(root: unknown): PathKey[] | null {
+  // An explicit stack, not recursion: a body nested thousands deep (valid JSON, a few KB) must not overflow the call
+  // stack (a 500).
+  // Each entry links to its parent, and the path is spelled only for the one string found: copying a path per level
+  // would make a deep body cost depth² (seconds of event loop for 40 KB of brackets).
+  type Node = { value: unknown; key: PathKey | null; parent: Node | null };
+  const pathOf = (n: Node | null, last?: PathKey): PathKey[] => {
+    const path: PathKey[] = last === undefined ? [] : [last];
+    for (let at = n; at && at.key !== null; at = at.parent) path.push(at.key);
+    return path.reverse();
+  };
+  const stack: Node[] = [{ value: root, key: null, parent: null }];
+  while (stack.length > 0) {
+    const node = stack.pop()!;
+    const value = node.value;
+    if (typeof value === 'string') {
+      if (LONE_SURROGATE.test(value)) return pathOf(node);
+    } else if (Array.isArray(value)) {
+      for (let i = value.length - 1; i >= 0; i--) stack.push({ value: value[i], key: i, parent: node });
+    } else if (value !== null && typeof value === 'object') {
+      const entries = Object.entries(value);
+      for (const [k] of entries) if (LONE_SURROGATE.test(k)) return pathOf(node, k);
+      for (let i = entries.length - 1; i >= 0; i--) stack.push({ value: entries[i][1], key: entries[i][0], parent: node });
     }
   }
   return null;

@@ -107,12 +107,12 @@ export class SseWriter {
   }
 
   private overflow(max: number): void {
+    // The last events go straight to the response (write() would see the full buffer again and come back here).
+    this.ended = true;
+    this.stopKeepAlive();
     this.opts.onOverflow?.();
-    this.write(
-      `data: ${JSON.stringify(new ApiError('stream_buffer_full', `The client read the stream too slowly: more than ${max} bytes were waiting, so generation was stopped.`).toBody())}\n\n`,
-    );
-    this.write('data: [DONE]\n\n');
-    this.end();
+    const err = new ApiError('stream_buffer_full', `The client read the stream too slowly: more than ${max} bytes were waiting, so generation was stopped.`);
+    if (!this.res.writableEnded) this.res.end(`data: ${JSON.stringify(err.toBody())}\n\ndata: [DONE]\n\n`);
     // A reader that has stalled for good would hold the socket and its buffer: drop it after a grace.
     const drop = setTimeout(() => this.res.destroy(), OVERFLOW_DRAIN_MS);
     drop.unref();

@@ -101,6 +101,8 @@ class JobData(_Wire):
     prompt_tokens: Optional[int] = None
     enqueued_at_ms: Optional[int] = None
     deadline_ms: Optional[int] = None
+    # By then generation must have started, also while waiting inside this worker for room in the batch (job.ts).
+    start_deadline_ms: Optional[int] = None
 
 
 class WorkerInfo(_Wire):

@@ -45,6 +45,9 @@ class GenerationRequest:
     params: SamplingParams
     # Wall-clock (time.time()) second at which generation is cut with finish_reason "length"; None = no deadline.
     deadline: Optional[float] = None
+    # Wall-clock second by which the request must have joined the batch; a request still waiting then ends with every
+    # choice "not_started" (the transport reports queue_timeout). None = it may wait as long as it takes.
+    start_deadline: Optional[float] = None
 
 
 @dataclass
@@ -179,6 +182,15 @@ class ThreadedEngine(Engine):
         with self._cv:
             waiting, self._waiting = list(self._waiting), deque()
             return waiting
+
+    def expire_waiting(self, now: float) -> None:
+        """Ends the waiting requests whose start deadline has passed (engine thread, before admitting)."""
+        with self._cv:
+            expired = [w for w in self._waiting if w[0].start_deadline is not None and now >= w[0].start_deadline]
+            for w in expired:
+                self._waiting.remove(w)
+        for request, emit in expired:
+            emit(request.request_id, [ChoiceOutput(i, [], finish_reason="not_started") for i in range(request.params.n)])
 
     @staticmethod
     def emit_cancelled(request: GenerationRequest, emit: EmitFn) -> None:

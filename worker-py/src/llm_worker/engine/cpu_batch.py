@@ -84,6 +84,7 @@ class CpuBatchEngine(ThreadedEngine):
             while (inbox := self.take(busy=bool(self._rows))) is not None:
                 try:
                     self._apply_cancels(inbox.cancelled, inbox.stopped_choices)
+                    self.expire_waiting(time.time())
                     self._admit()
                     if self._rows:
                         self._decode_step()

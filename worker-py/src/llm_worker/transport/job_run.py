@@ -134,7 +134,8 @@ class JobRun:
                 loop.call_soon_threadsafe(self._on_outputs, stream, outputs)
 
         self._submitted = True
-        ctx.engine.submit(GenerationRequest(self.job_id, prompt_ids, params, deadline), emit)
+        start_deadline = d.start_deadline_ms / 1000 if d.start_deadline_ms is not None else None
+        ctx.engine.submit(GenerationRequest(self.job_id, prompt_ids, params, deadline, start_deadline), emit)
         try:
             await self._done
         finally:
@@ -144,6 +145,8 @@ class JobRun:
             raise JobError("internal_error", self._engine_error)
         if self.cancelled and any(c.finish_reason in (None, "cancelled") for c in self._choices.values()):
             raise JobError("cancelled", "cancelled by the client")
+        if any(c.finish_reason == "not_started" for c in self._choices.values()):
+            raise JobError("queue_timeout", "no room in this worker's batch before the request's queue timeout")
         return self._result(len(prompt_ids))
 
     def _on_outputs(self, stream: JobStream, outputs: list[ChoiceOutput]) -> None:
