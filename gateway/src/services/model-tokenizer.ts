@@ -50,6 +50,7 @@ export class ModelTokenizer {
   private readonly template: Template;
   private readonly specials: Record<string, unknown>;
   private readonly specialTexts: string[];
+  private readonly specialIds: Set<number>;
   readonly vocabSize: number;
   /**
    * The most characters one token can stand for (the longest vocabulary entry: byte-level entries have one character
@@ -63,7 +64,9 @@ export class ModelTokenizer {
     this.tokenizer = new Tokenizer(tokenizerJson, config);
     const added = Array.isArray(tokenizerJson.added_tokens) ? (tokenizerJson.added_tokens as Json[]) : [];
     this.plain = new Tokenizer({ ...tokenizerJson, added_tokens: added.filter((t) => t.special !== true) }, config);
-    this.specialTexts = added.filter((t) => t.special === true && typeof t.content === 'string').map((t) => t.content as string);
+    const special = added.filter((t) => t.special === true && typeof t.content === 'string');
+    this.specialTexts = special.map((t) => t.content as string);
+    this.specialIds = new Set(special.map((t) => Number(t.id)));
     this.template = new Template(chatTemplate);
     this.specials = {};
     for (const key of SPECIAL_TOKEN_KEYS) {
@@ -109,21 +112,30 @@ export class ModelTokenizer {
   /** The prompt's ids piece by piece (no spreading: a huge prompt's pieces exceed the call stack's argument limit). */
   private promptPieces(messages: readonly JobMessage[]): number[][] {
     const rendered = this.render(messages);
-    const spans = this.contentSpans(messages, rendered);
-    if (spans === null) {
-      // The template transforms content beyond what markers survive (slicing, splitting …): encode the real rendering
-      // only when no content carries a special token's text; otherwise refuse rather than forge turns.
-      const forged = messages.find((m) => this.specialTexts.some((t) => m.content.includes(t)));
-      if (forged) {
-        throw new ApiError(
-          'invalid_request',
-          "A message contains the text of one of the model's control tokens, which this model's chat template cannot carry as plain text.",
-          { param: 'messages' },
-        );
-      }
-      return [this.encode(rendered)];
+    const { spans, withMarks } = this.contentSpans(messages, rendered);
+    if (spans !== null) return spans.map((s) => (s.content ? this.plain : this.tokenizer).encode(s.text, { add_special_tokens: false }).ids);
+    // The template transforms content beyond what markers survive (slicing, replacing …), so content cannot be encoded
+    // apart: the real rendering is encoded whole, unless it holds more control tokens than the template alone puts
+    // there (content that spells one, even assembled by the template's own edits): then refuse rather than forge turns.
+    const ids = this.encode(rendered);
+    const forged =
+      withMarks !== null
+        ? this.countSpecial(ids) > this.countSpecial(this.encode(withMarks))
+        : messages.some((m) => this.specialTexts.some((t) => m.content.includes(t)));
+    if (forged) {
+      throw new ApiError(
+        'invalid_request',
+        "A message contains the text of one of the model's control tokens, which this model's chat template cannot carry as plain text.",
+        { param: 'messages' },
+      );
     }
-    return spans.map((s) => (s.content ? this.plain : this.tokenizer).encode(s.text, { add_special_tokens: false }).ids);
+    return [ids];
+  }
+
+  private countSpecial(ids: number[]): number {
+    let n = 0;
+    for (const id of ids) if (this.specialIds.has(id)) n++;
+    return n;
   }
 
   encode(text: string): number[] {
@@ -134,7 +146,10 @@ export class ModelTokenizer {
    * The rendering cut into template text and content text, or null when the template does not carry each content
    * through unchanged (or trimmed). The pieces always join to exactly the real rendering.
    */
-  private contentSpans(messages: readonly JobMessage[], rendered: string): Array<{ text: string; content: boolean }> | null {
+  private contentSpans(
+    messages: readonly JobMessage[],
+    rendered: string,
+  ): { spans: Array<{ text: string; content: boolean }> | null; withMarks: string | null } {
     const nonce = Math.random().toString(36).slice(2, 10);
     const mark = (i: number) => `${MARK_OPEN}${nonce}:${i}${MARK_CLOSE}`;
     const masked = messages.map((m, i) => (m.content.length > 0 ? { ...m, content: mark(i) } : m));
@@ -142,7 +157,7 @@ export class ModelTokenizer {
     try {
       withMarks = this.render(masked);
     } catch {
-      return null; // the template looked at the content itself
+      return { spans: null, withMarks: null }; // the template looked at the content itself
     }
     const re = new RegExp(`${MARK_OPEN}${nonce}:(\\d+)${MARK_CLOSE}`, 'g');
     const spans: Array<{ text: string; content: boolean }> = [];
@@ -153,11 +168,11 @@ export class ModelTokenizer {
       last = m.index! + m[0].length;
     }
     spans.push({ text: withMarks.slice(last), content: false });
-    if (spans.some((s) => !s.content && s.text.includes(MARK_OPEN + nonce))) return null;
-    if (spans.map((s) => s.text).join('') === rendered) return spans.filter((s) => s.text.length > 0);
+    if (spans.some((s) => !s.content && s.text.includes(MARK_OPEN + nonce))) return { spans: null, withMarks };
+    if (spans.map((s) => s.text).join('') === rendered) return { spans: spans.filter((s) => s.text.length > 0), withMarks };
     // Templates that trim content (Llama 3's `| trim`): the same with trimmed content.
     for (const s of spans) if (s.content) s.text = s.text.trim();
-    if (spans.map((s) => s.text).join('') === rendered) return spans.filter((s) => s.text.length > 0);
-    return null;
+    if (spans.map((s) => s.text).join('') === rendered) return { spans: spans.filter((s) => s.text.length > 0), withMarks };
+    return { spans: null, withMarks };
   }
 }

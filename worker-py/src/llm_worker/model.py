@@ -266,17 +266,30 @@ def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     for m in messages:
         m["content"].encode("utf-8")  # a lone surrogate raises UnicodeEncodeError here (the tokenizer's TypeError is vaguer)
     rendered = _render(tokenizer, messages)
-    spans = _content_spans(tokenizer, messages, rendered)
+    spans, with_marks = _content_spans(tokenizer, messages, rendered)
     if spans is None:
-        specials = [t for t in tokenizer.all_special_tokens if t]
-        if any(t in m["content"] for m in messages for t in specials):
+        # The template edits content beyond what markers survive: the real rendering is encoded whole, unless it holds
+        # more control tokens than the template alone puts there (content that spells one, even assembled by the
+        # template's own edits). Control tokens: the added tokens marked special (all_special_tokens misses most).
+        special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        ids = _encode(tokenizer, rendered, plain=False)
+        if with_marks is not None:
+            forged = _count(ids, special) > _count(_encode(tokenizer, with_marks, plain=False), special)
+        else:
+            texts = [tokenizer.added_tokens_decoder[i].content for i in special]
+            forged = any(t in m["content"] for m in messages for t in texts)
+        if forged:
             raise ForgedTurnError("A message contains the text of one of the model's control tokens, which this model's "
                                   "chat template cannot carry as plain text.")
-        return _encode(tokenizer, rendered, plain=False)
-    ids: list[int] = []
+        return ids
+    ids = []
     for text, is_content in spans:
         ids.extend(_encode(tokenizer, text, plain=is_content))
     return ids
+
+
+def _count(ids: list[int], wanted: set[int]) -> int:
+    return sum(1 for i in ids if i in wanted)
 
 
 def _render(tokenizer, messages) -> str:
@@ -289,16 +302,16 @@ def _encode(tokenizer, text: str, plain: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"])
 
 
-def _content_spans(tokenizer, messages, rendered: str) -> list[tuple[str, bool]] | None:
-    """The rendering cut into (text, is_content) pieces that join to exactly ``rendered``, or None when the template
-    does not carry each content through unchanged (or trimmed)."""
+def _content_spans(tokenizer, messages, rendered: str) -> tuple[list[tuple[str, bool]] | None, str | None]:
+    """The rendering cut into (text, is_content) pieces that join to exactly ``rendered`` (None when the template does
+    not carry each content through unchanged or trimmed), and the rendering with markers (None when it failed)."""
     nonce = secrets.token_hex(4)
     masked = [{**m, "content": f"{_MARK_OPEN}{nonce}:{i}{_MARK_CLOSE}"} if m["content"] else m
               for i, m in enumerate(messages)]
     try:
         with_marks = _render(tokenizer, masked)
     except Exception:
-        return None  # the template looked at the content itself
+        return None, None  # the template looked at the content itself
     pattern = re.compile(f"{_MARK_OPEN}{nonce}:(\\d+){_MARK_CLOSE}")
     spans: list[list] = []
     last = 0
@@ -308,15 +321,15 @@ def _content_spans(tokenizer, messages, rendered: str) -> list[tuple[str, bool]]
         last = m.end()
     spans.append([with_marks[last:], False])
     if any(not c and _MARK_OPEN + nonce in t for t, c in spans):
-        return None
+        return None, with_marks
     for trim in (False, True):  # templates that trim content (Llama 3's `| trim`)
         if trim:
             for s in spans:
                 if s[1]:
                     s[0] = s[0].strip()
         if "".join(t for t, _ in spans) == rendered:
-            return [(t, c) for t, c in spans if t]
-    return None
+            return [(t, c) for t, c in spans if t], with_marks
+    return None, with_marks
 
 
 def warm_up(engine, tokenizer) -> None:
