@@ -120,6 +120,34 @@ describe('a huge prompt does not freeze the gateway', () => {
   });
 });
 
+describe('large prompts cannot be sent for free', () => {
+  const newKey = async (fields: Record<string, unknown>) =>
+    (await request(gw.url).post('/admin/keys').set({ authorization: `Bearer ${ADMIN}` }).send({ name: 'large', ...fields })).body.key as string;
+
+  it('a large prompt counted only to be refused (too long for the context) still draws a request from the budget', async () => {
+    const key = await newKey({ rpm: 1 });
+    const send = (content: string) => request(gw.url).post('/v1/chat/completions').set({ authorization: `Bearer ${key}` })
+      .send({ model: MODEL, messages: [{ role: 'user', content }], max_tokens: 3 });
+    // ~20 k tokens: under the character cap (8192 × the longest token), over the 8192-token context once counted.
+    const refused = await send('hello world '.repeat(10_000));
+    expect(refused.status).toBe(400);
+    expect(refused.body.error.code).toBe('context_length_exceeded');
+    const next = await send('Hi');
+    expect(next.status).toBe(429);
+  });
+
+  it('one key counts at most two large prompts at a time', async () => {
+    const key = await newKey({});
+    const send = () => request(gw.url).post('/v1/chat/completions').set({ authorization: `Bearer ${key}` })
+      .send({ model: BIG, messages: [{ role: 'user', content: ' '.repeat(100_000) }], max_tokens: 3 });
+    // All three arrive within milliseconds; counting each takes a second or more (whitespace, ~10 µs a character).
+    const results = await Promise.all([send(), send(), send()]);
+    const statuses = results.map((r) => r.status).sort();
+    expect(statuses).toEqual([200, 200, 429]);
+    expect(results.find((r) => r.status === 429)!.body.error.message).toMatch(/large prompts/);
+  });
+});
+
 describe('one request cannot outgrow a worker', () => {
   it('n above the workers\' batch (MAX_BATCH, 8 for the fake worker) is a 400 before a job exists', async () => {
     const jobs = small.jobs.length;

@@ -60,6 +60,9 @@ export interface Admitted {
 }
 
 export class GovernedChat {
+  /** Large prompts being counted per caller on this gateway (countedPrepare). */
+  private readonly largeCounts = new Map<string, number>();
+
   constructor(private readonly deps: GovernanceDeps) {}
 
   /** Sets x-ratelimit-* from a read-only look at the caller's budgets (responses that admit nothing). */
@@ -151,8 +154,7 @@ export class GovernedChat {
         degraded.push(`model=${fb}`);
       }
     }
-    await this.refuseIfOverBudget(raw, res, opts, limits);
-    const p = await chat.prepare(effectiveBody, ctx);
+    const p = await this.countedPrepare(effectiveBody, raw, res, ctx, opts, limits);
     if (config.MAX_PROMPT_TOKENS > 0 && p.data.prompt_tokens > config.MAX_PROMPT_TOKENS) {
       throw new ApiError(
         'invalid_value',
@@ -185,12 +187,50 @@ export class GovernedChat {
   }
 
   /**
+   * ChatService.prepare (validation, prompt count) with what a large prompt costs accounted for: a caller over its
+   * budget is refused before counting (refuseIfOverBudget), one caller counts at most LARGE_COUNTS_PER_CALLER large
+   * prompts at a time on this gateway, and a large prompt that was counted only to be refused (too long for the
+   * context) still draws one request from the caller's budget, so such prompts cannot be sent for free.
+   */
+  private async countedPrepare(
+    body: unknown,
+    raw: Record<string, unknown>,
+    res: HeaderTarget,
+    ctx: RequestContext,
+    opts: GovernOptions,
+    limits: ReturnType<typeof effectiveLimits>,
+  ): Promise<PreparedChat> {
+    if (contentChars(raw.messages) < PEEK_BEFORE_COUNT_CHARS) return this.deps.chat.prepare(body, ctx);
+    await this.refuseIfOverBudget(raw, res, opts, limits);
+    const who = opts.principal.keyId;
+    const counting = this.largeCounts.get(who) ?? 0;
+    if (counting >= LARGE_COUNTS_PER_CALLER) {
+      throw new ApiError('rate_limit_exceeded', `Too many large prompts from this key are being counted at once (at most ${LARGE_COUNTS_PER_CALLER}). Please retry shortly.`, {
+        retryAfterMs: 1000,
+      });
+    }
+    this.largeCounts.set(who, counting + 1);
+    try {
+      return await this.deps.chat.prepare(body, ctx);
+    } catch (err) {
+      if (err instanceof ApiError && err.code === 'context_length_exceeded') {
+        const buckets = bucketsFor(this.deps.config, opts.principal, limits, false);
+        await this.deps.limiter.admit(buckets, `refused-${ctx.requestId}`, 0).catch(() => undefined);
+      }
+      throw err;
+    } finally {
+      const left = (this.largeCounts.get(who) ?? 1) - 1;
+      if (left > 0) this.largeCounts.set(who, left);
+      else this.largeCounts.delete(who);
+    }
+  }
+
+  /**
    * Counting a large prompt costs CPU (on the tokenizer threads): a caller that is already over its budget is refused
    * before that, from a read-only look at its buckets. Small prompts skip the look: counting them is cheaper than the
    * round trip, and the real admission after counting refuses them just the same.
    */
   private async refuseIfOverBudget(raw: Record<string, unknown>, res: HeaderTarget, opts: GovernOptions, limits: ReturnType<typeof effectiveLimits>) {
-    if (contentChars(raw.messages) < PEEK_BEFORE_COUNT_CHARS) return;
     const { config, limiter } = this.deps;
     const buckets = bucketsFor(config, opts.principal, limits, false);
     if (buckets.length === 0) return;
@@ -302,6 +342,8 @@ export class GovernedChat {
 
 /** Prompts above this many characters are checked against the caller's budget before they are counted. */
 const PEEK_BEFORE_COUNT_CHARS = 16_384;
+/** Large prompts one caller may have counted at once on one gateway (each can take a tokenizer thread for seconds). */
+const LARGE_COUNTS_PER_CALLER = 2;
 
 /** Characters of message content in a body not yet validated (strings only; the schema judges the rest later). */
 function contentChars(messages: unknown): number {
@@ -310,7 +352,9 @@ function contentChars(messages: unknown): number {
   for (const m of messages) {
     const c = (m as { content?: unknown } | null)?.content;
     if (typeof c === 'string') n += c.length;
-    else if (Array.isArray(c)) for (const part of c) n += typeof part?.text === 'string' ? part.text.length : 0;
+    else if (Array.isArray(c)) {
+      for (const part of c) n += (typeof part?.text === 'string' ? part.text.length : 0) + (typeof part?.refusal === 'string' ? part.refusal.length : 0);
+    }
   }
   return n;
 }
