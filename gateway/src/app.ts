@@ -103,13 +103,13 @@ export function createApp(deps: AppDeps): Express {
   app.use(requestContext(logger, lifecycle, routeLabeller(app)));
   app.use(drainGuard(lifecycle));
   app.use(healthRoutes(config, deps.redis, deps.registry, deps.tokenizers));
-  app.use(metricsRoutes(config, deps.auth));
+  // One shared count of failed authentications per client address (Redis): /v1, the tutorial's routes, /admin, /metrics.
+  const failures = new AuthFailureLimiter(deps.redis, config.AUTH_FAILURE_LIMIT, config.AUTH_FAILURE_WINDOW_MS, logger.child({ module: 'auth' }));
+  app.use(metricsRoutes(config, deps.auth, failures));
   app.use(docsRoutes(config));
 
   const gov = deps.governance;
-  if (gov) app.use(adminRoutes(config, gov.keys, deps.redis));
-  // One shared count of failed authentications per client address (Redis), for /v1 and the tutorial's routes.
-  const failures = new AuthFailureLimiter(deps.redis, config.AUTH_FAILURE_LIMIT, config.AUTH_FAILURE_WINDOW_MS, logger.child({ module: 'auth' }));
+  if (gov) app.use(adminRoutes(config, gov.keys, deps.redis, failures));
   app.use('/v1', requireAuth(deps.auth, failures));
   if (gov) app.use('/chat', requireAuth(deps.auth, failures), express.json({ limit: config.MAX_BODY_BYTES, type: () => true, strict: true }));
   // Any content type is read as JSON, as OpenAI does; a body that is not a JSON object is a 400 (strict).

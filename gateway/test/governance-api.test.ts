@@ -314,6 +314,7 @@ describe('output filter', () => {
 });
 
 describe('queue depth and degradation', () => {
+  // Starts two more gateways and a fake worker: minutes, not seconds, on a machine loaded twice over.
   it('503 queue_full with retry-after when the model queue is at MAX_QUEUE_DEPTH; degraded to a fallback model before', async () => {
     const idle = `idle-${randomUUID().slice(0, 8)}`;
     const w = new FakeWorker({ redisUrl: redis.url, model: idle, consume: false, contextLength: 400 });
@@ -360,7 +361,7 @@ describe('queue depth and degradation', () => {
       await g.close();
       await w.close();
     }
-  });
+  }, 180_000);
 });
 
 describe("the tutorial's routes", () => {

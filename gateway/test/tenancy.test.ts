@@ -159,6 +159,20 @@ describe('key guessing', () => {
       await redis.client.del(...(await redis.client.keys('llm:authfail:*')));
     }
   });
+
+  it('guessing the admin key or the metrics token counts the same way', async () => {
+    const env = { DEFAULT_MODEL: MODEL, ADMIN_API_KEY: ADMIN, METRICS_AUTH: 'token', METRICS_TOKEN: 'a-metrics-token-0123456789', AUTH_FAILURE_LIMIT: '3' };
+    const [g1, g2] = [await startGateway(redis.url, env), await startGateway(redis.url, env)];
+    try {
+      expect((await request(g1.url).get('/admin/keys').set(bearer('admin-guess-1'))).status).toBe(401);
+      expect((await request(g2.url).get('/metrics').set(bearer('metrics-guess'))).status).toBe(401);
+      expect((await request(g1.url).get('/admin/keys').set(bearer('admin-guess-2'))).status).toBe(401);
+      expect((await request(g2.url).get('/admin/keys').set(bearer(ADMIN))).status).toBe(429);
+    } finally {
+      await Promise.all([g1.close(), g2.close()]);
+      await redis.client.del(...(await redis.client.keys('llm:authfail:*')));
+    }
+  });
 });
 
 describe('/chat/batch headers', () => {

@@ -135,7 +135,10 @@ def test_no_room_in_the_batch_before_the_start_deadline_is_queue_timeout(redis_u
         async with serve(redis_url, engine, loaded) as (svc, gw):
             wide = asyncio.create_task(gw.run(job_data("Write a very long essay.", n=engine.max_batch, max_tokens=2000,
                                                        temperature=1.0, ignore_eos=True)))
-            await wait_until_async(lambda: engine.stats().running_sequences == engine.max_batch, 300, "a full batch")
+            async def full():
+                return engine.stats().running_sequences == engine.max_batch
+
+            await wait_until_async(full, 300, "a full batch")
             late = job_data("Hi", max_tokens=3)
             late["start_deadline_ms"] = int(time.time() * 1000) + 500
             events, job = await gw.run(late)

@@ -14,6 +14,7 @@ import { jwtRevokedKey } from '../auth/jwt';
 import type { KeyStore } from '../auth/key-store';
 import type { Config } from '../config';
 import { ApiError } from '../errors';
+import { type AuthFailureLimiter, limitFailures } from '../limits/auth-failures';
 import { createKeyRequestSchema, revokeJwtRequestSchema, updateKeyRequestSchema } from '../protocol/admin';
 import { parseOrThrow } from '../services/validation';
 
@@ -30,10 +31,10 @@ function requireAdmin(adminKey: string): RequestHandler {
 
 const notFound = (id: string) => new ApiError('unknown_url', `No API key with id '${id}'.`, { param: 'id' });
 
-export function adminRoutes(config: Config, store: KeyStore, redis: Redis): Router {
+export function adminRoutes(config: Config, store: KeyStore, redis: Redis, failures: AuthFailureLimiter): Router {
   const router = Router();
   if (!config.ADMIN_API_KEY) return router;
-  router.use('/admin', requireAdmin(config.ADMIN_API_KEY), express.json({ limit: '64kb', type: () => true, strict: true }));
+  router.use('/admin', limitFailures(failures, requireAdmin(config.ADMIN_API_KEY)), express.json({ limit: '64kb', type: () => true, strict: true }));
 
   router.post('/admin/keys', async (req, res) => {
     const { name, ...limits } = parseOrThrow(createKeyRequestSchema, req.body);

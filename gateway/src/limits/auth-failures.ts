@@ -4,7 +4,7 @@
  * full speed. O(1) per request (GET, and INCR + PEXPIRE on a failure); a Redis error lets the request through (the
  * authentication itself still decides).
  */
-import type { Request } from 'express';
+import type { Request, RequestHandler } from 'express';
 import type Redis from 'ioredis';
 import { ApiError } from '../errors';
 import type { Logger } from '../logger';
@@ -48,6 +48,26 @@ export class AuthFailureLimiter {
       this.logger.warn('auth failure not counted', { err: String(err) });
     }
   }
+}
+
+/**
+ * `guard` (any credential check that throws a 401) behind the same per-address limit: refused first when the address
+ * failed too often, and its failures counted. For /admin and /metrics, whose credentials are not API keys.
+ */
+export function limitFailures(failures: AuthFailureLimiter, guard: RequestHandler): RequestHandler {
+  return async (req, res, next) => {
+    await failures.check(req);
+    let passed = false;
+    try {
+      await guard(req, res, () => {
+        passed = true;
+      });
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 401) await failures.recordFailure(req);
+      throw err;
+    }
+    if (passed) next();
+  };
 }
 
 /** The client's address as Express sees it (TRUST_PROXY decides whether X-Forwarded-For is believed). */

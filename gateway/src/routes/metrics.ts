@@ -9,6 +9,7 @@ import { type RequestHandler, Router } from 'express';
 import type { Authenticator } from '../auth/api-keys';
 import type { Config } from '../config';
 import { ApiError } from '../errors';
+import { type AuthFailureLimiter, limitFailures } from '../limits/auth-failures';
 import { registry } from '../metrics';
 
 const digest = (s: string) => createHash('sha256').update(s, 'utf8').digest();
@@ -31,9 +32,10 @@ function guard(config: Config, auth: Authenticator): RequestHandler {
   return (_req, _res, next) => next();
 }
 
-export function metricsRoutes(config: Config, auth: Authenticator): Router {
+export function metricsRoutes(config: Config, auth: Authenticator, failures: AuthFailureLimiter): Router {
   const router = Router();
-  router.get(config.METRICS_PATH, guard(config, auth), async (_req, res) => {
+  const check = config.METRICS_AUTH === 'none' ? guard(config, auth) : limitFailures(failures, guard(config, auth));
+  router.get(config.METRICS_PATH, check, async (_req, res) => {
     res.setHeader('content-type', registry.contentType);
     res.setHeader('cache-control', 'no-store');
     res.send(await registry.metrics());
