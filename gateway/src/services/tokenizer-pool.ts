@@ -105,10 +105,12 @@ export class TokenizerPool {
     return lane.reduce((a, b) => (b.pending.size < a.pending.size ? b : a));
   }
 
-  /** Builds the tokenizer on every thread (so any of them can count) and returns what the gateway checks early. */
-  async load(hash: string, source: TokenizerSource): Promise<TokenizerInfo> {
-    const replies = await Promise.all(this.threads.map((t) => this.loadOn(t, hash, source)));
-    return replies[0];
+  /**
+   * Builds the tokenizer on the first thread and returns what the gateway checks early; the other threads build it
+   * when they first count with it (count), so a cold start does not build it on every thread at once.
+   */
+  load(hash: string, source: TokenizerSource): Promise<TokenizerInfo> {
+    return this.loadOn(this.threads[0], hash, source);
   }
 
   private async loadOn(t: TokenizerThread, hash: string, source: TokenizerSource): Promise<TokenizerInfo> {
