@@ -16,16 +16,14 @@ import { AuthFailureLimiter } from './limits/auth-failures';
 import { observeRequest } from './metrics';
 import { routeLabeller } from './openapi/routes';
 import { adminRoutes } from './admin/routes';
-import type { KeyStore } from './auth/key-store';
 import { chatRoutes } from './routes/chat';
 import { docsRoutes } from './routes/docs';
 import { healthRoutes } from './routes/health';
 import { metricsRoutes } from './routes/metrics';
 import { modelRoutes } from './routes/models';
-import type { ChatService } from './services/chat-service';
-import { type GovernedChat, rateLimitHeaders } from './services/governed-chat';
+import type { Governance } from './governance';
+import { rateLimitHeaders } from './services/governed-chat';
 import { tutorialRoutes } from './tutorial/routes';
-import type { TutorialService } from './tutorial/tutorial-service';
 import type { TokenizerCache } from './services/tokenizer';
 import type { WorkerRegistry } from './services/worker-registry';
 
@@ -34,18 +32,11 @@ export interface AppDeps {
   logger: Logger;
   redis: Redis;
   registry: WorkerRegistry;
-  chat: ChatService;
   tokenizers: TokenizerCache;
   auth: Authenticator;
   lifecycle: Lifecycle;
-  /** Keys, limits, cache, filter, admin API and the tutorial's routes (issue 5); absent: plain /v1 only. */
-  governance?: Governance;
-}
-
-export interface Governance {
-  governed: GovernedChat;
-  tutorial: TutorialService;
-  keys: KeyStore;
+  /** Keys, limits, cache, filter, admin API and the tutorial's routes: every chat request runs through them. */
+  governance: Governance;
 }
 
 const PROBES = new Set(['/health', '/ready']);
@@ -109,14 +100,13 @@ export function createApp(deps: AppDeps): Express {
   app.use(docsRoutes(config));
 
   const gov = deps.governance;
-  if (gov) app.use(adminRoutes(config, gov.keys, deps.redis, failures));
-  app.use('/v1', requireAuth(deps.auth, failures));
-  if (gov) app.use('/chat', requireAuth(deps.auth, failures), express.json({ limit: config.MAX_BODY_BYTES, type: () => true, strict: true }));
   // Any content type is read as JSON, as OpenAI does; a body that is not a JSON object is a 400 (strict).
-  app.use('/v1', express.json({ limit: config.MAX_BODY_BYTES, type: () => true, strict: true }));
-  if (gov) app.use('/v1', rateLimitHeaders(gov.governed));
-  app.use(chatRoutes(deps.chat, gov?.governed));
-  if (gov) app.use(tutorialRoutes(gov.tutorial, gov.governed));
+  const jsonBody = express.json({ limit: config.MAX_BODY_BYTES, type: () => true, strict: true });
+  app.use(adminRoutes(config, gov.keys, deps.redis, failures));
+  app.use('/v1', requireAuth(deps.auth, failures), jsonBody, rateLimitHeaders(gov.governed));
+  app.use('/chat', requireAuth(deps.auth, failures), jsonBody);
+  app.use(chatRoutes(gov.governed));
+  app.use(tutorialRoutes(gov.tutorial, gov.governed));
   app.use(modelRoutes(deps.registry, (principal) => (principal ? effectiveLimits(config, principal).models : null)));
 
   app.use((req, _res, next) => {

@@ -1,6 +1,5 @@
 /** Builds the governance objects of one gateway (issue 5): key store, limiters, cache, output filter, tutorial routes. */
 import type Redis from 'ioredis';
-import type { Governance } from './app';
 import { KeyStore } from './auth/key-store';
 import { ResponseCache } from './cache/response-cache';
 import type { Config } from './config';
@@ -11,6 +10,12 @@ import type { Logger } from './logger';
 import type { ChatService } from './services/chat-service';
 import { GovernedChat } from './services/governed-chat';
 import { TutorialService } from './tutorial/tutorial-service';
+
+export interface Governance {
+  governed: GovernedChat;
+  tutorial: TutorialService;
+  keys: KeyStore;
+}
 
 export function buildGovernance(config: Config, redis: Redis, chat: ChatService, logger: Logger): Governance {
   const governed = new GovernedChat({

@@ -58,7 +58,6 @@ export function buildGateway(config: Config, logger: Logger, keys: readonly stri
     logger,
     redis,
     registry,
-    chat,
     tokenizers,
     auth: auth ?? new GatewayAuthenticator(config, keys, governance.keys, redis),
     lifecycle,
