@@ -17,8 +17,8 @@ import type { JobQueues } from '../queue/job-queue';
 import type { JobPlacement } from '../queue/job-queue';
 import { JobRun, type RunDeps, type RunOutcome } from '../queue/job-run';
 import { isReady } from '../queue/redis';
-import { SseWriter } from '../streaming/sse';
-import { ChunkFactory, type CompletionMeta, toChatCompletion } from './chat-format';
+import { type CompletionMeta, toChatCompletion } from './chat-format';
+import { ChatStream } from './chat-stream';
 import { normaliseMessages, requestedMaxTokens, toJobParams } from './chat-params';
 import type { Stamps } from './stamps';
 import type { TokenizerCache } from './tokenizer';
@@ -172,35 +172,22 @@ export class ChatService {
   /** Stream: SSE chunks as OpenAI sends them; errors after the headers go into the stream. */
   async stream(p: PreparedChat, res: Response, ctx: RequestContext): Promise<void> {
     const stamps = ctx.stamps;
-    const chunks = new ChunkFactory(p.meta, p.includeUsage);
     let cancelRun = () => {};
-    const sse = new SseWriter(res, {
+    const out = new ChatStream(res, p.meta, p.includeUsage, {
       keepAliveMs: this.deps.config.SSE_KEEPALIVE_MS,
       maxBufferedBytes: this.deps.config.SSE_MAX_BUFFER_BYTES,
       onOverflow: () => cancelRun(),
     });
-    const opened = new Set<number>();
-    const openChoice = (index: number) => {
-      if (opened.has(index)) return;
-      opened.add(index);
-      sse.data(chunks.role(index));
-    };
     const timer = new GenerationTimer(p.meta.model, p.data.enqueued_at_ms, true);
-    // A fast worker can send its first delta before start() has resolved, i.e. before the headers went out: hold such
-    // deltas and write them right after sse.open() (writing first would send implicit headers and break open()).
-    let early: (() => void)[] | null = [];
+    // A fast worker can send its first delta before start() has resolved, i.e. before the headers went out: the
+    // stream holds such events until open().
     const run = new JobRun(this.runDeps(), p.meta.id, p.data, {
       onDelta: (index, raw, logprobs) => {
         if (raw.length > 0) stamps?.mark('delta');
-        const write = () => {
-          const text = ctx.output ? ctx.output.text(index, raw) : raw;
-          if (text.length > 0) timer.text();
-          openChoice(index);
-          if (text.length > 0 || logprobs?.length) sse.data(chunks.content(index, text, logprobs));
-          if (text.length > 0) stamps?.mark('written');
-        };
-        if (early) early.push(write);
-        else write();
+        const text = ctx.output ? ctx.output.text(index, raw) : raw;
+        if (text.length > 0) timer.text();
+        out.content(index, text, logprobs);
+        if (text.length > 0) stamps?.mark('written');
       },
       onStarted: () => stamps?.mark('started'),
       placement: p.placement,
@@ -208,24 +195,18 @@ export class ChatService {
     cancelRun = () => run.cancel();
     await run.start(); // throws before any header: plain HTTP error
     stamps?.mark('enqueued');
-    sse.open();
+    out.open();
     stamps?.mark('opened');
-    const held = early;
-    early = null;
-    for (const write of held) write();
     const onAbort = () => run.cancel();
     ctx.signal.addEventListener('abort', onAbort, { once: true });
     if (ctx.signal.aborted) run.cancel();
     try {
       const { result, rest } = await run.outcome;
       for (const c of rest) {
-        openChoice(c.index);
         const text = ctx.output ? ctx.output.text(c.index, c.rest) + ctx.output.flush(c.index) : c.rest;
-        if (text.length > 0 || c.restLogprobs?.length) sse.data(chunks.content(c.index, text, c.restLogprobs));
+        out.content(c.index, text, c.restLogprobs);
       }
-      for (const c of [...result.choices].sort((a, b) => a.index - b.index)) sse.data(chunks.finish(c.index, c.finish_reason));
-      if (p.includeUsage) sse.data(chunks.usage(result));
-      sse.done();
+      out.finish(result);
       ctx.output?.done(result);
       timer.finish(result.usage, result.choices.length, result.timing);
       this.logDone(ctx, p, result.usage.completion_tokens, result.choices.map((c) => c.finish_reason), result);
@@ -235,10 +216,10 @@ export class ChatService {
       if (apiErr.status >= 500 && apiErr.retryAfterMs === undefined) {
         ctx.log.error('stream failed', { jobId: p.meta.id, code: apiErr.code, err: apiErr.cause ?? apiErr });
       } else ctx.log.info('stream ended early', { jobId: p.meta.id, code: apiErr.code });
-      if (sse.writable) sse.error(apiErr);
+      out.fail(apiErr);
     } finally {
       ctx.signal.removeEventListener('abort', onAbort);
-      sse.end();
+      out.end();
     }
   }
 

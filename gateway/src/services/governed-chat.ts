@@ -27,8 +27,8 @@ import {
 import type { BucketState, RateLimiter } from '../limits/rate-limiter';
 import { cacheLookups, rateLimitRejections } from '../metrics';
 import type { JobResult } from '../protocol/job';
-import { SseWriter } from '../streaming/sse';
-import { ChunkFactory, toChatCompletion } from './chat-format';
+import { toChatCompletion } from './chat-format';
+import { ChatStream } from './chat-stream';
 import type { ChatService, OutputHooks, PreparedChat, RequestContext } from './chat-service';
 
 export interface GovernanceDeps {
@@ -97,17 +97,8 @@ export class GovernedChat {
         res.json(toChatCompletion(p.meta, a.cached, p.wantLogprobs));
         return;
       }
-      const sse = new SseWriter(res, { keepAliveMs: config.SSE_KEEPALIVE_MS, maxBufferedBytes: config.SSE_MAX_BUFFER_BYTES });
-      const chunks = new ChunkFactory(p.meta, p.includeUsage);
-      sse.open();
-      const choices = [...a.cached.choices].sort((x, y) => x.index - y.index);
-      for (const c of choices) {
-        sse.data(chunks.role(c.index));
-        if (c.text.length > 0) sse.data(chunks.content(c.index, c.text, p.wantLogprobs ? (c.logprobs ?? []) : null));
-      }
-      for (const c of choices) sse.data(chunks.finish(c.index, c.finish_reason));
-      if (p.includeUsage) sse.data(chunks.usage(a.cached));
-      sse.done();
+      new ChatStream(res, p.meta, p.includeUsage, { keepAliveMs: config.SSE_KEEPALIVE_MS, maxBufferedBytes: config.SSE_MAX_BUFFER_BYTES })
+        .replay(a.cached, p.wantLogprobs);
       return;
     }
     try {
