@@ -11,7 +11,9 @@ COPY package.json package-lock.json tsconfig.json ./
 RUN npm ci --ignore-scripts --no-audit --no-fund
 COPY gateway/ ./gateway/
 # Compile only the gateway sources (tsconfig.json also includes tests and benchmarks, which are not in the image).
-RUN npx tsc -p tsconfig.json && test -f dist/gateway/src/main.js
+# The Lua scripts are read at run time from beside their module (gateway/src/redis-scripts/index.ts).
+RUN npx tsc -p tsconfig.json && cp gateway/src/redis-scripts/*.lua dist/gateway/src/redis-scripts/ \
+    && test -f dist/gateway/src/main.js
 
 FROM ${NODE_IMAGE} AS deps
 WORKDIR /app

@@ -3,7 +3,7 @@
  * L1 LRU bounds, and the Redis cache keeping inside its byte budget (real Redis: it runs with noeviction).
  */
 import { randomUUID } from 'node:crypto';
-import { cacheKey, isCacheable, ResponseCache } from '../src/cache/response-cache';
+import { CACHE_BYTES, CACHE_INDEX, CACHE_SIZES, cacheKey, isCacheable, ResponseCache } from '../src/cache/response-cache';
 import { ConfigError, loadConfig } from '../src/config';
 import { OutputFilter } from '../src/filter/output-filter';
 import { createLogger } from '../src/logger';
@@ -119,13 +119,13 @@ describe('ResponseCache (L2 in Redis)', () => {
     await one.put(k0, result('zero'));
     expect((await two.get(k0))?.choices[0].text).toBe('zero');
     for (let i = 0; i < 200; i++) await one.put(cacheKey(data(`n${i}`), 's'), result('x'.repeat(500)));
-    expect(Number(await redis.client.get('llm:cache:bytes'))).toBeLessThanOrEqual(budget);
+    expect(Number(await redis.client.get(CACHE_BYTES))).toBeLessThanOrEqual(budget);
     const keys = await redis.client.keys('llm:cache:*');
-    const entries = keys.filter((k) => !['llm:cache:bytes', 'llm:cache:index', 'llm:cache:sizes'].includes(k));
+    const entries = keys.filter((k) => ![CACHE_BYTES, CACHE_INDEX, CACHE_SIZES].includes(k));
     let real = 0;
     for (const k of entries) real += (await redis.client.strlen(k)) + k.length;
     expect(real).toBeLessThanOrEqual(budget);
-    expect(entries.length).toBe(await redis.client.zcard('llm:cache:index'));
+    expect(entries.length).toBe(await redis.client.zcard(CACHE_INDEX));
     expect(await two.get(k0)).toBeNull(); // the oldest went first
   });
 

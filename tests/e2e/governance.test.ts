@@ -10,9 +10,9 @@ import { type GatewayProcess, startGatewayProcess } from "./governance-helpers";
 jest.setTimeout(240_000);
 
 const ADMIN = `admin-${randomUUID()}`;
-// The rate-limit window of both gateways. The racing cases below count admissions within one window, so it must
-// outlast a race of 100 requests even on a slow or loaded machine (they take well under a second on an idle one); the
-// SDK case waits for it once.
+// The rate-limit window of both gateways. Budgets are token buckets: a full one admits a burst of its limit, then
+// refills at the limit per window. The racing cases count a burst, so what refills while they race is allowed for
+// (measured, so a slow machine does not fail them); the SDK case waits for one request to refill.
 const WINDOW_MS = 15_000;
 let a: GatewayProcess;
 let b: GatewayProcess;
@@ -53,10 +53,13 @@ const cachedBody = () => ({
   temperature: 0,
 });
 
-async function race(key: string, body: unknown, perGateway: number): Promise<number[]> {
+/** Statuses of the racing calls, and how long the race took from the first send to the last answer. */
+async function race(key: string, body: unknown, perGateway: number): Promise<{ statuses: number[]; ms: number }> {
   const calls = [];
+  const t0 = Date.now();
   for (let i = 0; i < perGateway; i++) for (const g of [a, b]) calls.push(post(g.url, key, body).then(async (r) => (await r.text(), r.status)));
-  return Promise.all(calls);
+  const statuses = await Promise.all(calls);
+  return { statuses, ms: Date.now() - t0 };
 }
 
 test("two gateways share one RPM budget under racing load (within ±5%)", async () => {
@@ -65,12 +68,13 @@ test("two gateways share one RPM budget under racing load (within ±5%)", async 
   const body = cachedBody();
   expect((await post(a.url, primer.key, body)).status).toBe(200); // warms the cache (a real job)
   const k = await createKey({ rpm });
-  const statuses = await race(k.key, body, 50);
+  const { statuses, ms } = await race(k.key, body, 50);
   const ok = statuses.filter((s) => s === 200).length;
-  console.log(`RPM ${rpm}: ${ok} of ${statuses.length} admitted through two gateways`);
+  const refilled = Math.ceil((ms * rpm) / WINDOW_MS);
+  console.log(`RPM ${rpm}: ${ok} of ${statuses.length} admitted through two gateways in ${ms} ms (${refilled} refilled meanwhile)`);
   expect(statuses.every((s) => s === 200 || s === 429)).toBe(true);
   expect(ok).toBeGreaterThanOrEqual(Math.floor(rpm * 0.95));
-  expect(ok).toBeLessThanOrEqual(Math.ceil(rpm * 1.05));
+  expect(ok).toBeLessThanOrEqual(Math.ceil(rpm * 1.05) + refilled);
 });
 
 test("two gateways share one TPM budget under racing load (within ±5%)", async () => {
@@ -80,11 +84,12 @@ test("two gateways share one TPM budget under racing load (within ±5%)", async 
   const prompt = ((await first.json()) as OpenAI.ChatCompletion).usage!.prompt_tokens;
   const fits = 20;
   const k = await createKey({ tpm: prompt * fits }); // a cache hit costs its prompt tokens
-  const statuses = await race(k.key, body, 30);
+  const { statuses, ms } = await race(k.key, body, 30);
   const ok = statuses.filter((s) => s === 200).length;
-  console.log(`TPM ${prompt * fits} (${prompt} per hit): ${ok} of ${statuses.length} admitted`);
+  const refilled = Math.ceil((ms * fits) / WINDOW_MS);
+  console.log(`TPM ${prompt * fits} (${prompt} per hit): ${ok} of ${statuses.length} admitted in ${ms} ms (${refilled} refilled meanwhile)`);
   expect(ok).toBeGreaterThanOrEqual(Math.floor(fits * 0.95));
-  expect(ok).toBeLessThanOrEqual(Math.ceil(fits * 1.05));
+  expect(ok).toBeLessThanOrEqual(Math.ceil(fits * 1.05) + refilled);
 });
 
 test("a revoked key is refused on both gateways within 1 s", async () => {

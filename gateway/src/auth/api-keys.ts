@@ -20,22 +20,30 @@ export interface Principal {
 export interface Authenticator {
   /** Resolves the caller from the Authorization header, or throws a 401 ApiError. */
   authenticate(authorization: string | undefined): Promise<Principal> | Principal;
+  /** Whether this credential is already known valid here without asking anyone (no I/O); see limits/auth-failures.ts. */
+  knows?(authorization: string | undefined): boolean;
 }
 
 const digest = (key: string) => createHash('sha256').update(key, 'utf8').digest('hex');
 
 export const keyIdOf = (key: string): string => `key_${digest(key).slice(0, 12)}`;
 
+/** The Bearer token of an Authorization header, or null. */
+export function bearerOf(authorization: string | undefined): string | null {
+  const match = authorization ? /^Bearer\s+(\S+)\s*$/i.exec(authorization) : null;
+  return match ? match[1] : null;
+}
+
 /** The Bearer token of an Authorization header, or a 401. */
 export function bearerToken(authorization: string | undefined): string {
-  const match = authorization ? /^Bearer\s+(\S+)\s*$/i.exec(authorization) : null;
-  if (!match) {
+  const token = bearerOf(authorization);
+  if (token === null) {
     throw new ApiError(
       'invalid_api_key',
       "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
     );
   }
-  return match[1];
+  return token;
 }
 
 export class StaticKeyAuthenticator implements Authenticator {
@@ -54,19 +62,19 @@ export class StaticKeyAuthenticator implements Authenticator {
   find(token: string): Principal | undefined {
     return this.byDigest.get(digest(token));
   }
+
+  knows(authorization: string | undefined): boolean {
+    const token = bearerOf(authorization);
+    return token !== null && this.byDigest.has(digest(token));
+  }
 }
 
 /** Authenticates the request; with `failures`, an address that failed too often is refused first, and failures count. */
 export function requireAuth(auth: Authenticator, failures?: AuthFailureLimiter): RequestHandler {
   return async (req, res, next) => {
-    await failures?.check(req);
-    let principal: Principal;
-    try {
-      principal = await auth.authenticate(req.get('authorization'));
-    } catch (err) {
-      if (err instanceof ApiError && err.status === 401) await failures?.recordFailure(req);
-      throw err;
-    }
+    const authorization = req.get('authorization');
+    const authenticate = () => auth.authenticate(authorization);
+    const principal = failures ? await failures.guard(req, () => auth.knows?.(authorization) ?? false, authenticate) : await authenticate();
     res.locals.principal = principal;
     res.locals.log = res.locals.log.child({ keyId: principal.keyId });
     next();

@@ -8,7 +8,7 @@ import type Redis from 'ioredis';
 import { LRUCache } from 'lru-cache';
 import type { Config } from '../config';
 import { ApiError } from '../errors';
-import { type Authenticator, bearerToken, type Principal, StaticKeyAuthenticator } from './api-keys';
+import { type Authenticator, bearerOf, bearerToken, type Principal, StaticKeyAuthenticator } from './api-keys';
 import { JwtVerifier, looksLikeJwt } from './jwt';
 import { KeyStore, sha256 } from './key-store';
 
@@ -38,6 +38,13 @@ export class GatewayAuthenticator implements Authenticator {
     if (fixed) return fixed;
     if (this.jwt && looksLikeJwt(token)) return this.jwt.verify(token);
     return this.lookup(token);
+  }
+
+  /** A static key, or a stored key looked up here within KEY_CACHE_MS. */
+  knows(authorization: string | undefined): boolean {
+    if (this.statics.knows(authorization)) return true;
+    const token = bearerOf(authorization);
+    return token !== null && this.cache?.has(sha256(token)) === true;
   }
 
   private async lookup(token: string): Promise<Principal> {

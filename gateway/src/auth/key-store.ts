@@ -3,7 +3,8 @@
  *   HASH   llm:key:{id}          the record (name, prefix, limits, created/revoked times, usage counters)
  *   STRING llm:keyhash:{sha256}  → id (deleted on revocation, so a revoked key no longer resolves anywhere)
  *   ZSET   llm:keys              ids by creation time (listing)
- * Lookups go through one Lua call (hash → record), so every replica sees a revocation on its next lookup.
+ * A lookup reads hash → id, then the record: a revocation deletes the link and marks the record in one MULTI, so every
+ * replica sees it on its next lookup, whichever of the two reads it lands between.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import type Redis from 'ioredis';
@@ -43,11 +44,6 @@ export interface KeyRecord extends KeyLimits {
   usage: KeyUsage;
 }
 
-const LOOKUP = `
-local id = redis.call('GET', KEYS[1])
-if not id then return nil end
-return {id, redis.call('HGETALL', 'llm:key:' .. id)}
-`;
 
 const num = (v: string | undefined) => (v === undefined || v === '' ? null : Number(v));
 
@@ -131,11 +127,11 @@ export class KeyStore {
 
   /** Resolves a plaintext key to its record (limits only; usage is not read on the hot path). */
   async lookup(key: string): Promise<KeyRecord | null> {
-    const res = (await this.redis.eval(LOOKUP, 1, keyHashKey(sha256(key)))) as [string, string[]] | null;
-    if (!res) return null;
-    const [id, flat] = res;
-    const h: Record<string, string> = {};
-    for (let i = 0; i + 1 < flat.length; i += 2) h[flat[i]] = flat[i + 1];
+    // Two reads, not a script that builds the record's key from the id it read: every key a script touches must be
+    // declared to it (Redis Cluster routes by them). Only lookups that miss the authenticator's cache pay the second.
+    const id = await this.redis.get(keyHashKey(sha256(key)));
+    if (!id) return null;
+    const h = await this.redis.hgetall(keyRecordKey(id));
     if (!h.prefix || h.revoked_at) return null;
     return toRecord(id, h, {});
   }

@@ -5,8 +5,9 @@
  * (temperature 0, or a seed) are cached. The value is the worker's JobResult, so a hit can be answered as JSON or
  * streamed, on /v1 or the tutorial routes alike.
  *
- * Redis runs with `noeviction`, so L2 keeps itself inside CACHE_L2_MAX_BYTES: an index ZSET (entry → expiry) and a
- * byte counter are updated in the same Lua call as each write, evicting the entries closest to expiry first.
+ * Redis runs with `noeviction`, so L2 keeps itself inside CACHE_L2_MAX_BYTES: before each write one Lua call reserves
+ * the entry's bytes in an index ZSET (entry → expiry) and a byte counter, evicting the entries closest to expiry
+ * first; the entry is then written and the evicted ones deleted (the script touches only its own keys).
  */
 import { createHash } from 'node:crypto';
 import type Redis from 'ioredis';
@@ -14,40 +15,16 @@ import type { Config } from '../config';
 import type { Logger } from '../logger';
 import { type JobData, type JobResult, jobResultSchema } from '../protocol/job';
 import { LRUCache } from 'lru-cache';
+import { runScript } from '../redis-scripts';
 
 const PREFIX = 'llm:cache:';
-const INDEX = 'llm:cache:index';
-const SIZES = 'llm:cache:sizes';
-const BYTES = 'llm:cache:bytes';
+// The bookkeeping keys share one hash tag (one slot in Redis Cluster): redis-scripts/cache-reserve.lua updates them in
+// one call. Entries themselves are spread over the cluster, so the script never touches them.
+export const CACHE_INDEX = 'llm:cache:{meta}:index';
+export const CACHE_SIZES = 'llm:cache:{meta}:sizes';
+export const CACHE_BYTES = 'llm:cache:{meta}:bytes';
 /** Rough per-key overhead of Redis (dict entry, key object, index and size entries) counted against the budget. */
 const ENTRY_OVERHEAD = 200;
-
-// KEYS: entry, index, sizes, bytes.  ARGV: value, ttlMs, budget, size
-const PUT = `
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function drop(k)
-  local s = tonumber(redis.call('HGET', KEYS[3], k)) or 0
-  redis.call('DECRBY', KEYS[4], s)
-  redis.call('HDEL', KEYS[3], k)
-  redis.call('ZREM', KEYS[2], k)
-  redis.call('DEL', k)
-end
-for _, k in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do drop(k) end
-drop(KEYS[1])
-local size, budget = tonumber(ARGV[4]), tonumber(ARGV[3])
-while (tonumber(redis.call('GET', KEYS[4])) or 0) + size > budget do
-  local victim = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
-  if not victim then break end
-  drop(victim)
-end
-if (tonumber(redis.call('GET', KEYS[4])) or 0) + size > budget then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), KEYS[1])
-redis.call('HSET', KEYS[3], KEYS[1], size)
-redis.call('INCRBY', KEYS[4], size)
-return 1
-`;
 
 /** Deterministic requests only: a sampled answer is not "the" answer to repeat. */
 export function isCacheable(data: JobData): boolean {
@@ -115,7 +92,18 @@ export class ResponseCache {
     if (this.config.CACHE_L2_MAX_BYTES <= 0) return;
     const size = raw.length + key.length + ENTRY_OVERHEAD;
     try {
-      await this.redis.eval(PUT, 4, key, INDEX, SIZES, BYTES, raw, String(this.config.CACHE_TTL_MS), String(this.config.CACHE_L2_MAX_BYTES), String(size));
+      const [reserved, ...evicted] = (await runScript(this.redis, 'cacheReserve', [CACHE_INDEX, CACHE_SIZES, CACHE_BYTES], [
+        key,
+        this.config.CACHE_TTL_MS,
+        this.config.CACHE_L2_MAX_BYTES,
+        size,
+      ])) as [number, ...string[]];
+      // Evicted entries go first: the budget already counts them as gone. Deleted one by one (each key may live on
+      // another cluster node).
+      await Promise.all(evicted.map((k) => this.redis.del(k)));
+      // Not reserved (larger than the whole budget): an earlier version of it is no longer counted, so it goes too.
+      if (Number(reserved) === 1) await this.redis.set(key, raw, 'PX', this.config.CACHE_TTL_MS);
+      else await this.redis.del(key);
     } catch (err) {
       this.log.warn('cache write failed', { err: String(err) });
     }

@@ -11,6 +11,7 @@ import { ApiError } from '../errors';
 import { queueName } from '../protocol/job';
 import type { JobPlacement } from '../queue/job-queue';
 import type { Tier } from './governance-config';
+import { runScript } from '../redis-scripts';
 import type { Admission, Bucket, BucketState, RateLimiter } from './rate-limiter';
 
 /**
@@ -42,8 +43,8 @@ export function effectiveLimits(config: Config, p: Principal): EffectiveLimits {
 /** The budgets a request draws on: the caller's own, and on the tutorial routes also the tutorial's per-caller RPM. */
 export function bucketsFor(config: Config, p: Principal, limits: EffectiveLimits, tutorial: boolean): Bucket[] {
   const out: Bucket[] = [];
-  if (limits.rpm > 0 || limits.tpm > 0) out.push({ id: p.keyId, rpm: limits.rpm, tpm: limits.tpm });
-  if (tutorial && config.TUTORIAL_RPM > 0) out.push({ id: `${p.keyId}:tutorial`, rpm: config.TUTORIAL_RPM, tpm: 0 });
+  if (limits.rpm > 0 || limits.tpm > 0) out.push({ scope: p.keyId, name: 'all', rpm: limits.rpm, tpm: limits.tpm });
+  if (tutorial && config.TUTORIAL_RPM > 0) out.push({ scope: p.keyId, name: 'tutorial', rpm: config.TUTORIAL_RPM, tpm: 0 });
   return out;
 }
 
@@ -100,19 +101,10 @@ export function rateLimitError(res: HeaderTarget, a: Admission, cost: number, wi
 }
 
 // ---- concurrency ---------------------------------------------------------------------------------------------------
-const ACQUIRE = `
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
-return 1
-`;
-
 /**
  * Per-caller concurrent requests, shared by replicas: a ZSET of in-flight request ids whose score is a lease expiry,
- * so a crashed gateway's slots free themselves after the lease (the request timeout plus a margin).
+ * so a crashed gateway's slots free themselves after the lease (the request timeout plus a margin;
+ * redis-scripts/concurrency-acquire.lua).
  */
 export class ConcurrencyLimiter {
   constructor(
@@ -124,7 +116,7 @@ export class ConcurrencyLimiter {
   async acquire(principalId: string, member: string, max: number): Promise<(() => Promise<void>) | null> {
     if (max <= 0) return async () => undefined;
     const key = `llm:inflight:{${principalId}}`;
-    const ok = await this.redis.eval(ACQUIRE, 1, key, member, String(max), String(this.leaseMs));
+    const ok = await runScript(this.redis, 'concurrencyAcquire', [key], [member, max, this.leaseMs]);
     if (Number(ok) !== 1) return null;
     let released = false;
     return async () => {

@@ -43,7 +43,7 @@ export const governanceConfigShape = {
   JWT_AUDIENCE: z.string().optional(),
   JWT_ISSUER: z.string().optional(),
   JWT_CLOCK_TOLERANCE_S: int(0, 300).default(5),
-  /** Length of the sliding window of RPM/TPM (60000 = per minute; shorter only for tests and demos). */
+  /** The window of RPM/TPM: a full bucket holds one window's budget and refills in one window (60000 = per minute). */
   RATE_LIMIT_WINDOW_MS: int(1000, 3_600_000).default(60_000),
   /** Limits for callers whose key or token sets none (static API_KEYS among them); 0 = unlimited. */
   DEFAULT_RPM: int(0).default(0),

@@ -70,15 +70,15 @@ export class GovernedChat {
     const { config, limiter } = this.deps;
     const buckets = bucketsFor(config, principal, effectiveLimits(config, principal), tutorial);
     if (buckets.length === 0) return;
-    const a = await limiter.admit(buckets, 'peek', 0, true);
+    const a = await limiter.admit(buckets, 0, true);
     setRateLimitHeaders(res, a.states);
   }
 
   /** Draws one request from the tutorial routes' own budget (the tutorial's 10/minute). */
-  async admitTutorialCall(res: Response, principal: Principal, member: string): Promise<BucketState[]> {
+  async admitTutorialCall(res: Response, principal: Principal): Promise<BucketState[]> {
     const { config, limiter } = this.deps;
     const buckets = bucketsFor(config, principal, { models: null, rpm: 0, tpm: 0, maxConcurrent: 0, tier: 'standard' }, true);
-    const a = await limiter.admit(buckets, member, 0);
+    const a = await limiter.admit(buckets, 0);
     setRateLimitHeaders(res, a.states);
     if (!a.admitted) {
       rateLimitRejections.inc();
@@ -206,7 +206,7 @@ export class GovernedChat {
     } catch (err) {
       if (err instanceof ApiError && err.code === 'context_length_exceeded') {
         const buckets = bucketsFor(this.deps.config, opts.principal, limits, false);
-        await this.deps.limiter.admit(buckets, `refused-${ctx.requestId}`, 0).catch(() => undefined);
+        await this.deps.limiter.admit(buckets, 0).catch(() => undefined);
       }
       throw err;
     } finally {
@@ -225,7 +225,7 @@ export class GovernedChat {
     const { config, limiter } = this.deps;
     const buckets = bucketsFor(config, opts.principal, limits, false);
     if (buckets.length === 0) return;
-    const peek = await limiter.admit(buckets, 'peek', 0, true);
+    const peek = await limiter.admit(buckets, 0, true);
     if (peek.limitedBy === null) return;
     setRateLimitHeaders(res, peek.states);
     rateLimitRejections.inc();
@@ -258,7 +258,7 @@ export class GovernedChat {
     const estimate = cached ? cached.usage.prompt_tokens + cached.usage.completion_tokens : prompt + p.data.params.max_tokens * p.data.params.n;
     const buckets = bucketsFor(config, opts.principal, limits, false);
     const member = p.meta.id;
-    const a = await limiter.admit(buckets, member, estimate);
+    const a = await limiter.admit(buckets, estimate);
     setRateLimitHeaders(res, [...a.states, ...(opts.extraStates ?? [])]);
     if (!a.admitted) {
       rateLimitRejections.inc();
@@ -271,7 +271,7 @@ export class GovernedChat {
       return { prepared: p, ctx, cached: filterResult(filter, cached), finish: async () => undefined };
     }
 
-    const refund = () => limiter.adjust(buckets, member, null).catch(() => undefined);
+    const refund = () => limiter.adjust(buckets, estimate, null).catch(() => undefined);
     const release = await this.deps.concurrency.acquire(principalId, member, limits.maxConcurrent);
     if (!release) {
       rateLimitRejections.inc();
@@ -317,14 +317,14 @@ export class GovernedChat {
       if (r) {
         const used = r.usage.prompt_tokens + r.usage.completion_tokens;
         await Promise.all([
-          limiter.adjust(buckets, member, used),
+          limiter.adjust(buckets, estimate, used),
           addUsage(redis, principalId, { requests: 1, prompt_tokens: r.usage.prompt_tokens, completion_tokens: r.usage.completion_tokens }),
           key ? cache.put(key, r) : undefined,
         ]).catch((e) => ctx.log.warn('post-completion accounting failed', { err: String(e) }));
       } else {
         // Nothing was generated for a request the server turned away (busy, no worker): it costs nothing.
         const busy = err !== undefined && toApiError(err).status === 503;
-        await (busy ? refund() : limiter.adjust(buckets, member, prompt)).catch(() => undefined);
+        await (busy ? refund() : limiter.adjust(buckets, estimate, prompt)).catch(() => undefined);
       }
     };
     return { prepared: p, ctx: governedCtx, cached: null, finish };

@@ -3,7 +3,6 @@
  * cache as /v1; each call also draws on the tutorial's own per-caller budget (TUTORIAL_RPM, the tutorial's 10/minute).
  * GET /health (the tutorial's shape) is served by routes/health.ts.
  */
-import { randomUUID } from 'node:crypto';
 import { type Request, type Response, Router } from 'express';
 import { ApiError } from '../errors';
 import { tutorialBatchRequestSchema } from '../protocol/tutorial';
@@ -21,8 +20,7 @@ export function tutorialRoutes(tutorial: TutorialService, governed: GovernedChat
   const context = async (req: Request, res: Response): Promise<[RequestContext, GovernOptions]> => {
     const ctx: RequestContext = { requestId: res.locals.requestId, log: res.locals.log, signal: res.locals.signal };
     const principal = res.locals.principal;
-    // A member of our own: x-request-id comes from the client, and a reused one must not hide calls from the budget.
-    const extraStates = await governed.admitTutorialCall(res, principal, `tut-${randomUUID()}`);
+    const extraStates = await governed.admitTutorialCall(res, principal);
     return [ctx, { principal, noStore: /\bno-store\b/i.test(req.get('cache-control') ?? ''), extraStates }];
   };
 
