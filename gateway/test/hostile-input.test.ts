@@ -18,12 +18,14 @@ const BIG = `b-${randomUUID().slice(0, 8)}`;
 
 const redis = useTestRedis();
 let gw: TestGateway;
+/** The fake small worker's KV budget in tokens: 8 choices of 2,000 tokens. */
+const KV_BUDGET = 16_000;
 let small: FakeWorker;
 let big: FakeWorker;
 
 beforeAll(async () => {
   gw = await startGateway(redis.url, { DEFAULT_MODEL: MODEL, ADMIN_API_KEY: ADMIN, TOKENIZER_THREADS: '2' });
-  small = new FakeWorker({ redisUrl: redis.url, model: MODEL, contextLength: 8192 });
+  small = new FakeWorker({ redisUrl: redis.url, model: MODEL, contextLength: 8192, kvTokenBudget: KV_BUDGET });
   // A context so large that a multi-megabyte prompt passes the character cap and really has to be counted.
   big = new FakeWorker({ redisUrl: redis.url, model: BIG, contextLength: 1_000_000 });
   await Promise.all([small.start(), big.start()]);
@@ -149,6 +151,41 @@ describe('large prompts cannot be sent for free', () => {
 });
 
 describe('one request cannot outgrow a worker', () => {
+  it('n × (prompt + max_tokens) above the workers\' KV budget is a 400 naming max_tokens, before a job exists', async () => {
+    const jobs = small.jobs.length;
+    const r = await request(gw.url).post('/v1/chat/completions').set(auth)
+      .send({ model: MODEL, messages: [{ role: 'user', content: 'Hi' }], n: 8, max_tokens: 2100 });
+    expect(r.status).toBe(400);
+    expect(r.body.error).toMatchObject({ code: 'invalid_value', param: 'max_tokens', type: 'invalid_request_error' });
+    expect(r.body.error.message).toMatch(new RegExp(`at most ${KV_BUDGET}\\.`));
+    expect(r.body.error.message).toMatch(/max_tokens may be at most \d+/);
+    const fits = Number(/max_tokens may be at most (\d+)/.exec(r.body.error.message)![1]);
+    expect(small.jobs.length).toBe(jobs);
+    // The limit it names is exact: that max_tokens is accepted.
+    const ok = await request(gw.url).post('/v1/chat/completions').set(auth)
+      .send({ model: MODEL, messages: [{ role: 'user', content: 'Hi' }], n: 8, max_tokens: fits });
+    expect(ok.status).toBe(200);
+  });
+
+  it('a max_tokens the caller did not set is lowered to fit the KV budget instead of refused', async () => {
+    const content = 'word '.repeat(1500);
+    const r = await request(gw.url).post('/v1/chat/completions').set(auth)
+      .send({ model: MODEL, messages: [{ role: 'user', content }], n: 8 });
+    expect(r.status).toBe(200);
+    const job = small.jobs[small.jobs.length - 1];
+    expect(job.params.n).toBe(8);
+    expect(job.params.max_tokens).toBeLessThan(512); // the default, had it fitted
+    expect(8 * (job.prompt_tokens + job.params.max_tokens)).toBeLessThanOrEqual(KV_BUDGET);
+    expect(8 * (job.prompt_tokens + job.params.max_tokens + 1)).toBeGreaterThan(KV_BUDGET);
+  });
+
+  it('a prompt that leaves no room for n choices is a 400 naming n', async () => {
+    const r = await request(gw.url).post('/v1/chat/completions').set(auth)
+      .send({ model: MODEL, messages: [{ role: 'user', content: 'word '.repeat(2500) }], n: 8 });
+    expect(r.status).toBe(400);
+    expect(r.body.error).toMatchObject({ code: 'invalid_value', param: 'n' });
+  });
+
   it('n above the workers\' batch (MAX_BATCH, 8 for the fake worker) is a 400 before a job exists', async () => {
     const jobs = small.jobs.length;
     const r = await request(gw.url).post('/v1/chat/completions').set(auth)

@@ -142,12 +142,13 @@ def test_deadline_cuts_generation(engine, tokenizer):
 
 def test_a_request_with_no_room_before_its_start_deadline_ends_not_started(engine, tokenizer):
     """The gateway's queue timeout also covers waiting inside the worker: a request that cannot join the batch (every
-    row busy) by its start deadline leaves the waiting line with "not_started" (the transport fails it queue_timeout),
-    instead of waiting up to the whole request's deadline."""
-    wide = req(tokenizer, "wide", "Write a very long essay about history.", max_tokens=2000, temperature=1.0,
-               n=engine.max_batch, ignore_eos=True)
-    c = Collector([wide])
-    engine.submit(wide, c.emit)
+    row held by a request at its fair share: one row each) by its start deadline leaves the waiting line with
+    "not_started" (the transport fails it queue_timeout), instead of waiting up to the whole request's deadline."""
+    fill = [req(tokenizer, f"fill-{i}", f"Write a very long essay about {TOPICS[i % len(TOPICS)]}.", max_tokens=2000,
+                temperature=1.0, ignore_eos=True) for i in range(engine.max_batch)]
+    c = Collector(fill)
+    for r in fill:
+        engine.submit(r, c.emit)
     wait_until(lambda: engine.stats().running_sequences == engine.max_batch, 300, "every row to be taken")
     start_by = time.time() + 0.5
     late = GenerationRequest("no-room", chat_ids(tokenizer, "Hi"), SamplingParams(max_tokens=5), start_deadline=start_by)
@@ -156,7 +157,107 @@ def test_a_request_with_no_room_before_its_start_deadline_ends_not_started(engin
     assert lc.done.wait(120), "the waiting request was never ended"
     assert lc.results["no-room"].finish == {0: "not_started"} and lc.results["no-room"].tokens[0] == []
     assert time.time() >= start_by
-    assert engine.stats().running_sequences == engine.max_batch  # the wide one is still running: no room was made
-    engine.cancel("wide")
+    assert engine.stats().running_sequences == engine.max_batch  # nobody was over its share: no room was made
+    for r in fill:
+        engine.cancel(r.request_id)
     assert c.done.wait(300)
-    wait_until(lambda: engine.stats().running_sequences == 0, 60, "the engine to free the wide request")
+    wait_until(lambda: engine.stats().running_sequences == 0, 60, "the engine to free the rows")
+
+
+class Timeline(Collector):
+    """A Collector that also records when each request got its first token and when it finished."""
+
+    def __init__(self, requests):
+        super().__init__(requests)
+        self.first: dict[str, float] = {}
+        self.ended: dict[str, float] = {}
+
+    def emit(self, rid, outputs):
+        now = time.monotonic()
+        if any(o.token_ids for o in outputs):
+            self.first.setdefault(rid, now)
+        super().emit(rid, outputs)
+        if len(self.results[rid].finish) == self._requests[rid].params.n:
+            self.ended.setdefault(rid, now)
+
+    def watch(self, requests):
+        self._requests = {r.request_id: r for r in requests}
+        return self
+
+
+def test_one_wide_request_does_not_starve_another(engine, tokenizer):
+    """Fair admission (issue 11: one n=16 stream held all 16 rows and another client's first token waited 58 s):
+    a single-choice request arriving while an n=max_batch request holds every row gets its first token at once, by
+    parking rows of the wide one, and the wide one still delivers every choice in full."""
+    wide = req(tokenizer, "wide", "Write a very long essay about history.", max_tokens=120, temperature=1.0, seed=7,
+               n=engine.max_batch, ignore_eos=True)
+    small = req(tokenizer, "small", "Say hello.", max_tokens=8, temperature=0.0, ignore_eos=True)
+    t = Timeline([wide, small]).watch([wide, small])
+    before = engine.preempted_total
+    engine.submit(wide, t.emit)
+    wait_until(lambda: engine.stats().running_sequences == engine.max_batch, 300, "the wide request to take every row")
+    engine.submit(small, t.emit)
+    assert t.done.wait(600)
+    assert engine.preempted_total > before, "no row of the wide request was parked"
+    assert t.ended["small"] < t.ended["wide"], "the small request waited for the wide one to finish"
+    out = t.results["wide"]
+    assert sorted(out.finish) == list(range(engine.max_batch))
+    assert all(out.finish[i] == "length" and len(out.tokens[i]) == 120 for i in range(engine.max_batch))
+    assert t.results["small"].finish == {0: "length"} and len(t.results["small"].tokens[0]) == 8
+
+
+def test_a_parked_row_goes_on_where_it_stopped(engine, tokenizer):
+    """A parked (preempted) row is prefilled again from prompt + its tokens and continues as if it had never left:
+    greedy choices of the wide request, parked or not, all equal the same request's greedy text run alone."""
+    prompt = "List the planets of the solar system."
+    alone = run_requests(engine, [req(tokenizer, "alone", prompt, max_tokens=40, temperature=0.0, ignore_eos=True)])
+    wide = req(tokenizer, "wide-greedy", prompt, max_tokens=40, temperature=0.0, n=engine.max_batch, ignore_eos=True)
+    others = [req(tokenizer, f"other-{i}", f"Tell me about {TOPICS[i]}.", max_tokens=6) for i in range(3)]
+    t = Timeline([wide] + others).watch([wide] + others)
+    before = engine.preempted_total
+    engine.submit(wide, t.emit)
+    wait_until(lambda: len(t.results["wide-greedy"].tokens.get(0, [])) >= 10, 300, "the wide request to be under way")
+    for r in others:
+        engine.submit(r, t.emit)
+    assert t.done.wait(600)
+    assert engine.preempted_total >= before + 3
+    expected = alone["alone"].tokens[0]
+    for i in range(engine.max_batch):
+        assert t.results["wide-greedy"].tokens[i] == expected, f"choice {i} changed after it was parked"
+
+
+def test_cancel_reaches_parked_rows(engine, tokenizer):
+    wide = req(tokenizer, "wide-c", "Write a long story.", max_tokens=400, temperature=1.0, n=engine.max_batch,
+               ignore_eos=True)
+    hold = req(tokenizer, "hold", "Write a long poem.", max_tokens=400, temperature=1.0, ignore_eos=True)
+    t = Timeline([wide, hold]).watch([wide, hold])
+    engine.submit(wide, t.emit)
+    wait_until(lambda: engine.stats().running_sequences == engine.max_batch, 300, "the wide request to take every row")
+    engine.submit(hold, t.emit)
+    wait_until(lambda: "hold" in t.first, 120, "the second request to start")
+    engine.cancel("wide-c")
+    engine.cancel("hold")
+    assert t.done.wait(120), "a parked row never ended"
+    assert set(t.results["wide-c"].finish.values()) == {"cancelled"}
+    wait_until(lambda: engine.stats().running_sequences == 0 and engine.stats().waiting_requests == 0, 60, "idle")
+
+
+def test_kv_budget_bounds_rows_times_longest_context(engine, tokenizer):
+    """With a KV budget of two rows' worth of context, a third request starts only once one of the first two ended;
+    a request that could never fit ends with an error naming the budget instead of growing the cache."""
+    rs = [req(tokenizer, f"kv-{i}", f"Tell me about {TOPICS[i]}.", max_tokens=30, temperature=0.0, ignore_eos=True)
+          for i in range(3)]
+    final = max(len(r.prompt_ids) for r in rs) + 30
+    saved = engine.kv_token_budget
+    engine.kv_token_budget = 2 * final + 1
+    try:
+        t = Timeline(rs).watch(rs)
+        for r in rs:
+            engine.submit(r, t.emit)
+        assert t.done.wait(300)
+        assert t.first["kv-2"] >= min(t.ended["kv-0"], t.ended["kv-1"]), "three rows ran at once over the budget"
+        too_big = req(tokenizer, "too-big", "Hi", max_tokens=engine.kv_token_budget)
+        out = run_requests(engine, [too_big])["too-big"]
+        assert out.finish == {0: "error"}
+    finally:
+        engine.kv_token_budget = saved

@@ -21,6 +21,9 @@ REPO = Path(__file__).resolve().parents[2]
 NODE_SCRIPT = Path(__file__).parent / "interop" / "node_roundtrip.mjs"
 
 
+KV_CACHE_BYTES = 64 << 20
+
+
 def job(content, **params):
     return {"v": 1, "request_id": "req_x", "model": "m", "messages": [{"role": "user", "content": content}],
             "params": params, "stream": True, "prompt_tokens": 0, "enqueued_at_ms": 0, "deadline_ms": None}
@@ -32,7 +35,8 @@ def worker_process(redis_url, tmp_path):
     worker_id = f"w-proc-{uuid.uuid4().hex[:6]}"
     metrics_port = free_port()
     env = dict(os.environ, REDIS_URL=redis_url, MODEL_ID=model_id, WORKER_ID=worker_id,
-               METRICS_PORT=str(metrics_port), HF_HUB_OFFLINE="1", SHUTDOWN_GRACE_MS="60000")
+               METRICS_PORT=str(metrics_port), HF_HUB_OFFLINE="1", SHUTDOWN_GRACE_MS="60000",
+               KV_CACHE_BYTES=str(KV_CACHE_BYTES))
     log = open(tmp_path / "worker.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "llm_worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
     r = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -52,8 +56,14 @@ def worker_process(redis_url, tmp_path):
 
 @pytest.mark.skipif(shutil.which("node") is None or not (REPO / "node_modules" / "bullmq").is_dir(),
                     reason="node or the repo's node_modules/bullmq is missing")
-def test_node_queue_to_python_worker_and_sigterm_drain(worker_process, redis_url):
+def test_node_queue_to_python_worker_and_sigterm_drain(worker_process, redis_url, loaded):
     proc, r, queue, worker_id, metrics_port, tmp = worker_process
+    # The KV budget it admits by is the one it registers, so gateways refuse what could never fit (KV_CACHE_BYTES).
+    info = json.loads(r.get(f"llm:worker:{worker_id}"))
+    c = loaded.model.config
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) \
+        * {"bfloat16": 2, "float16": 2, "float32": 4}[info["dtype"]]
+    assert info["kv_token_budget"] == KV_CACHE_BYTES // per_token
     jobs = [{"id": "chatcmpl-ok1", "data": job("What is the capital of France?", max_tokens=12, temperature=0)},
             {"id": "chatcmpl-bad1", "data": job("Hi", logit_bias={"999999": 1})}]
     (tmp / "jobs.json").write_text(json.dumps(jobs))

@@ -35,6 +35,8 @@ export const workerInfoSchema = z.looseObject({
   pid: z.number().optional(),
   host: z.string().optional(),
   version: z.string().optional(),
+  /** Tokens of KV cache the worker's engine may hold at once (rows × longest reserved context); absent or null: not reported. */
+  kv_token_budget: z.number().int().positive().nullish(),
 });
 export type WorkerInfo = z.infer<typeof workerInfoSchema>;
 

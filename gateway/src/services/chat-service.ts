@@ -23,7 +23,7 @@ import { normaliseMessages, requestedMaxTokens, toJobParams } from './chat-param
 import type { Stamps } from './stamps';
 import type { TokenizerCache } from './tokenizer';
 import { parseOrThrow } from './validation';
-import type { WorkerRegistry } from './worker-registry';
+import type { ModelView, WorkerRegistry } from './worker-registry';
 
 export interface RequestContext {
   requestId: string;
@@ -67,6 +67,26 @@ export interface ChatServiceDeps {
   logger: Logger;
 }
 
+/**
+ * Every choice of a request runs on one worker, each holding prompt + max_tokens of KV cache: a request whose
+ * n × (prompt + max_tokens) exceeds the workers' KV budget could never be admitted there (issue 11: n=128 × 6.6k tokens
+ * grew a worker to 22 GB until it was killed), so it is refused before a job exists. A max_tokens the caller did not
+ * ask for is lowered to fit instead.
+ */
+export function fitKvBudget(model: ModelView, n: number, promptTokens: number, requested: number | null, maxTokens: number): number {
+  const budget = model.kvTokenBudget;
+  if (budget === null || n * (promptTokens + maxTokens) <= budget) return maxTokens;
+  const fits = Math.floor(budget / n) - promptTokens;
+  if (requested === null && fits >= 1) return fits;
+  const param = requested === null || fits < 1 ? 'n' : 'max_tokens';
+  throw new ApiError(
+    'invalid_value',
+    `Invalid '${param}': n × (prompt + max_tokens) = ${n} × (${promptTokens} + ${maxTokens}) = ${n * (promptTokens + maxTokens)} tokens of KV cache, but the workers serving this model hold at most ${budget}.` +
+      (fits >= 1 ? ` With n=${n}, max_tokens may be at most ${fits}.` : ' Use a smaller n or a shorter prompt.'),
+    { param },
+  );
+}
+
 export class ChatService {
   constructor(private readonly deps: ChatServiceDeps) {}
 
@@ -105,7 +125,8 @@ export class ChatService {
       );
     }
     const promptTokens = await tokenizer.countPrompt(messages);
-    const maxTokens = this.decideMaxTokens(requestedMaxTokens(req), promptTokens, model.contextLength);
+    const maxTokens = fitKvBudget(model, params.n, promptTokens, requestedMaxTokens(req),
+      this.decideMaxTokens(requestedMaxTokens(req), promptTokens, model.contextLength));
 
     const now = Date.now();
     const id = `chatcmpl-${randomBytes(16).toString('hex')}`;

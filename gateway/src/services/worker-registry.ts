@@ -27,6 +27,9 @@ export interface ModelView {
   /** The fewest sequences a live worker runs at once (its MAX_BATCH), when the workers say: a request's `n` choices
    * must fit one worker's batch, or they would grow its cache past what it was sized for. */
   maxBatch: number | null;
+  /** The smallest KV budget in tokens among its live workers that report one: n × (prompt + max_tokens) must fit it,
+   * or no worker could ever run the request (it would wait, then time out). */
+  kvTokenBudget: number | null;
 }
 
 export class WorkerRegistry {
@@ -143,12 +146,13 @@ export class WorkerRegistry {
     for (const w of this.liveWorkers()) {
       if (w.model !== id) continue;
       if (!view) {
-        view = { id, contextLength: w.context_length, tokenizerHash: w.tokenizer_hash, createdMs: w.started_at_ms, workers: 1, maxBatch: w.max_batch ?? null };
+        view = { id, contextLength: w.context_length, tokenizerHash: w.tokenizer_hash, createdMs: w.started_at_ms, workers: 1, maxBatch: w.max_batch ?? null, kvTokenBudget: w.kv_token_budget ?? null };
         continue;
       }
       view.workers += 1;
       view.contextLength = Math.min(view.contextLength, w.context_length);
       if (w.max_batch !== undefined) view.maxBatch = view.maxBatch === null ? w.max_batch : Math.min(view.maxBatch, w.max_batch);
+      if (w.kv_token_budget != null) view.kvTokenBudget = view.kvTokenBudget === null ? w.kv_token_budget : Math.min(view.kvTokenBudget, w.kv_token_budget);
       if (w.started_at_ms < view.createdMs) {
         view.createdMs = w.started_at_ms;
         view.tokenizerHash = w.tokenizer_hash;

@@ -53,6 +53,8 @@ export interface FakeWorkerOptions {
   model?: string;
   workerId?: string;
   contextLength?: number;
+  /** kv_token_budget reported in the worker's info (absent: not reported, as an older worker). */
+  kvTokenBudget?: number;
   /**
    * How long a heartbeat keeps the worker registered (default 3000; beats come every 200 ms). Generous so that a busy
    * test process cannot look like a dead worker; `die` and `close` unregister at once, so tests of a dead worker do
@@ -137,6 +139,7 @@ export class FakeWorker {
       pid: process.pid,
       host: 'test',
       version: '0.0.0-fake',
+      ...(this.opts.kvTokenBudget !== undefined ? { kv_token_budget: this.opts.kvTokenBudget } : {}),
     };
     await this.redis.set(workerKey(this.workerId), JSON.stringify(info), 'PX', this.ttl);
     await this.redis.zadd(WORKERS_ZSET, Date.now() + this.ttl, this.workerId);

@@ -34,18 +34,26 @@ def build_and_serve(cfg: Config) -> None:
     loaded = model_mod.load(cfg)
     metrics.load_seconds.set(loaded.load_seconds)
     name = engine_name(cfg.engine, loaded.device)
+    kv_budget = None
+    if name == "cpu-batch":  # measured after the weights are loaded: the budget is what is left beside them
+        from .engine.kv import kv_token_budget
+
+        kv_budget = kv_token_budget(loaded.model, cache_bytes=cfg.kv_cache_bytes,
+                                    memory_fraction=cfg.kv_memory_fraction)
     engine = create_engine(name, loaded.model, eos_token_ids=loaded.eos_token_ids, max_batch=cfg.max_batch,
-                           context_length=loaded.context_length, num_threads=cfg.num_threads)
+                           context_length=loaded.context_length, num_threads=cfg.num_threads,
+                           kv_token_budget=kv_budget)
     engine.start()
     log.info("model loaded", extra={"model": loaded.model_id, "device": loaded.device, "dtype": loaded.dtype,
                                     "engine": name, "contextLength": loaded.context_length,
                                     "loadSeconds": round(loaded.load_seconds, 1),
-                                    "stopTokenIds": sorted(loaded.eos_token_ids)})
+                                    "stopTokenIds": sorted(loaded.eos_token_ids), "kvTokenBudget": kv_budget})
     model_mod.warm_up(engine, loaded.tokenizer)
     export = model_mod.export_tokenizer(loaded.tokenizer)
     info = make_worker_info(worker_id=cfg.worker_id, model_id=loaded.model_id, queue=queue_name(loaded.model_id),
                             context_length=loaded.context_length, max_batch=cfg.max_batch, device=loaded.device,
-                            dtype=loaded.dtype, engine=name, tokenizer_hash=export[2], version=__version__)
+                            dtype=loaded.dtype, engine=name, tokenizer_hash=export[2], version=__version__,
+                            kv_token_budget=kv_budget)
     ctx = JobContext(engine=engine, tokenizer=loaded.tokenizer, logprob_formatter=LogprobFormatter(loaded.tokenizer),
                      worker_id=cfg.worker_id, context_length=loaded.context_length,
                      vocab_size=int(loaded.model.config.vocab_size), default_max_tokens=cfg.default_max_tokens,

@@ -47,6 +47,10 @@ class Config(BaseModel):
     worker_id: str = ""
     quantization: Literal["none", "8bit", "4bit"] = "none"
     num_threads: Optional[int] = Field(None, ge=1)
+    # KV cache budget of the CPU engine (engine/kv.py, kv_token_budget): KV_CACHE_BYTES when set, else
+    # KV_MEMORY_FRACTION of the memory still available after the weights are loaded.
+    kv_cache_bytes: Optional[int] = Field(None, ge=1)
+    kv_memory_fraction: float = Field(0.5, gt=0, le=0.95)
 
     @model_validator(mode="after")
     def _check(self) -> "Config":

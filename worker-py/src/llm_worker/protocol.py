@@ -122,6 +122,9 @@ class WorkerInfo(_Wire):
     pid: int
     host: str
     version: str
+    # Tokens of KV cache the engine may hold at once (rows × longest reserved context); gateways refuse with a 400 a
+    # request whose n × (prompt + max_tokens) exceeds it. None: the engine does not report one.
+    kv_token_budget: Optional[int] = None
 
 
 class ChoiceResult(_Wire):

@@ -18,7 +18,7 @@ def engine_name(requested: str, device: str) -> str:
 
 
 def create_engine(name: str, model, *, eos_token_ids: set[int], max_batch: int, context_length: int,
-                  num_threads: Optional[int] = None) -> Engine:
+                  num_threads: Optional[int] = None, kv_token_budget: Optional[int] = None) -> Engine:
     if name == "cuda-cb":
         from .cuda_cb import CudaContinuousBatchingEngine  # written separately; imported only when asked for
 
@@ -31,4 +31,4 @@ def create_engine(name: str, model, *, eos_token_ids: set[int], max_batch: int, 
     from .cpu_batch import CpuBatchEngine
 
     return CpuBatchEngine(model, eos_token_ids=eos_token_ids, max_batch=max_batch, context_length=context_length,
-                          num_threads=num_threads)
+                          num_threads=num_threads, kv_token_budget=kv_token_budget)

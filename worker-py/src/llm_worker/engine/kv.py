@@ -128,3 +128,49 @@ class BatchCache:
         position_ids = self.pos.unsqueeze(1).clone()
         self.pos += 1
         return self.mask, position_ids
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes one token of context holds in the KV cache: keys + values of every layer, in the model's dtype."""
+    cfg = model.config
+    heads = getattr(cfg, "num_attention_heads", 1)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    element = next(model.parameters()).element_size()
+    return 2 * int(cfg.num_hidden_layers) * int(kv_heads) * int(head_dim) * int(element)
+
+
+def available_memory_bytes() -> Optional[int]:
+    """Memory this process may still take: MemAvailable, or less where a cgroup (container) limit leaves less."""
+    found: list[int] = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            current = int(f.read().strip())
+        if limit != "max":
+            found.append(max(0, int(limit) - current))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def kv_token_budget(model, *, cache_bytes: Optional[int], memory_fraction: float) -> int:
+    """Tokens of context the engine may hold in its KV cache at once (all rows, padding included).
+
+    ``cache_bytes`` (KV_CACHE_BYTES) wins when set; otherwise ``memory_fraction`` of the memory still available once the
+    weights are loaded (the rest is left for activations, the transport and the allocator's slack). Admission keeps
+    rows × longest reserved context under this budget, so one request's n × (prompt + max_tokens) cannot grow the
+    process until the kernel kills it (issue 11: n=128 × 6.6k tokens was OOM-killed at 22 GB).
+    """
+    if cache_bytes is None:
+        available = available_memory_bytes()
+        cache_bytes = int(available * memory_fraction) if available is not None else 4 << 30
+    return max(1, cache_bytes // kv_bytes_per_token(model))

@@ -28,10 +28,12 @@ async def publish_tokenizer(redis: Any, model_id: str, tokenizer_json: str, conf
 
 
 def make_worker_info(*, worker_id: str, model_id: str, queue: str, context_length: int, max_batch: int,
-                     device: str, dtype: str, engine: str, tokenizer_hash: str, version: str) -> WorkerInfo:
+                     device: str, dtype: str, engine: str, tokenizer_hash: str, version: str,
+                     kv_token_budget: Optional[int] = None) -> WorkerInfo:
     return WorkerInfo(worker_id=worker_id, model=model_id, queue=queue, context_length=context_length,
                       max_batch=max_batch, device=device, dtype=dtype, engine=engine, tokenizer_hash=tokenizer_hash,
-                      started_at_ms=now_ms(), ready=True, pid=os.getpid(), host=socket.gethostname(), version=version)
+                      started_at_ms=now_ms(), ready=True, pid=os.getpid(), host=socket.gethostname(), version=version,
+                      kv_token_budget=kv_token_budget)
 
 
 class Heartbeat:
