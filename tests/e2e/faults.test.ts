@@ -55,7 +55,9 @@ beforeAll(async () => {
   workerA = await stack.spawnWorker('a');
   workerB = await stack.spawnWorker('b');
   gateway = await stack.startGateway('default');
-  busyGateway = await stack.startGateway('busy', { QUEUE_TIMEOUT_MS: '1500' });
+  // Without backlog admission: with both workers held by long generations it would refuse the request below at once
+  // (503 queue_full, what it is for), and the case under test is the queue timer itself.
+  busyGateway = await stack.startGateway('busy', { QUEUE_TIMEOUT_MS: '1500', BACKLOG_ADMISSION: 'false' });
   watcher = new JobWatcher(stack.redisUrl);
   await watcher.start();
   queue = new Queue(QUEUE, { connection: { url: stack.redisUrl, maxRetriesPerRequest: null } as never });

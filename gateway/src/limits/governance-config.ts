@@ -54,6 +54,12 @@ export const governanceConfigShape = {
   TUTORIAL_RPM: int(0).default(10),
   /** Waiting + prioritized jobs of one model at which new requests get 503 + retry-after; 0 = no limit. */
   MAX_QUEUE_DEPTH: int(0).default(1000),
+  /**
+   * Refuse (503 queue_full) a request that the model's backlog, in tokens, would keep waiting past QUEUE_TIMEOUT_MS at
+   * the drain rate its workers have shown (queue/backlog.ts). Set it alike on every replica: the backlog counts only
+   * what replicas with it on admitted.
+   */
+  BACKLOG_ADMISSION: bool.default(true),
   /** Queue depth from which requests are degraded (fallback model and/or max_tokens cap); 0 = never. */
   DEGRADE_QUEUE_DEPTH: int(0).default(0),
   DEGRADE_FALLBACK_MODEL: z.string().optional(),

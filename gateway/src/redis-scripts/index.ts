@@ -15,6 +15,8 @@ const FILES = {
   cacheReserve: 'cache-reserve.lua',
   authAttempt: 'auth-attempt.lua',
   authSettle: 'auth-settle.lua',
+  backlogReserve: 'backlog-reserve.lua',
+  backlogRelease: 'backlog-release.lua',
 } as const;
 
 export type ScriptName = keyof typeof FILES;

@@ -3,7 +3,7 @@
  * happens to the answer after. One path for /v1/chat/completions and the tutorial's routes:
  *   input limits → allowed models → degradation (fallback model) → prepare (validation, tokens) → max_tokens cap →
  *   cache lookup (scoped to the caller) → rate limits (RPM + TPM, prompt + max_tokens) → concurrency → queue depth →
- *   job (priority by tier)
+ *   queue backlog in tokens (queue/backlog.ts) → job (priority by tier)
  *   → output filter → cache store, real usage replaces the estimate in the token budget, usage counters.
  */
 import type { RequestHandler, Response } from 'express';
@@ -25,8 +25,9 @@ import {
   TIER_PLACEMENT,
 } from '../limits/admission';
 import type { BucketState, RateLimiter } from '../limits/rate-limiter';
-import { cacheLookups, rateLimitRejections } from '../metrics';
+import { cacheLookups, queueFullRejections, rateLimitRejections } from '../metrics';
 import type { JobResult } from '../protocol/job';
+import { backlogFullError, type QueueBacklog, type Reservation } from '../queue/backlog';
 import { toChatCompletion } from './chat-format';
 import { ChatStream } from './chat-stream';
 import type { ChatService, OutputHooks, PreparedChat, RequestContext } from './chat-service';
@@ -37,6 +38,7 @@ export interface GovernanceDeps {
   chat: ChatService;
   limiter: RateLimiter;
   concurrency: ConcurrencyLimiter;
+  backlog: QueueBacklog;
   cache: ResponseCache;
   filter: OutputFilter;
 }
@@ -291,12 +293,16 @@ export class GovernedChat {
         throw err;
       }
       if (d >= config.MAX_QUEUE_DEPTH) {
+        queueFullRejections.inc({ model: p.data.model, reason: 'depth' });
         await Promise.all([refund(), release()]);
         throw new ApiError('queue_full', `The queue of model '${p.data.model}' is full (${d} waiting). Please retry shortly.`, {
           retryAfterMs: 2000,
         });
       }
     }
+    // Last of the admission steps: nothing after it can fail and leave its backlog entry behind.
+    const inBacklog = config.BACKLOG_ADMISSION;
+    if (inBacklog) await this.reserveBacklog(p, estimate, () => Promise.all([refund(), release().catch(() => undefined)]));
     p.placement = TIER_PLACEMENT[limits.tier];
 
     let result: JobResult | null = null;
@@ -312,8 +318,12 @@ export class GovernedChat {
     const governedCtx: RequestContext = { ...ctx, output };
     ctx.stamps?.mark('admitted');
     const finish = async (err?: unknown) => {
-      await release().catch(() => undefined);
       const r = result as JobResult | null;
+      await Promise.all([
+        release().catch(() => undefined),
+        // Every end leaves the backlog; only a run that produced a result counts as drained work (queue/backlog.ts).
+        inBacklog ? this.deps.backlog.release(p.data.model, member, r !== null).catch((e) => ctx.log.warn('backlog release failed', { err: String(e) })) : undefined,
+      ]);
       if (r) {
         const used = r.usage.prompt_tokens + r.usage.completion_tokens;
         await Promise.all([
@@ -328,6 +338,24 @@ export class GovernedChat {
       }
     };
     return { prepared: p, ctx: governedCtx, cached: null, finish };
+  }
+
+  /**
+   * Backlog admission (queue/backlog.ts): 503 queue_full now for a request that would otherwise wait out
+   * QUEUE_TIMEOUT_MS. A refusal or a Redis error first gives back what admission had taken (`giveBack`).
+   */
+  private async reserveBacklog(p: PreparedChat, cost: number, giveBack: () => Promise<unknown>): Promise<void> {
+    let r: Reservation;
+    try {
+      r = await this.deps.backlog.reserve(p.data.model, p.meta.id, cost);
+    } catch (err) {
+      await giveBack();
+      throw err;
+    }
+    if (r.admitted) return;
+    queueFullRejections.inc({ model: p.data.model, reason: 'backlog' });
+    await giveBack();
+    throw backlogFullError(p.data.model, r);
   }
 }
 
