@@ -22,7 +22,7 @@ import { healthRoutes } from './routes/health';
 import { metricsRoutes } from './routes/metrics';
 import { modelRoutes } from './routes/models';
 import type { Governance } from './governance';
-import { rateLimitHeaders } from './services/governed-chat';
+import { rateLimitHeaders } from './services/chat-admission';
 import { tutorialRoutes } from './tutorial/routes';
 import type { TokenizerCache } from './services/tokenizer';
 import type { WorkerRegistry } from './services/worker-registry';
@@ -103,10 +103,10 @@ export function createApp(deps: AppDeps): Express {
   // Any content type is read as JSON, as OpenAI does; a body that is not a JSON object is a 400 (strict).
   const jsonBody = express.json({ limit: config.MAX_BODY_BYTES, type: () => true, strict: true });
   app.use(adminRoutes(config, gov.keys, deps.redis, failures));
-  app.use('/v1', requireAuth(deps.auth, failures), jsonBody, rateLimitHeaders(gov.governed));
+  app.use('/v1', requireAuth(deps.auth, failures), jsonBody, rateLimitHeaders(gov.admission));
   app.use('/chat', requireAuth(deps.auth, failures), jsonBody);
-  app.use(chatRoutes(gov.governed));
-  app.use(tutorialRoutes(gov.tutorial, gov.governed));
+  app.use(chatRoutes(gov.pipeline));
+  app.use(tutorialRoutes(gov.tutorial, gov.admission));
   app.use(modelRoutes(deps.registry, (principal) => (principal ? effectiveLimits(config, principal).models : null)));
 
   app.use((req, _res, next) => {

@@ -1,4 +1,7 @@
-/** Builds the governance objects of one gateway (issue 5): key store, limiters, cache, output filter, tutorial routes. */
+/**
+ * Builds the request path of one gateway: admission (key limits, cache, backlog), the pipeline every chat request
+ * goes through (services/chat-pipeline.ts), the tutorial's service on that pipeline, and the key store.
+ */
 import type Redis from 'ioredis';
 import { KeyStore } from './auth/key-store';
 import { ResponseCache } from './cache/response-cache';
@@ -9,17 +12,20 @@ import { RateLimiter } from './limits/rate-limiter';
 import { QueueBacklog } from './queue/backlog';
 import type { Logger } from './logger';
 import type { ChatService } from './services/chat-service';
-import { GovernedChat } from './services/governed-chat';
+import { ChatAdmission } from './services/chat-admission';
+import { ChatPipeline } from './services/chat-pipeline';
 import { TutorialService } from './tutorial/tutorial-service';
 
 export interface Governance {
-  governed: GovernedChat;
+  admission: ChatAdmission;
+  pipeline: ChatPipeline;
   tutorial: TutorialService;
   keys: KeyStore;
 }
 
 export function buildGovernance(config: Config, redis: Redis, chat: ChatService, logger: Logger): Governance {
-  const governed = new GovernedChat({
+  const filter = OutputFilter.fromConfig(config);
+  const admission = new ChatAdmission({
     config,
     redis,
     chat,
@@ -30,7 +36,8 @@ export function buildGovernance(config: Config, redis: Redis, chat: ChatService,
     // of the concurrency lease: a crashed replica's entries leave the backlog by then.
     backlog: new QueueBacklog(redis, { queueTimeoutMs: config.QUEUE_TIMEOUT_MS, entryTtlMs: config.REQUEST_TIMEOUT_MS + 60_000 }),
     cache: new ResponseCache(config, redis, logger.child({ module: 'cache' })),
-    filter: OutputFilter.fromConfig(config),
+    filterActive: filter.active,
   });
-  return { governed, tutorial: new TutorialService(config, chat, governed), keys: new KeyStore(redis) };
+  const pipeline = new ChatPipeline({ config, admission, chat, filter });
+  return { admission, pipeline, tutorial: new TutorialService(config, pipeline, admission), keys: new KeyStore(redis) };
 }

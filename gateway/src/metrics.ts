@@ -73,7 +73,7 @@ export const rateLimitRejections = new client.Counter({
   registers: [registry],
 });
 
-/** Incremented by governed-chat.ts for each 503 queue_full: `reason` is `depth` (MAX_QUEUE_DEPTH) or `backlog` (queue/backlog.ts). */
+/** Incremented by services/chat-admission.ts for each 503 queue_full: `reason` is `depth` (MAX_QUEUE_DEPTH) or `backlog` (queue/backlog.ts). */
 export const queueFullRejections = new client.Counter({
   name: 'llm_gateway_queue_full_rejections_total',
   help: 'Requests refused with 503 queue_full, by model and reason (depth: MAX_QUEUE_DEPTH; backlog: more work queued than drains within QUEUE_TIMEOUT_MS)',

@@ -66,7 +66,7 @@ const createKey = async (fields: Record<string, unknown>) => {
 };
 /**
  * A completion's accounting (usage counters, the cache store, the real token cost) runs after its response has gone out
- * (governed-chat.ts `finish`): wait until the key's counters show `requests` requests before reading what follows them.
+ * (chat-admission.ts `finish`): wait until the key's counters show `requests` requests before reading what follows them.
  */
 const accounted = (id: string, requests: number) =>
   waitFor(async () => (await request(gw.url).get(`/admin/keys/${id}`).set(admin)).body.usage.requests >= requests, undefined, `usage of ${requests} request(s)`);

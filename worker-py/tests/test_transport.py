@@ -130,11 +130,17 @@ def test_more_choices_than_the_batch_and_forged_turns_are_client_errors(redis_ur
 
 def test_no_room_in_the_batch_before_the_start_deadline_is_queue_timeout(redis_url, engine, loaded):
     """A job the worker took but could not start (every row busy) by start_deadline_ms fails queue_timeout (a 503 the
-    client may retry), instead of waiting inside the worker up to the request's whole deadline."""
+    client may retry), instead of waiting inside the worker up to the request's whole deadline.
+
+    The batch is filled by max_batch single-choice requests, one row each: that is every request's fair share, so
+    none gives a row back to the late one (a single n=max_batch request would: its surplus rows are parked)."""
     async def body():
-        async with serve(redis_url, engine, loaded) as (svc, gw):
-            wide = asyncio.create_task(gw.run(job_data("Write a very long essay.", n=engine.max_batch, max_tokens=2000,
-                                                       temperature=1.0, ignore_eos=True)))
+        # The service may take more jobs than the engine has rows, so the late job reaches the engine and waits there.
+        async with serve(redis_url, engine, loaded, fetch_concurrency=engine.max_batch + 1) as (svc, gw):
+            long_ones = [asyncio.create_task(gw.run(job_data(f"Write a very long essay, part {i}.", max_tokens=2000,
+                                                             temperature=1.0, ignore_eos=True)))
+                         for i in range(engine.max_batch)]
+
             async def full():
                 return engine.stats().running_sequences == engine.max_batch
 
@@ -142,9 +148,9 @@ def test_no_room_in_the_batch_before_the_start_deadline_is_queue_timeout(redis_u
             late = job_data("Hi", max_tokens=3)
             late["start_deadline_ms"] = int(time.time() * 1000) + 500
             events, job = await gw.run(late)
-            for job_id, run_ in list(svc.runs.items()):
+            for job_id in list(svc.runs):
                 await gw.cancel(job_id)
-            await wide
+            await asyncio.gather(*long_ones)
             return events, job
 
     events, job = run(body())

@@ -25,11 +25,17 @@ MODEL_ID = "smollm2-135m-instruct"
 
 
 @asynccontextmanager
-async def serve(redis_url: str, engine, loaded, context_length: Optional[int] = None, flush_ms: int = 15):
-    """A started WorkerService on queue test-<uuid>; yields (service, gateway-side helper)."""
+async def serve(redis_url: str, engine, loaded, context_length: Optional[int] = None, flush_ms: int = 15,
+                fetch_concurrency: Optional[int] = None):
+    """A started WorkerService on queue test-<uuid>; yields (service, gateway-side helper). ``fetch_concurrency``: how
+    many jobs the service may hold at once (its BullMQ concurrency, MAX_BATCH by default), to take more jobs than
+    the engine has rows."""
     worker_id = f"w-test-{uuid.uuid4().hex[:6]}"
-    cfg = load_config({"REDIS_URL": redis_url, "WORKER_ID": worker_id, "METRICS_PORT": "0",
-                       "STREAM_FLUSH_MS": str(flush_ms), "SHUTDOWN_GRACE_MS": "5000"})
+    env = {"REDIS_URL": redis_url, "WORKER_ID": worker_id, "METRICS_PORT": "0", "STREAM_FLUSH_MS": str(flush_ms),
+           "SHUTDOWN_GRACE_MS": "5000"}
+    if fetch_concurrency is not None:
+        env["MAX_BATCH"] = str(fetch_concurrency)
+    cfg = load_config(env)
     ctx = JobContext(engine=engine, tokenizer=loaded.tokenizer, logprob_formatter=LogprobFormatter(loaded.tokenizer),
                      worker_id=worker_id, context_length=context_length or loaded.context_length,
                      vocab_size=int(loaded.model.config.vocab_size), default_max_tokens=64, flush_ms=flush_ms,

@@ -1,24 +1,21 @@
 /**
- * The serving logic of POST /v1/chat/completions (routes/chat.ts only does HTTP).
- * `prepare` does everything that can fail before a job exists (validation, model, tokens, context), so those errors are
- * plain HTTP statuses; `complete` and `stream` run the job.
+ * Two steps of the request path (services/chat-pipeline.ts drives them): `prepare` parses a chat request and does
+ * everything that can fail before a job exists (validation, live model, prompt tokens, context, KV budget), so those
+ * errors are plain HTTP statuses; `run` is the source step for a request the cache did not answer (the job).
  */
 import { randomBytes } from 'node:crypto';
-import type { Response } from 'express';
 import type Redis from 'ioredis';
 import type { Config } from '../config';
 import { ApiError, toApiError } from '../errors';
 import type { Logger } from '../logger';
-import { GenerationTimer } from '../metrics';
-import { chatCompletionRequestSchema, type ChatCompletion, KNOWN_REQUEST_FIELDS } from '../protocol/chat';
-import { type JobData, type JobResult, PROTOCOL_VERSION, tokenizerKey } from '../protocol/job';
+import { chatCompletionRequestSchema, KNOWN_REQUEST_FIELDS } from '../protocol/chat';
+import { type JobData, PROTOCOL_VERSION, type TokenLogprob, tokenizerKey } from '../protocol/job';
 import type { JobEventBus } from '../queue/job-events';
 import type { JobQueues } from '../queue/job-queue';
 import type { JobPlacement } from '../queue/job-queue';
 import { JobRun, type RunDeps, type RunOutcome } from '../queue/job-run';
 import { isReady } from '../queue/redis';
-import { type CompletionMeta, toChatCompletion } from './chat-format';
-import { ChatStream } from './chat-stream';
+import type { CompletionMeta } from './chat-format';
 import { normaliseMessages, requestedMaxTokens, toJobParams } from './chat-params';
 import type { Stamps } from './stamps';
 import type { TokenizerCache } from './tokenizer';
@@ -30,21 +27,14 @@ export interface RequestContext {
   log: Logger;
   /** Aborted when the client goes away (reason "client") or the gateway shuts down (reason "shutdown"). */
   signal: AbortSignal;
-  /** Governance hooks (issue 5, services/governed-chat.ts): output filter and the final result (cache, usage). */
-  output?: OutputHooks;
   /** Where the time goes (services/stamps.ts): logged with the finished request. */
   stamps?: Stamps;
 }
 
-export interface OutputHooks {
-  /** Streamed text of one choice → what may be sent now. */
-  text(index: number, text: string): string;
-  /** The choice ended: what was held back. */
-  flush(index: number): string;
-  /** The whole result (non-stream): filtered copy to answer with. */
-  final(result: JobResult): JobResult;
-  /** The job finished with this (unfiltered) result. */
-  done(result: JobResult): void;
+export interface RunHooks {
+  onDelta?(index: number, text: string, logprobs: TokenLogprob[] | null): void;
+  onStarted?(workerId: string): void;
+  onEnqueued?(): void;
 }
 
 export interface PreparedChat {
@@ -169,93 +159,18 @@ export class ChatService {
     this.deps.bus.release(p.meta.id);
   }
 
-  /** Non-stream: waits for the job and returns the ChatCompletion object. */
-  async complete(p: PreparedChat, ctx: RequestContext): Promise<ChatCompletion> {
-    const timer = new GenerationTimer(p.meta.model, p.data.enqueued_at_ms, false);
-    const run = new JobRun(this.runDeps(), p.meta.id, p.data, { placement: p.placement });
-    await run.start();
-    const onAbort = () => run.cancel();
-    ctx.signal.addEventListener('abort', onAbort, { once: true });
-    if (ctx.signal.aborted) run.cancel(); // the client left while we were preparing
-    try {
-      const { result } = await run.outcome;
-      timer.finish(result.usage, result.choices.length, result.timing);
-      this.logDone(ctx, p, result.usage.completion_tokens, result.choices.map((c) => c.finish_reason), result);
-      ctx.output?.done(result);
-      return toChatCompletion(p.meta, ctx.output ? ctx.output.final(result) : result, p.wantLogprobs);
-    } catch (err) {
-      throw shutdownAware(err, ctx.signal);
-    } finally {
-      ctx.signal.removeEventListener('abort', onAbort);
-    }
-  }
-
-  /** Stream: SSE chunks as OpenAI sends them; errors after the headers go into the stream. */
-  async stream(p: PreparedChat, res: Response, ctx: RequestContext): Promise<void> {
-    const stamps = ctx.stamps;
-    let cancelRun = () => {};
-    const out = new ChatStream(res, p.meta, p.includeUsage, {
-      keepAliveMs: this.deps.config.SSE_KEEPALIVE_MS,
-      maxBufferedBytes: this.deps.config.SSE_MAX_BUFFER_BYTES,
-      onOverflow: () => cancelRun(),
-    });
-    const timer = new GenerationTimer(p.meta.model, p.data.enqueued_at_ms, true);
-    // A fast worker can send its first delta before start() has resolved, i.e. before the headers went out: the
-    // stream holds such events until open().
-    const run = new JobRun(this.runDeps(), p.meta.id, p.data, {
-      onDelta: (index, raw, logprobs) => {
-        if (raw.length > 0) stamps?.mark('delta');
-        const text = ctx.output ? ctx.output.text(index, raw) : raw;
-        if (text.length > 0) timer.text();
-        out.content(index, text, logprobs);
-        if (text.length > 0) stamps?.mark('written');
-      },
-      onStarted: () => stamps?.mark('started'),
-      placement: p.placement,
-    });
-    cancelRun = () => run.cancel();
-    await run.start(); // throws before any header: plain HTTP error
-    stamps?.mark('enqueued');
-    out.open();
-    stamps?.mark('opened');
-    const onAbort = () => run.cancel();
-    ctx.signal.addEventListener('abort', onAbort, { once: true });
-    if (ctx.signal.aborted) run.cancel();
-    try {
-      const { result, rest } = await run.outcome;
-      for (const c of rest) {
-        const text = ctx.output ? ctx.output.text(c.index, c.rest) + ctx.output.flush(c.index) : c.rest;
-        out.content(c.index, text, c.restLogprobs);
-      }
-      out.finish(result);
-      ctx.output?.done(result);
-      timer.finish(result.usage, result.choices.length, result.timing);
-      this.logDone(ctx, p, result.usage.completion_tokens, result.choices.map((c) => c.finish_reason), result);
-    } catch (err) {
-      const apiErr = shutdownAware(err, ctx.signal);
-      // Retryable conditions (busy, shutting down) are expected under load: warn; anything else 5xx is a fault.
-      if (apiErr.status >= 500 && apiErr.retryAfterMs === undefined) {
-        ctx.log.error('stream failed', { jobId: p.meta.id, code: apiErr.code, err: apiErr.cause ?? apiErr });
-      } else ctx.log.info('stream ended early', { jobId: p.meta.id, code: apiErr.code });
-      out.fail(apiErr);
-    } finally {
-      ctx.signal.removeEventListener('abort', onAbort);
-      out.end();
-    }
-  }
-
-  /** Runs a prepared job for another response shape (the tutorial's routes); `onEnqueued` fires once it is queued. */
-  async run(
-    p: PreparedChat,
-    ctx: RequestContext,
-    hooks: { onDelta?: (index: number, text: string) => void; onEnqueued?: () => void } = {},
-  ): Promise<RunOutcome> {
-    const run = new JobRun(this.runDeps(), p.meta.id, p.data, { onDelta: hooks.onDelta, placement: p.placement });
+  /**
+   * The source step for a request that missed the cache: runs its job (queue/job-run.ts) and resolves with the result.
+   * Deltas go to `hooks.onDelta` as they arrive; `onEnqueued` fires once the job is queued (a stream's headers go out
+   * then: anything that fails before is a plain HTTP error). The job is cancelled when `ctx.signal` aborts.
+   */
+  async run(p: PreparedChat, ctx: RequestContext, hooks: RunHooks = {}): Promise<RunOutcome> {
+    const run = new JobRun(this.runDeps(), p.meta.id, p.data, { onDelta: hooks.onDelta, onStarted: hooks.onStarted, placement: p.placement });
     await run.start();
     hooks.onEnqueued?.();
     const onAbort = () => run.cancel();
     ctx.signal.addEventListener('abort', onAbort, { once: true });
-    if (ctx.signal.aborted) run.cancel();
+    if (ctx.signal.aborted) run.cancel(); // the client left while we were preparing
     try {
       const outcome = await run.outcome;
       const { result } = outcome;

@@ -16,6 +16,11 @@ export interface SseOptions {
    */
   maxBufferedBytes?: number;
   onOverflow?: () => void;
+  /**
+   * Errors after the headers are written as `event: <name>` + `data: {"error":…}` (the tutorial's /chat/stream, whose
+   * data lines are plain text); unset, as a plain `data:` event (what the openai SDKs read).
+   */
+  errorEvent?: string;
 }
 
 /** How long an overflowed stream's last events may take to leave before the connection is dropped. */
@@ -83,7 +88,7 @@ export class SseWriter {
 
   /** An error after the headers: the OpenAI error object as an event, then [DONE]. */
   error(err: ApiError): void {
-    this.data(err.toBody());
+    this.write(this.errorChunk(err));
     this.done();
   }
 
@@ -112,11 +117,16 @@ export class SseWriter {
     this.stopKeepAlive();
     this.opts.onOverflow?.();
     const err = new ApiError('stream_buffer_full', `The client read the stream too slowly: more than ${max} bytes were waiting, so generation was stopped.`);
-    if (!this.res.writableEnded) this.res.end(`data: ${JSON.stringify(err.toBody())}\n\ndata: [DONE]\n\n`);
+    if (!this.res.writableEnded) this.res.end(`${this.errorChunk(err)}data: [DONE]\n\n`);
     // A reader that has stalled for good would hold the socket and its buffer: drop it after a grace.
     const drop = setTimeout(() => this.res.destroy(), OVERFLOW_DRAIN_MS);
     drop.unref();
     this.res.once('finish', () => clearTimeout(drop));
+  }
+
+  private errorChunk(err: ApiError): string {
+    const event = this.opts.errorEvent ? `event: ${this.opts.errorEvent}\n` : '';
+    return `${event}data: ${JSON.stringify(err.toBody())}\n\n`;
   }
 
   private stopKeepAlive(): void {

@@ -7,7 +7,7 @@ import { type Request, type Response, Router } from 'express';
 import { ApiError } from '../errors';
 import { tutorialBatchRequestSchema } from '../protocol/tutorial';
 import type { RequestContext } from '../services/chat-service';
-import type { GovernedChat, GovernOptions } from '../services/governed-chat';
+import type { ChatAdmission, GovernOptions } from '../services/chat-admission';
 import { parseOrThrow } from '../services/validation';
 import type { TutorialService } from './tutorial-service';
 
@@ -15,12 +15,12 @@ export const TUTORIAL_PATHS = ['/chat', '/chat/stream', '/chat/batch', '/chat/se
 /** Items of one /chat/batch call. */
 export const MAX_BATCH_ITEMS = 32;
 
-export function tutorialRoutes(tutorial: TutorialService, governed: GovernedChat): Router {
+export function tutorialRoutes(tutorial: TutorialService, admission: ChatAdmission): Router {
   const router = Router();
   const context = async (req: Request, res: Response): Promise<[RequestContext, GovernOptions]> => {
     const ctx: RequestContext = { requestId: res.locals.requestId, log: res.locals.log, signal: res.locals.signal };
     const principal = res.locals.principal;
-    const extraStates = await governed.admitTutorialCall(res, principal);
+    const extraStates = await admission.admitTutorialCall(res, principal);
     return [ctx, { principal, noStore: /\bno-store\b/i.test(req.get('cache-control') ?? ''), extraStates }];
   };
 

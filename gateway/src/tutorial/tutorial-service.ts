@@ -1,24 +1,25 @@
 /**
- * The tutorial's routes on the same machinery as /v1: a tutorial request becomes an OpenAI chat request (history pairs
- * → user/assistant messages, max_length → max_tokens) and goes through GovernedChat (auth, limits, cache, filter)
- * and the queue; the answer is turned back into the tutorial's shape.
+ * The tutorial's routes on the same request path as /v1 (services/chat-pipeline.ts): a tutorial request becomes an
+ * OpenAI chat request (history pairs → user/assistant messages, max_length → max_tokens), is admitted by ChatAdmission
+ * (limits, cache) and answered by the pipeline (job or cache, output filter, accounting); only the shape differs —
+ * the whole answer as the tutorial's JSON, or the stream as plain-text events (TextStream).
  */
 import type { Response } from 'express';
 import type { Config } from '../config';
 import { toApiError } from '../errors';
+import type { HeaderTarget } from '../limits/admission';
 import { type TutorialChatRequest, type TutorialChatResponse, tutorialChatRequestSchema } from '../protocol/tutorial';
 import type { JobResult } from '../protocol/job';
-import { SseWriter } from '../streaming/sse';
-import type { ChatService, RequestContext } from '../services/chat-service';
-import type { HeaderTarget } from '../limits/admission';
-import type { Admitted, GovernedChat, GovernOptions } from '../services/governed-chat';
+import type { ChatAdmission, GovernOptions } from '../services/chat-admission';
+import type { ChatPipeline } from '../services/chat-pipeline';
+import type { RequestContext } from '../services/chat-service';
 import { parseOrThrow } from '../services/validation';
 
 export class TutorialService {
   constructor(
     private readonly config: Config,
-    private readonly chat: ChatService,
-    private readonly governed: GovernedChat,
+    private readonly pipeline: ChatPipeline,
+    private readonly admission: ChatAdmission,
   ) {}
 
   /** The OpenAI request a tutorial request stands for. */
@@ -41,9 +42,8 @@ export class TutorialService {
   async chatOnce(body: unknown, res: HeaderTarget, ctx: RequestContext, opts: GovernOptions): Promise<TutorialChatResponse> {
     const t0 = performance.now();
     const req = parseOrThrow(tutorialChatRequestSchema, body);
-    const a = await this.governed.admit(this.toChatBody(req, false), res, ctx, opts);
-    const result = await this.resultOf(a);
-    return this.shape(req, result, t0);
+    const a = await this.admission.admit(this.toChatBody(req, false), res, ctx, opts);
+    return this.shape(req, await this.pipeline.result(a, ctx), t0);
   }
 
   /**
@@ -70,63 +70,8 @@ export class TutorialService {
    * `event: error` with the OpenAI error object, then `data: [DONE]`. */
   async stream(body: unknown, res: Response, ctx: RequestContext, opts: GovernOptions): Promise<void> {
     const req = parseOrThrow(tutorialChatRequestSchema, body);
-    const a = await this.governed.admit(this.toChatBody(req, true), res, ctx, opts);
-    // A reader too slow for SSE_MAX_BUFFER_BYTES ends its stream; `stop` then cancels the job like a disconnect.
-    const stop = new AbortController();
-    const sse = new SseWriter(res, {
-      keepAliveMs: this.config.SSE_KEEPALIVE_MS,
-      maxBufferedBytes: this.config.SSE_MAX_BUFFER_BYTES,
-      onOverflow: () => stop.abort('client'),
-    });
-    if (a.cached) {
-      sse.open();
-      const text = a.cached.choices.find((c) => c.index === 0)?.text ?? '';
-      if (text) sse.text(text);
-      sse.done();
-      return;
-    }
-    const out = a.ctx.output!;
-    let opened = false;
-    try {
-      const runCtx = { ...a.ctx, signal: AbortSignal.any([a.ctx.signal, stop.signal]) };
-      const { result, rest } = await this.chat.run(a.prepared, runCtx, {
-        onDelta: (index, raw) => {
-          const text = index === 0 ? out.text(0, raw) : '';
-          if (text) sse.text(text);
-        },
-        onEnqueued: () => {
-          opened = true;
-          sse.open();
-        },
-      });
-      const tail = out.text(0, rest.find((c) => c.index === 0)?.rest ?? '') + out.flush(0);
-      if (tail) sse.text(tail);
-      out.done(result);
-      sse.done();
-      await a.finish();
-    } catch (err) {
-      await a.finish(err);
-      if (!opened) throw err;
-      const apiErr = toApiError(err);
-      ctx.log.info('tutorial stream ended early', { code: apiErr.code });
-      if (sse.writable) res.write(`event: error\ndata: ${JSON.stringify(apiErr.toBody())}\n\n`);
-      sse.done();
-    } finally {
-      sse.end();
-    }
-  }
-
-  private async resultOf(a: Admitted): Promise<JobResult> {
-    if (a.cached) return a.cached;
-    try {
-      const { result } = await this.chat.run(a.prepared, a.ctx);
-      a.ctx.output!.done(result);
-      await a.finish();
-      return a.ctx.output!.final(result);
-    } catch (err) {
-      await a.finish(err);
-      throw err;
-    }
+    const a = await this.admission.admit(this.toChatBody(req, true), res, ctx, opts);
+    await this.pipeline.stream(a, res, ctx, 'text');
   }
 
   private shape(req: TutorialChatRequest, result: JobResult, t0: number): TutorialChatResponse {

@@ -40,37 +40,77 @@ export function pingOnce(port: number): Promise<boolean> {
   });
 }
 
-async function waitForPing(port: number, ms = 10_000): Promise<void> {
+/**
+ * Waits until the server answers PING, or fails at once if it exited (e.g. another process took the port between
+ * freePort and its bind, or redis-server is missing) — with what it printed, so a CI log says why.
+ */
+async function waitForPing(port: number, proc: ChildProcess, output: () => string, ms = 30_000): Promise<void> {
   const deadline = Date.now() + ms;
   while (!(await pingOnce(port))) {
-    if (Date.now() > deadline) throw new Error(`redis on port ${port} did not start`);
+    if (proc.exitCode !== null || proc.signalCode !== null) throw new RedisExited(port, output());
+    if (Date.now() > deadline) throw new Error(`redis on port ${port} did not answer PING within ${ms} ms: ${output()}`);
     await new Promise((r) => setTimeout(r, 50));
   }
 }
 
+class RedisExited extends Error {
+  constructor(
+    readonly port: number,
+    readonly output: string,
+  ) {
+    super(`redis-server on port ${port} exited before answering PING: ${output || '(no output)'}`);
+  }
+}
+
 export async function startRedis(): Promise<TestRedis> {
-  const port = await freePort();
-  const url = `redis://127.0.0.1:${port}`;
+  let port = await freePort();
   let proc: ChildProcess | null = null;
   const launch = async () => {
-    proc = spawn(
+    const p = spawn(
       process.env.REDIS_SERVER ?? 'redis-server',
       ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--maxmemory-policy', 'noeviction'],
-      { stdio: 'ignore' },
+      { stdio: ['ignore', 'pipe', 'pipe'] },
     );
-    await waitForPing(port);
+    proc = p;
+    let output = '';
+    const keep = (chunk: Buffer) => {
+      output = (output + chunk.toString()).slice(-2000);
+    };
+    p.stdout!.on('data', keep);
+    p.stderr!.on('data', keep);
+    p.once('error', (err) => keep(Buffer.from(String(err))));
+    await waitForPing(port, p, () => output.trim().split('\n').slice(-3).join(' | '));
   };
   const kill = async () => {
     const p = proc;
     proc = null;
-    if (!p || p.exitCode !== null) return;
+    if (!p || p.exitCode !== null || p.signalCode !== null) return;
     await new Promise<void>((resolve) => {
       p.once('exit', () => resolve());
       p.kill('SIGKILL');
     });
   };
-  await launch();
-  return { url, port, stop: kill, kill, restart: launch };
+  // A free port can be taken by a parallel process before redis binds it: try a few others before giving up.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await launch();
+      break;
+    } catch (err) {
+      if (!(err instanceof RedisExited) || !/address already in use/i.test(err.output) || attempt === 5) throw err;
+      port = await freePort();
+    }
+  }
+  return {
+    get url() {
+      return `redis://127.0.0.1:${port}`;
+    },
+    get port() {
+      return port;
+    },
+    stop: kill,
+    kill,
+    restart: launch,
+  };
 }
 
 /** What `useTestRedis` hands a test file; only usable once its beforeAll has run (in hooks and tests). */

@@ -1,10 +1,10 @@
 /**
- * Governance around ChatService (issue 5): what a caller may ask for and how much, before a job exists, and what
- * happens to the answer after. One path for /v1/chat/completions and the tutorial's routes:
- *   input limits → allowed models → degradation (fallback model) → prepare (validation, tokens) → max_tokens cap →
- *   cache lookup (scoped to the caller) → rate limits (RPM + TPM, prompt + max_tokens) → concurrency → queue depth →
- *   queue backlog in tokens (queue/backlog.ts) → job (priority by tier)
- *   → output filter → cache store, real usage replaces the estimate in the token budget, usage counters.
+ * The admit step of the request path (services/chat-pipeline.ts): what a caller may ask for and how much, before a
+ * job exists, and the accounting once its run is over. The same for /v1/chat/completions and the tutorial's routes:
+ *   input limits → allowed models → degradation (fallback model) → prepare (ChatService: validation, tokens) →
+ *   max_tokens cap → cache lookup (scoped to the caller) → rate limits (RPM + TPM, prompt + max_tokens) →
+ *   concurrency → queue depth → queue backlog in tokens (queue/backlog.ts) → placement by tier;
+ *   finish: cache store, real usage replaces the estimate in the token budget, usage counters.
  */
 import type { RequestHandler, Response } from 'express';
 import type Redis from 'ioredis';
@@ -13,7 +13,6 @@ import { addUsage } from '../auth/key-store';
 import { cacheKey, isCacheable, type ResponseCache } from '../cache/response-cache';
 import type { Config } from '../config';
 import { ApiError, toApiError } from '../errors';
-import type { OutputFilter } from '../filter/output-filter';
 import {
   bucketsFor,
   type ConcurrencyLimiter,
@@ -28,9 +27,7 @@ import type { BucketState, RateLimiter } from '../limits/rate-limiter';
 import { cacheLookups, queueFullRejections, rateLimitRejections } from '../metrics';
 import type { JobResult } from '../protocol/job';
 import { backlogFullError, type QueueBacklog, type Reservation } from '../queue/backlog';
-import { toChatCompletion } from './chat-format';
-import { ChatStream } from './chat-stream';
-import type { ChatService, OutputHooks, PreparedChat, RequestContext } from './chat-service';
+import type { ChatService, PreparedChat, RequestContext } from './chat-service';
 
 export interface GovernanceDeps {
   config: Config;
@@ -40,7 +37,8 @@ export interface GovernanceDeps {
   concurrency: ConcurrencyLimiter;
   backlog: QueueBacklog;
   cache: ResponseCache;
-  filter: OutputFilter;
+  /** The output filter is on: logprobs are refused (they would reveal the text it replaces). */
+  filterActive: boolean;
 }
 
 export interface GovernOptions {
@@ -51,17 +49,19 @@ export interface GovernOptions {
   extraStates?: BucketState[];
 }
 
-/** A request that passed admission: run it with `ctx`, then call `finish` (always). */
+/** A request that passed admission: answer it from `cached` or run its job, then call `finish` (always). */
 export interface Admitted {
   prepared: PreparedChat;
-  ctx: RequestContext;
-  /** Set when the answer comes from the cache: answer with it, no job. */
+  /** Set when the answer comes from the cache (unfiltered, as stored): answer with it, no job. */
   cached: JobResult | null;
-  /** Accounting once the run is over: real usage when it produced a result, else a refund or the prompt's cost. */
-  finish(err?: unknown): Promise<void>;
+  /**
+   * Accounting once the run is over: `result` when it produced one (real usage, cache store), else `err` decides
+   * between a refund (the server turned it away) and the prompt's cost.
+   */
+  finish(result: JobResult | null, err?: unknown): Promise<void>;
 }
 
-export class GovernedChat {
+export class ChatAdmission {
   /** Large prompts being counted per caller on this gateway (countedPrepare). */
   private readonly largeCounts = new Map<string, number>();
 
@@ -89,30 +89,6 @@ export class GovernedChat {
     return a.states;
   }
 
-  /** POST /v1/chat/completions under governance: JSON or SSE, from the cache or a job. */
-  async completions(body: unknown, res: Response, ctx: RequestContext, opts: GovernOptions): Promise<void> {
-    const { chat, config } = this.deps;
-    const a = await this.admit(body, res, ctx, opts);
-    const p = a.prepared;
-    if (a.cached) {
-      if (!p.stream) {
-        res.json(toChatCompletion(p.meta, a.cached, p.wantLogprobs));
-        return;
-      }
-      new ChatStream(res, p.meta, p.includeUsage, { keepAliveMs: config.SSE_KEEPALIVE_MS, maxBufferedBytes: config.SSE_MAX_BUFFER_BYTES })
-        .replay(a.cached, p.wantLogprobs);
-      return;
-    }
-    try {
-      if (p.stream) await chat.stream(p, res, a.ctx);
-      else res.json(await chat.complete(p, a.ctx));
-    } catch (err) {
-      await a.finish(err);
-      throw err;
-    }
-    await a.finish();
-  }
-
   async admit(body: unknown, res: HeaderTarget, ctx: RequestContext, opts: GovernOptions): Promise<Admitted> {
     try {
       return await this.admitInner(body, res, ctx, opts);
@@ -125,7 +101,7 @@ export class GovernedChat {
   }
 
   private async admitInner(body: unknown, res: HeaderTarget, ctx: RequestContext, opts: GovernOptions): Promise<Admitted> {
-    const { config, chat, filter, redis } = this.deps;
+    const { config, chat, filterActive, redis } = this.deps;
     const limits = effectiveLimits(config, opts.principal);
     const raw = (typeof body === 'object' && body !== null ? body : {}) as Record<string, unknown>;
     if (Array.isArray(raw.messages) && raw.messages.length > config.MAX_MESSAGES) {
@@ -155,7 +131,7 @@ export class GovernedChat {
         { param: 'messages' },
       );
     }
-    if (filter.active && p.wantLogprobs) {
+    if (filterActive && p.wantLogprobs) {
       throw new ApiError('unsupported_parameter', "'logprobs' is not available while the output filter is on: it would reveal filtered text.", { param: 'logprobs' });
     }
     if (saturated && config.DEGRADE_MAX_TOKENS > 0 && p.data.params.max_tokens > config.DEGRADE_MAX_TOKENS) {
@@ -241,7 +217,7 @@ export class GovernedChat {
     opts: GovernOptions,
     limits: ReturnType<typeof effectiveLimits>,
   ): Promise<Admitted> {
-    const { config, limiter, cache, filter, redis } = this.deps;
+    const { config, limiter, cache, redis } = this.deps;
     // The queue depth is read now, with the cache lookup (one round trip for both), and checked below.
     const depth = config.MAX_QUEUE_DEPTH > 0 ? queueDepth(redis, p.data.model) : null;
     depth?.catch(() => undefined); // awaited below unless the request ends before; never an unhandled rejection
@@ -270,7 +246,7 @@ export class GovernedChat {
     if (cached) {
       const { prompt_tokens, completion_tokens } = cached.usage;
       await addUsage(redis, principalId, { requests: 1, prompt_tokens, completion_tokens, cache_hits: 1 });
-      return { prepared: p, ctx, cached: filterResult(filter, cached), finish: async () => undefined };
+      return { prepared: p, cached, finish: async () => undefined };
     }
 
     const refund = () => limiter.adjust(buckets, estimate, null).catch(() => undefined);
@@ -305,20 +281,8 @@ export class GovernedChat {
     if (inBacklog) await this.reserveBacklog(p, estimate, () => Promise.all([refund(), release().catch(() => undefined)]));
     p.placement = TIER_PLACEMENT[limits.tier];
 
-    let result: JobResult | null = null;
-    const stream = filter.stream();
-    const output: OutputHooks = {
-      text: (i, t) => stream.push(i, t),
-      flush: (i) => stream.flush(i),
-      final: (r) => filterResult(filter, r),
-      done: (r) => {
-        result = r;
-      },
-    };
-    const governedCtx: RequestContext = { ...ctx, output };
     ctx.stamps?.mark('admitted');
-    const finish = async (err?: unknown) => {
-      const r = result as JobResult | null;
+    const finish = async (r: JobResult | null, err?: unknown) => {
       await Promise.all([
         release().catch(() => undefined),
         // Every end leaves the backlog; only a run that produced a result counts as drained work (queue/backlog.ts).
@@ -337,7 +301,7 @@ export class GovernedChat {
         await (busy ? refund() : limiter.adjust(buckets, estimate, prompt)).catch(() => undefined);
       }
     };
-    return { prepared: p, ctx: governedCtx, cached: null, finish };
+    return { prepared: p, cached: null, finish };
   }
 
   /**
@@ -384,16 +348,11 @@ function modelDenied(model: string): ApiError {
   return new ApiError('model_not_found', `The model \`${model}\` does not exist or you do not have access to it.`, { param: 'model' });
 }
 
-function filterResult(filter: OutputFilter, r: JobResult): JobResult {
-  if (!filter.active) return r;
-  return { ...r, choices: r.choices.map((c) => ({ ...c, text: filter.apply(c.text) })) };
-}
-
 /** x-ratelimit-* on authenticated responses that admit nothing (GET /v1/models …); chat requests set their own. */
-export function rateLimitHeaders(governed: GovernedChat): RequestHandler {
+export function rateLimitHeaders(admission: ChatAdmission): RequestHandler {
   return async (req, res, next) => {
     if (!(req.method === 'POST' && req.path === '/chat/completions') && res.locals.principal) {
-      await governed.peekHeaders(res, res.locals.principal).catch(() => undefined);
+      await admission.peekHeaders(res, res.locals.principal).catch(() => undefined);
     }
     next();
   };
