@@ -81,6 +81,25 @@ describe('QueueBacklog', () => {
     expect(await backlog.release(m, 'over', false)).toBe(false);
   });
 
+  it('while fewer requests hold entries than the workers have slots, a request is admitted whatever the backlog', async () => {
+    const { backlog, clock } = backlogAt();
+    const m = model();
+    const { perMs } = await measured(backlog, clock, m);
+    const huge = Math.round(perMs * TIMEOUT * 10); // ten timeouts' worth of work, running on the first slot
+    expect((await backlog.reserve(m, 'long-1', huge, 2)).admitted).toBe(true);
+    // One of two slots is taken: the second request starts at once on the other, so it is admitted.
+    expect(await backlog.reserve(m, 'long-2', huge, 2)).toMatchObject({ admitted: true, backlogTokens: huge });
+    // Both slots taken: the third waits for work ahead that takes far longer than the timeout, so it is refused.
+    expect((await backlog.reserve(m, 'third', 10, 2)).admitted).toBe(false);
+    // Unknown slots (a worker that does not report MAX_BATCH): the rate alone decides, as before.
+    const n = model();
+    await measured(backlog, clock, n);
+    await backlog.reserve(n, 'long', huge, null);
+    expect((await backlog.reserve(n, 'second', 10, null)).admitted).toBe(false);
+    // A retried reservation does not count itself among the requests ahead of it.
+    expect((await backlog.reserve(m, 'long-2', huge, 2)).admitted).toBe(true);
+  });
+
   it('the excess wait is how much longer than the timeout the backlog takes to drain; retry-after is it, within 1–60 s', async () => {
     const { backlog, clock } = backlogAt();
     const m = model();

@@ -233,7 +233,9 @@ test('a worker killed mid-stream: the SDK raises worker_lost within 10 s, and no
   // The dead worker's job must end up neither active nor waiting, and must not be generated again. Two ways, by timing:
   // the gateway gave up on it (cancel key set, then Queue.remove) after its lock had lapsed: removed at once; or before:
   // the lock held, the survivor's stalled check re-queued it, the survivor saw the cancel key and failed it.
-  const survivor = [workerA, workerB].find((w) => w.id !== victim)!;
+  // The replacement started by the previous case may be the one that took the job (and died): any other live worker
+  // is a survivor.
+  const survivor = [...stack.workers.values()].find((w) => w.id !== victim)!;
   const stalledKey = `bull:${QUEUE}:stalled`;
   await waitFor(async () => {
     const [job, pending, stalled] = await Promise.all([Job.fromId(queue, jobId), pendingJobs(), stack.redis.sismember(stalledKey, jobId)]);
@@ -271,7 +273,13 @@ test('a worker killed mid-stream: the SDK raises worker_lost within 10 s, and no
 
 test('a worker killed before anything reached its client: the job is retried on another worker transparently', async () => {
   expect(workerC).not.toBeNull();
-  timings.replacementReadyWaitMs = await stack.waitWorkerReady(workerC!, 240_000);
+  // Two live workers: the replacement started two cases ago and the survivor of the last case, or, when the
+  // replacement was up in time to be that case's victim, the two first ones.
+  const t = Date.now();
+  const live = [...stack.workers.values()];
+  expect(live).toHaveLength(2);
+  for (const w of live) await stack.waitWorkerReady(w, 240_000);
+  timings.replacementReadyWaitMs = Date.now() - t;
   await waitFor(async () => (await metric(`${gateway.url}/metrics`, 'llm_gateway_live_workers', `model="${stack.model}"`)) === 2, 30_000,
     'the gateway to count two live workers');
 

@@ -12,7 +12,10 @@
  *   from its first completion without being biased low). Charged tokens, not generated ones: the backlog is counted in
  *   charged tokens, so the rate must be too (an answer that stops early frees its whole charge early). Time without a
  *   backlog is not counted: idle workers say nothing about their speed.
- * - Decision: refused when backlog / rate > queue timeout, i.e. when the work ahead of the request takes longer to
+ * - Room: while fewer requests hold entries than the model's workers run sequences at once (`slots`, the sum of their
+ *   MAX_BATCH), a new one is admitted whatever the backlog: the engines admit requests by fair share, so it starts at
+ *   once however long the running ones are (two long streams on two idle workers must not refuse the second).
+ * - Decision: otherwise refused when backlog / rate > queue timeout, i.e. when the work ahead of the request takes longer to
  *   drain than the request may wait to start (QUEUE_TIMEOUT_MS bounds the start, not the end: a request's own size
  *   does not count against it, so a large request is not refused where a small one would be admitted). No estimate
  *   (cold start) or nothing ahead: admitted.
@@ -73,10 +76,11 @@ export class QueueBacklog {
     this.tauMs = opts.tauMs ?? DRAIN_TAU_MS;
   }
 
-  /** Admits `requestId` (cost in tokens) into the backlog of `model`, or refuses it: one atomic script call. */
-  async reserve(model: string, requestId: string, costTokens: number): Promise<Reservation> {
+  /** Admits `requestId` (cost in tokens) into the backlog of `model`, or refuses it: one atomic script call.
+   * `slots`: sequences the model's live workers run at once (null: unknown, the rate alone decides). */
+  async reserve(model: string, requestId: string, costTokens: number, slots: number | null = null): Promise<Reservation> {
     const k = backlogKeys(model);
-    const argv = [requestId, Math.max(0, Math.round(costTokens)), this.opts.entryTtlMs, this.opts.queueTimeoutMs, this.tauMs, STATE_TTL_MS, this.now()];
+    const argv = [requestId, Math.max(0, Math.round(costTokens)), this.opts.entryTtlMs, this.opts.queueTimeoutMs, this.tauMs, STATE_TTL_MS, this.now(), slots ?? ''];
     const [admitted, excess, backlog, rate] = (await runScript(this.redis, 'backlogReserve', [k.entries, k.costs, k.state], argv)) as [number, number, number, string];
     const drainPerS = rate === '' ? null : Number(rate);
     if (Number(admitted) === 1) return { admitted: true, backlogTokens: Number(backlog), drainPerS };

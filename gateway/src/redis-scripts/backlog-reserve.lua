@@ -4,7 +4,8 @@
 -- KEYS: [1] ZSET request id → expiry (ms), [2] HASH request id → cost (tokens), [3] HASH state: total (tokens held by
 --   the entries), work (tokens drained, exponentially decayed), busy (ms with a backlog, decayed alike), at (ms of the
 --   last update).
--- ARGV: request id, cost (tokens), entry ttl (ms), queue timeout (ms), tau (ms), state ttl (ms), now (ms; '' = TIME).
+-- ARGV: request id, cost (tokens), entry ttl (ms), queue timeout (ms), tau (ms), state ttl (ms), now (ms; '' = TIME),
+--   slots (sequences the model's live workers run at once; '' = unknown).
 -- Returns: admitted (1/0), excess wait (ms beyond the timeout, when refused), backlog (tokens, without this request),
 --   drain rate (tokens/s, a string; '' = no estimate yet).
 local now = tonumber(ARGV[7])
@@ -13,7 +14,7 @@ if not now then
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local id, cost, ttl, timeout = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local tau, stateTtl = tonumber(ARGV[5]), tonumber(ARGV[6])
+local tau, stateTtl, slots = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[8])
 
 -- The decay clock runs only while there was a backlog (as backlog-release.lua; keep the two in step): idle workers
 -- drain nothing, which says nothing about how fast they can, so an idle hour does not wear the estimate away.
@@ -43,9 +44,13 @@ if total < 0 then total = 0 end
 local rate = nil -- tokens per ms
 if work > 0 and busy > 0 then rate = work / busy end
 local admit, excess = 1, 0
--- The request starts once the work ahead of it has drained: refused when that takes longer than the queue timeout.
+-- Room for it now: fewer requests hold entries than the workers run sequences at once, and the engines admit by fair
+-- share, so it starts at once, however much work the running ones still hold.
+local others = redis.call('ZCARD', KEYS[1]) - (prev and 1 or 0)
+local room = slots and others < slots
+-- Otherwise it starts once the work ahead of it has drained: refused when that takes longer than the queue timeout.
 -- No estimate (cold start): admitted. Nothing ahead: admitted, however large it is itself.
-if rate and total > 0 and total / rate > timeout then
+if not room and rate and total > 0 and total / rate > timeout then
   admit, excess = 0, math.ceil(total / rate - timeout)
 end
 local before = total

@@ -258,6 +258,7 @@ export class ChatAdmission {
         retryAfterMs: 1000,
       });
     }
+    let waiting: number | null = null;
     if (depth) {
       // Anything that fails from here until the run owns them (a Redis error reading the depth) gives the slot and the
       // token budget back: leaked, they would stay taken for the whole lease.
@@ -268,6 +269,7 @@ export class ChatAdmission {
         await Promise.all([refund(), release().catch(() => undefined)]);
         throw err;
       }
+      waiting = d;
       if (d >= config.MAX_QUEUE_DEPTH) {
         queueFullRejections.inc({ model: p.data.model, reason: 'depth' });
         await Promise.all([refund(), release()]);
@@ -278,7 +280,13 @@ export class ChatAdmission {
     }
     // Last of the admission steps: nothing after it can fail and leave its backlog entry behind.
     const inBacklog = config.BACKLOG_ADMISSION;
-    if (inBacklog) await this.reserveBacklog(p, estimate, () => Promise.all([refund(), release().catch(() => undefined)]));
+    if (inBacklog) {
+      // Free room counts only while no job waits in the queue: a waiting job means every worker's rows are taken,
+      // whatever the count of requests says (a stuck worker, requests wider than their share). Unknown: no shortcut.
+      if (waiting === null && p.slots !== null) waiting = await queueDepth(redis, p.data.model).catch(() => null);
+      const slots = waiting === 0 ? p.slots : null;
+      await this.reserveBacklog(p, estimate, slots, () => Promise.all([refund(), release().catch(() => undefined)]));
+    }
     p.placement = TIER_PLACEMENT[limits.tier];
 
     ctx.stamps?.mark('admitted');
@@ -308,10 +316,10 @@ export class ChatAdmission {
    * Backlog admission (queue/backlog.ts): 503 queue_full now for a request that would otherwise wait out
    * QUEUE_TIMEOUT_MS. A refusal or a Redis error first gives back what admission had taken (`giveBack`).
    */
-  private async reserveBacklog(p: PreparedChat, cost: number, giveBack: () => Promise<unknown>): Promise<void> {
+  private async reserveBacklog(p: PreparedChat, cost: number, slots: number | null, giveBack: () => Promise<unknown>): Promise<void> {
     let r: Reservation;
     try {
-      r = await this.deps.backlog.reserve(p.data.model, p.meta.id, cost);
+      r = await this.deps.backlog.reserve(p.data.model, p.meta.id, cost, slots);
     } catch (err) {
       await giveBack();
       throw err;

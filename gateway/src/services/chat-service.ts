@@ -43,6 +43,8 @@ export interface PreparedChat {
   stream: boolean;
   includeUsage: boolean;
   wantLogprobs: boolean;
+  /** Sequences the model's live workers run at once (ModelView.slots): backlog admission's free-room check. */
+  slots: number | null;
   /** Where the job goes in the queue (the caller's tier); absent = FIFO. */
   placement?: JobPlacement;
 }
@@ -143,6 +145,7 @@ export class ChatService {
       stream: data.stream,
       includeUsage: req.stream_options?.include_usage === true,
       wantLogprobs: params.logprobs,
+      slots: model.slots,
     };
   }
 

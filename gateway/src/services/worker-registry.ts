@@ -30,6 +30,8 @@ export interface ModelView {
   /** The smallest KV budget in tokens among its live workers that report one: n × (prompt + max_tokens) must fit it,
    * or no worker could ever run the request (it would wait, then time out). */
   kvTokenBudget: number | null;
+  /** Sequences its live workers run at once in all (the sum of their MAX_BATCH), when every worker says. */
+  slots: number | null;
 }
 
 export class WorkerRegistry {
@@ -146,11 +148,12 @@ export class WorkerRegistry {
     for (const w of this.liveWorkers()) {
       if (w.model !== id) continue;
       if (!view) {
-        view = { id, contextLength: w.context_length, tokenizerHash: w.tokenizer_hash, createdMs: w.started_at_ms, workers: 1, maxBatch: w.max_batch ?? null, kvTokenBudget: w.kv_token_budget ?? null };
+        view = { id, contextLength: w.context_length, tokenizerHash: w.tokenizer_hash, createdMs: w.started_at_ms, workers: 1, maxBatch: w.max_batch ?? null, kvTokenBudget: w.kv_token_budget ?? null, slots: w.max_batch ?? null };
         continue;
       }
       view.workers += 1;
       view.contextLength = Math.min(view.contextLength, w.context_length);
+      view.slots = view.slots === null || w.max_batch === undefined ? null : view.slots + w.max_batch;
       if (w.max_batch !== undefined) view.maxBatch = view.maxBatch === null ? w.max_batch : Math.min(view.maxBatch, w.max_batch);
       if (w.kv_token_budget != null) view.kvTokenBudget = view.kvTokenBudget === null ? w.kv_token_budget : Math.min(view.kvTokenBudget, w.kv_token_budget);
       if (w.started_at_ms < view.createdMs) {
