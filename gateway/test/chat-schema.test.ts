@@ -8,7 +8,7 @@ import OpenAI from 'openai';
 import { ApiError } from '../src/errors';
 import { chatCompletionRequestSchema } from '../src/protocol/chat';
 import { jobParamsSchema } from '../src/protocol/job';
-import { normaliseMessages, requestedMaxTokens, toJobParams } from '../src/services/chat-params';
+import { MAX_RESPONSE_SCHEMA_CHARS, normaliseMessages, requestedMaxTokens, toJobParams } from '../src/services/chat-params';
 import { parseOrThrow } from '../src/services/validation';
 
 function convert(body: unknown) {
@@ -205,7 +205,17 @@ describe('rejections name the field', () => {
     ['tools', { ...base, tools: [{ type: 'function', function: { name: 'f' } }] }, 'tools', 'unsupported_parameter'],
     ['tool_choice auto', { ...base, tool_choice: 'auto' }, 'tool_choice', 'unsupported_value'],
     ['functions', { ...base, functions: [{ name: 'f' }] }, 'functions', 'unsupported_parameter'],
-    ['response_format json', { ...base, response_format: { type: 'json_object' } }, 'response_format', 'unsupported_value'],
+    ['response_format of an unknown type', { ...base, response_format: { type: 'grammar' } }, 'response_format.type', 'invalid_value'],
+    ['json_schema without json_schema', { ...base, response_format: { type: 'json_schema' } }, 'response_format.json_schema', 'missing_required_parameter'],
+    ['json_schema without a name', { ...base, response_format: { type: 'json_schema', json_schema: { schema: {} } } }, 'response_format.json_schema.name', 'missing_required_parameter'],
+    ['json_schema name with a space', { ...base, response_format: { type: 'json_schema', json_schema: { name: 'a b', schema: {} } } }, 'response_format.json_schema.name', 'invalid_value'],
+    ['json_schema schema an array', { ...base, response_format: { type: 'json_schema', json_schema: { name: 'a', schema: [1] } } }, 'response_format.json_schema.schema', 'invalid_type'],
+    [
+      'json_schema schema too long',
+      { ...base, response_format: { type: 'json_schema', json_schema: { name: 'a', schema: { description: 'x'.repeat(MAX_RESPONSE_SCHEMA_CHARS) } } } },
+      'response_format.json_schema.schema',
+      'invalid_value',
+    ],
     ['audio', { ...base, audio: { voice: 'alloy', format: 'mp3' } }, 'audio', 'unsupported_parameter'],
     ['modalities audio', { ...base, modalities: ['text', 'audio'] }, 'modalities', 'unsupported_value'],
     ['prediction', { ...base, prediction: { type: 'content', content: 'x' } }, 'prediction', 'unsupported_parameter'],
@@ -224,6 +234,21 @@ describe('rejections name the field', () => {
       expect(err.status).toBe(400);
       expect(err.param).toBeNull();
     }
+  });
+
+  it('response_format: text is free text; json_object and json_schema reach the job, the schema unwrapped', () => {
+    expect(convert({ ...base, response_format: { type: 'text' } }).params.response_format).toBeUndefined();
+    expect(convert({ ...base, response_format: { type: 'json_object' } }).params.response_format).toEqual({ type: 'json_object' });
+    const schema = { type: 'object', properties: { b: { type: 'string' }, a: { type: 'integer' } }, required: ['b', 'a'] };
+    const { params } = convert({ ...base, response_format: { type: 'json_schema', json_schema: { name: 'person', strict: true, schema } } });
+    expect(params.response_format).toEqual({ type: 'json_schema', schema });
+    // Property order is the order the model writes them in: it must survive the conversion.
+    expect(Object.keys((params.response_format as { schema: { properties: object } }).schema.properties)).toEqual(['b', 'a']);
+    expect(jobParamsSchema.parse({ ...params, max_tokens: 5 }).response_format).toEqual({ type: 'json_schema', schema });
+    expect(convert({ ...base, response_format: { type: 'json_schema', json_schema: { name: 'any' } } }).params.response_format).toEqual({
+      type: 'json_schema',
+      schema: {},
+    });
   });
 
   it('accepts unknown fields (and ignores them)', () => {

@@ -23,6 +23,8 @@ const DIR = join(__dirname, '..', '..', 'tests', 'fixtures', 'protocol');
 const SCHEMAS: Record<string, z.ZodType> = {
   job: jobDataSchema,
   job_full: jobDataSchema,
+  job_structured: jobDataSchema,
+  event_error_param: errorEventSchema,
   worker_info: workerInfoSchema,
   job_result: jobResultSchema,
   event_started: startedEventSchema,
@@ -56,6 +58,14 @@ describe('names and failure reasons', () => {
   it('reads "<code>: <message>" failed reasons, quoted or not, and BullMQ stall failures', () => {
     expect(parseFailedReason('invalid_request: token 99 is out of range')).toEqual({ code: 'invalid_request', message: 'token 99 is out of range' });
     expect(parseFailedReason('something odd')).toEqual({ code: 'internal_error', message: 'something odd' });
+    // "<code>[<param>]: <message>": the request field at fault reaches the client's 400.
+    expect(parseFailedReason('invalid_request[response_format]: Unimplemented keys: ["not"]')).toEqual({
+      code: 'invalid_request',
+      message: 'Unimplemented keys: ["not"]',
+      param: 'response_format',
+    });
+    const refused = failedReasonToApiError('invalid_request[response_format]: the JSON schema cannot be used');
+    expect({ status: refused.status, param: refused.param }).toEqual({ status: 400, param: 'response_format' });
     expect(failedReasonToApiError('"context_length_exceeded: too long"').message).toBe('too long');
     expect(failedReasonToApiError('job stalled more than allowable limit').code).toBe('worker_lost');
     expect(failedReasonToApiError('queue_timeout: waited too long').status).toBe(503);

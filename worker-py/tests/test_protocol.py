@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from llm_worker import protocol as p
 
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "protocol"
-MODELS = {"job": p.JobData, "job_full": p.JobData, "worker_info": p.WorkerInfo, "job_result": p.JobResult,
+MODELS = {"job": p.JobData, "job_full": p.JobData, "job_structured": p.JobData, "event_error_param": p.ErrorEvent, "worker_info": p.WorkerInfo, "job_result": p.JobResult,
           "event_started": p.StartedEvent, "event_delta": p.DeltaEvent, "event_delta_logprobs": p.DeltaEvent,
           "event_done": p.DoneEvent, "event_error": p.ErrorEvent}
 
@@ -20,7 +20,8 @@ MODELS = {"job": p.JobData, "job_full": p.JobData, "worker_info": p.WorkerInfo, 
 def test_fixture_parses_and_round_trips(name):
     raw = json.loads((FIXTURES / f"{name}.json").read_text())
     parsed = MODELS[name].model_validate(raw)
-    assert parsed.model_dump(mode="json") == raw
+    # exclude_unset: optional fields a fixture leaves out (response_format, an error's param) stay out.
+    assert parsed.model_dump(mode="json", exclude_unset=True, by_alias=True) == raw
 
 
 def test_every_fixture_is_covered():
@@ -49,3 +50,21 @@ def test_bad_params_fail_validation():
         p.JobParams(n=0)
     with pytest.raises(ValidationError):
         p.JobParams(top_logprobs=21)
+
+
+def test_response_format_becomes_a_grammar_spec():
+    job = p.JobData.model_validate(json.loads((FIXTURES / "job_structured.json").read_text()))
+    spec = job.params.response_format.grammar_spec()
+    assert spec.kind == "json_schema" and json.loads(spec.source)["required"] == ["city", "population"]
+    assert p.ResponseFormat.model_validate({"type": "json_object"}).grammar_spec().source == '{"type":"object"}'
+    with pytest.raises(ValidationError):
+        p.ResponseFormat.model_validate({"type": "regex"})
+
+
+def test_job_error_carries_its_param():
+    from llm_worker.errors import JobError
+
+    err = JobError("invalid_request", "bad schema", "response_format")
+    assert str(err) == "invalid_request[response_format]: bad schema"
+    assert p.ErrorBody.model_validate(err.to_event()).param == "response_format"
+    assert str(JobError("cancelled", "gone")) == "cancelled: gone" and "param" not in JobError("cancelled", "x").to_event()

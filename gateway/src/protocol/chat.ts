@@ -22,6 +22,24 @@ export const chatMessageSchema = z.looseObject({
 });
 export type ChatMessageParam = z.infer<typeof chatMessageSchema>;
 
+/** OpenAI's json_schema response format; `schema` is checked by the worker's grammar compiler (400 naming it). */
+export const jsonSchemaFormatSchema = z.looseObject({
+  name: z
+    .string()
+    .regex(/^[A-Za-z0-9_-]{1,64}$/, 'must be 1 to 64 characters of a-z, A-Z, 0-9, underscores and dashes'),
+  description: z.string().nullish(),
+  schema: z.record(z.string(), z.unknown()).nullish(),
+  strict: z.boolean().nullish(),
+});
+
+/** `text` (the default), `json_object` (any JSON object) or `json_schema` (valid against the given schema). */
+export const responseFormatSchema = z.discriminatedUnion('type', [
+  z.looseObject({ type: z.literal('text') }),
+  z.looseObject({ type: z.literal('json_object') }),
+  z.looseObject({ type: z.literal('json_schema'), json_schema: jsonSchemaFormatSchema }),
+]);
+export type ResponseFormat = z.infer<typeof responseFormatSchema>;
+
 export const chatCompletionRequestSchema = z.looseObject({
   model: z.string().min(1),
   messages: z.array(chatMessageSchema).min(1),
@@ -62,12 +80,14 @@ export const chatCompletionRequestSchema = z.looseObject({
   prompt_cache_retention: z.string().nullish(),
   parallel_tool_calls: z.boolean().nullish(),
 
+  // Structured outputs (services/chat-params.ts, worker-py grammar.py).
+  response_format: responseFormatSchema.nullish(),
+
   // Defined by OpenAI, refused when used (see the table); only their presence/shape matters here.
   tools: z.array(z.unknown()).nullish(),
   tool_choice: z.unknown().optional(),
   functions: z.array(z.unknown()).nullish(),
   function_call: z.unknown().optional(),
-  response_format: z.looseObject({ type: z.string() }).nullish(),
   audio: z.unknown().optional(),
   modalities: z.array(z.string()).nullish(),
   prediction: z.unknown().optional(),

@@ -47,6 +47,16 @@ export const jobMessageSchema = z.object({
 });
 export type JobMessage = z.infer<typeof jobMessageSchema>;
 
+/**
+ * Structured outputs: every choice's text is constrained by a grammar the worker compiles (worker-py grammar.py).
+ * json_object: any JSON object; json_schema: a JSON value valid against `schema` (OpenAI's json_schema.schema, unwrapped).
+ */
+export const jobResponseFormatSchema = z.discriminatedUnion('type', [
+  z.object({ type: z.literal('json_object') }),
+  z.object({ type: z.literal('json_schema'), schema: z.record(z.string(), z.unknown()) }),
+]);
+export type JobResponseFormat = z.infer<typeof jobResponseFormatSchema>;
+
 export const jobParamsSchema = z.object({
   max_tokens: z.number().int().positive(),
   temperature: z.number().min(0).max(2),
@@ -66,6 +76,8 @@ export const jobParamsSchema = z.object({
   min_p: z.number().min(0).max(1),
   repetition_penalty: z.number().positive(),
   ignore_eos: z.boolean(),
+  /** Absent: free text. */
+  response_format: jobResponseFormatSchema.optional(),
 });
 export type JobParams = z.infer<typeof jobParamsSchema>;
 
@@ -149,7 +161,8 @@ export const doneEventSchema = z.looseObject({
   result: jobResultSchema,
 });
 
-export const workerErrorSchema = z.looseObject({ code: z.string(), message: z.string() });
+/** `param`: the request field at fault (OpenAI's error.param), when the worker knows it. */
+export const workerErrorSchema = z.looseObject({ code: z.string(), message: z.string(), param: z.string().optional() });
 export type WorkerError = z.infer<typeof workerErrorSchema>;
 
 export const errorEventSchema = z.looseObject({
@@ -168,10 +181,13 @@ export const jobEventSchema = z.discriminatedUnion('type', [
 export type JobEvent = z.infer<typeof jobEventSchema>;
 export type DeltaEvent = z.infer<typeof deltaEventSchema>;
 
-/** BullMQ failedReason is "<code>: <message>" (docs/PROTOCOL.md, Failures); anything else is an internal error. */
+/**
+ * BullMQ failedReason is "<code>: <message>" or "<code>[<param>]: <message>" (docs/PROTOCOL.md, Failures); anything
+ * else is an internal error.
+ */
 export function parseFailedReason(reason: string | undefined | null): WorkerError {
   const text = (reason ?? '').trim();
-  const m = /^([a-z_]+):\s?([\s\S]*)$/.exec(text);
-  if (m) return { code: m[1], message: m[2] };
+  const m = /^([a-z_]+)(?:\[([A-Za-z0-9_.\[\]]+)\])?:\s?([\s\S]*)$/.exec(text);
+  if (m) return m[2] ? { code: m[1], message: m[3], param: m[2] } : { code: m[1], message: m[3] };
   return { code: 'internal_error', message: text || 'the job failed' };
 }

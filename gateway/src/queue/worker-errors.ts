@@ -19,7 +19,7 @@ export function workerErrorToApiError(e: WorkerError): ApiError {
     case 'context_length_exceeded':
       return new ApiError('context_length_exceeded', e.message, { param: 'messages' });
     case 'invalid_request':
-      return new ApiError('invalid_request', e.message);
+      return new ApiError('invalid_request', e.message, e.param ? { param: e.param } : {});
     case 'queue_timeout':
       return new ApiError('queue_timeout', 'No worker could take this request in time: the server is busy. Please retry.', {
         retryAfterMs: 1000,

@@ -5,7 +5,7 @@
  * give it an `apply`. Ranges are checked by the zod schema (protocol/chat.ts), with OpenAI's bounds.
  */
 import { ApiError } from '../errors';
-import type { ChatCompletionRequest, ChatMessageParam } from '../protocol/chat';
+import type { ChatCompletionRequest, ChatMessageParam, ResponseFormat } from '../protocol/chat';
 import type { JobMessage, JobParams } from '../protocol/job';
 
 type Req = ChatCompletionRequest;
@@ -39,7 +39,27 @@ export const DEFAULT_JOB_PARAMS: Readonly<Omit<JobParams, 'max_tokens'>> = Objec
   ignore_eos: false,
 });
 
-const notText = (v: unknown) => typeof v === 'object' && v !== null && (v as { type?: unknown }).type !== 'text';
+/**
+ * A schema larger than this is refused before it reaches a worker: its grammar is compiled there, and no real
+ * response schema comes near it (OpenAI's own limits: 5,000 properties, 10 levels, 120,000 characters of names).
+ */
+export const MAX_RESPONSE_SCHEMA_CHARS = 128 * 1024;
+
+function applyResponseFormat(v: ResponseFormat, p: JobParams): void {
+  if (v.type === 'text') return;
+  if (v.type === 'json_object') {
+    p.response_format = { type: 'json_object' };
+    return;
+  }
+  // No schema: any JSON value, as vLLM does (OpenAI requires one in strict mode only).
+  const schema = v.json_schema.schema ?? {};
+  if (JSON.stringify(schema).length > MAX_RESPONSE_SCHEMA_CHARS) {
+    throw new ApiError('invalid_value', `The JSON schema is longer than ${MAX_RESPONSE_SCHEMA_CHARS} characters.`, {
+      param: 'response_format.json_schema.schema',
+    });
+  }
+  p.response_format = { type: 'json_schema', schema };
+}
 
 export const PARAM_TABLE: readonly ParamRule[] = [
   { field: 'temperature', supported: true, apply: (v: number, p) => void (p.temperature = v) },
@@ -67,6 +87,7 @@ export const PARAM_TABLE: readonly ParamRule[] = [
   { field: 'min_p', supported: true, apply: (v: number, p) => void (p.min_p = v) },
   { field: 'repetition_penalty', supported: true, apply: (v: number, p) => void (p.repetition_penalty = v) },
   { field: 'ignore_eos', supported: true, apply: (v: boolean, p) => void (p.ignore_eos = v) },
+  { field: 'response_format', supported: true, apply: (v: ResponseFormat, p) => void applyResponseFormat(v, p) },
 
   // Defined by OpenAI, not served yet: using them is a 400 naming the field, never a silent ignore.
   { field: 'tools', supported: false },
@@ -82,12 +103,6 @@ export const PARAM_TABLE: readonly ParamRule[] = [
     supported: false,
     used: (v) => v !== 'none',
     refusal: { code: 'unsupported_value', message: "Only function_call 'none' is supported: this server does not call functions." },
-  },
-  {
-    field: 'response_format',
-    supported: false,
-    used: notText,
-    refusal: { code: 'unsupported_value', message: "Only response_format {\"type\": \"text\"} is supported." },
   },
   { field: 'audio', supported: false },
   {

@@ -74,6 +74,15 @@ export function zodErrorToApiError(error: z.ZodError, input: unknown): ApiError 
   if (param === null && (input === null || typeof input !== 'object' || Array.isArray(input))) {
     return new ApiError('invalid_type', 'The request body must be a JSON object.', { param: null });
   }
+  // A discriminated union whose tag is missing or unknown (response_format.type): OpenAI's "Invalid value" answer.
+  const options = issue.code === 'invalid_union' ? (issue as { options?: unknown[] }).options : undefined;
+  if (options && value !== undefined) {
+    return new ApiError(
+      'invalid_value',
+      `Invalid value for '${name}': ${JSON.stringify(value)}. Supported values are: ${options.map((v) => JSON.stringify(v)).join(', ')}.`,
+      { param },
+    );
+  }
   switch (issue.code) {
     case 'invalid_type':
     case 'invalid_union': {

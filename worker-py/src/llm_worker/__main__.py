@@ -49,6 +49,7 @@ def build_and_serve(cfg: Config) -> None:
                                     "loadSeconds": round(loaded.load_seconds, 1),
                                     "stopTokenIds": sorted(loaded.eos_token_ids), "kvTokenBudget": kv_budget})
     model_mod.warm_up(engine, loaded.tokenizer)
+    grammars = _grammar_compiler(cfg, loaded, name)
     export = model_mod.export_tokenizer(loaded.tokenizer)
     info = make_worker_info(worker_id=cfg.worker_id, model_id=loaded.model_id, queue=queue_name(loaded.model_id),
                             context_length=loaded.context_length, max_batch=cfg.max_batch, device=loaded.device,
@@ -57,12 +58,32 @@ def build_and_serve(cfg: Config) -> None:
     ctx = JobContext(engine=engine, tokenizer=loaded.tokenizer, logprob_formatter=LogprobFormatter(loaded.tokenizer),
                      worker_id=cfg.worker_id, context_length=loaded.context_length,
                      vocab_size=int(loaded.model.config.vocab_size), default_max_tokens=cfg.default_max_tokens,
-                     flush_ms=cfg.stream_flush_ms, log_prompts=cfg.log_prompts)
+                     flush_ms=cfg.stream_flush_ms, log_prompts=cfg.log_prompts, grammars=grammars,
+                     grammar_timeout_s=cfg.grammar_compile_timeout_ms / 1000)
     try:
         asyncio.run(WorkerService(cfg, ctx, info, export, metrics).run_until_signal())
     finally:
         engine.stop()
     log.info("worker stopped")
+
+
+def _grammar_compiler(cfg: Config, loaded, engine_name: str):
+    """The structured-output compiler for this model's vocabulary, warmed up (None for the stand-in engine, which has
+    no model to constrain)."""
+    if engine_name == "standin":
+        return None
+    from .grammar import GrammarCompiler, GrammarError
+
+    try:
+        compiler = GrammarCompiler(loaded.tokenizer, int(loaded.model.config.vocab_size), sorted(loaded.eos_token_ids),
+                                   cache_size=cfg.grammar_cache_size)
+    except GrammarError as exc:  # requests with a response_format then get a 400 saying this worker cannot serve it
+        log.warning("structured outputs unavailable", extra={"reason": str(exc)})
+        return None
+    seconds = compiler.warm_up()
+    log.info("grammar compiler ready", extra={"tokenizerSeconds": round(compiler.tokenizer_seconds, 2),
+                                              "warmUpSeconds": round(seconds, 2)})
+    return compiler
 
 
 def main() -> None:

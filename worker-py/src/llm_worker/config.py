@@ -51,6 +51,10 @@ class Config(BaseModel):
     # KV_MEMORY_FRACTION of the memory still available after the weights are loaded.
     kv_cache_bytes: Optional[int] = Field(None, ge=1)
     kv_memory_fraction: float = Field(0.5, gt=0, le=0.95)
+    # Structured outputs (grammar.py): a response_format whose grammar takes longer to compile is refused with a 400;
+    # compiled grammars are kept in an LRU of this many entries.
+    grammar_compile_timeout_ms: int = Field(5000, ge=10)
+    grammar_cache_size: int = Field(256, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> "Config":

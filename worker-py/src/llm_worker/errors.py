@@ -7,7 +7,7 @@ worker's death (stalled-job check), never from a worker's own verdict.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 ErrorCode = Literal["context_length_exceeded", "invalid_request", "queue_timeout", "cancelled", "internal_error"]
 
@@ -17,10 +17,17 @@ class ConfigError(Exception):
 
 
 class JobError(Exception):
-    def __init__(self, code: ErrorCode, message: str):
-        super().__init__(f"{code}: {message}")
+    """``param``: the request field at fault, when known; it travels in the error event and in the failedReason as
+    "<code>[<param>]: <message>" (docs/PROTOCOL.md, Failures) so that the client's 400 names it."""
+
+    def __init__(self, code: ErrorCode, message: str, param: Optional[str] = None):
+        super().__init__(f"{code}[{param}]: {message}" if param else f"{code}: {message}")
         self.code: ErrorCode = code
         self.message = message
+        self.param = param
 
     def to_event(self) -> dict[str, str]:
-        return {"code": self.code, "message": self.message}
+        event = {"code": self.code, "message": self.message}
+        if self.param:
+            event["param"] = self.param
+        return event

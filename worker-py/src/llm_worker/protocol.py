@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from .engine.base import SamplingParams
+from .grammar import GrammarError, GrammarSpec
 
 PROTOCOL_VERSION = 1
 # Mirrors job.ts: the queue of a model is "gen." + id with every char outside [A-Za-z0-9._-] replaced by "_".
@@ -51,6 +52,22 @@ class Message(_Wire):
     content: str
 
 
+class ResponseFormat(_Wire):
+    """job.ts `ResponseFormat`: constrain every choice's text. ``json_object``: any JSON object; ``json_schema``: a JSON
+    value valid against ``schema`` (the gateway has unwrapped OpenAI's ``json_schema.schema``)."""
+
+    type: Literal["json_object", "json_schema"]
+    # "schema" shadows a BaseModel attribute in pydantic, hence the alias.
+    json_schema: Optional[Any] = Field(None, alias="schema")
+
+    def grammar_spec(self) -> GrammarSpec:
+        if self.type == "json_object":
+            return GrammarSpec.json_schema({"type": "object"})
+        if self.json_schema is None:
+            raise GrammarError("response_format json_schema needs a schema")
+        return GrammarSpec.json_schema(self.json_schema)
+
+
 class JobParams(_Wire):
     """job.ts `JobParams`. Ranges mirror the gateway's validation; the gateway has already answered 400 for these."""
 
@@ -69,6 +86,7 @@ class JobParams(_Wire):
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
     ignore_eos: bool = False
+    response_format: Optional[ResponseFormat] = None
 
     def to_sampling_params(self, max_tokens: int, vocab_size: int) -> SamplingParams:
         """The one conversion from wire params to engine params (raises ValueError for a bad logit_bias)."""
@@ -187,6 +205,8 @@ class DoneEvent(_Wire):
 class ErrorBody(_Wire):
     code: Literal["context_length_exceeded", "invalid_request", "queue_timeout", "cancelled", "internal_error"]
     message: str
+    # The request field at fault (OpenAI's error.param), when the worker knows it: e.g. "response_format".
+    param: Optional[str] = None
 
 
 class ErrorEvent(_Wire):

@@ -12,7 +12,7 @@ import abc
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 # "error" (an extension): the engine could not continue this request; ChoiceOutput.error says why.
 FinishReason = Literal["stop", "length", "cancelled", "error"]
@@ -36,6 +36,9 @@ class SamplingParams:
     min_p: float = 0.0  # 0 = off
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
+    # A compiled grammar (llm_worker.grammar.CompiledGrammar) every choice's tokens must follow, or None. Engines that
+    # cannot apply one per row must refuse the request (UnsupportedParameter), never ignore it.
+    grammar: Optional[Any] = None
 
 
 @dataclass

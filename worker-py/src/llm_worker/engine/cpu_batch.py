@@ -394,6 +394,9 @@ class CpuBatchEngine(ThreadedEngine):
             row.last_token = token
             row.tokens.append(token)
             row.pending.append(ChoiceOutput(row.index, [token], [info] if info is not None else None))
+            if row.sampler.matcher is not None and row.sampler.matcher.done:
+                self._finish(row, "stop")  # the grammar's output is complete: nothing else may follow
+                continue
             at_context_end = len(req.prompt_ids) + row.generated >= self.context_length
             past_deadline = req.deadline is not None and now >= req.deadline
             if row.generated >= p.max_tokens or at_context_end or past_deadline:

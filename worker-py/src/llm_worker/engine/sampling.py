@@ -4,6 +4,8 @@ Order of logits processing (the same for every engine step and for the first tok
   1. ``logit_bias`` is added (OpenAI semantics: ±100 bans/forces a token);
   2. ``repetition_penalty`` (HF/vLLM semantics: over prompt + generated tokens, >0 logits divided, <0 multiplied);
   3. ``presence_penalty`` / ``frequency_penalty`` (OpenAI semantics: over generated tokens only);
+  3b. a grammar's token mask (structured outputs), on the constrained rows only: what it forbids is -inf, so neither
+     bias nor sampling can pick it;
   4. logprobs are taken here, from the adjusted logits before temperature (vLLM's "processed" logprobs minus
      temperature, so that a greedy request reports the distribution it picked from);
   5. temperature 0 → argmax; else temperature, top_k, top_p, min_p, then one uniform draw from the choice's own
@@ -17,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from ..grammar import allocate_masks, apply_masks
 from .base import SamplingParams, TokenLogprob
 
 # Below this a temperature is treated as greedy: dividing by it would overflow to inf/nan.
@@ -47,6 +50,8 @@ class ChoiceSampler:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool)
             if prompt_ids:
                 self.seen[torch.tensor(prompt_ids, dtype=torch.long)] = True
+        # One grammar state per choice (n choices of one request diverge), kept across preemption with the rest.
+        self.matcher = params.grammar.matcher() if params.grammar is not None else None
         self.needs_adjust = self.bias_ids is not None or self.counts is not None or self.seen is not None
         self.needs_filter = not self.greedy and (params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0)
 
@@ -63,6 +68,8 @@ class ChoiceSampler:
             row -= (self.counts > 0).float() * self.params.presence_penalty
 
     def observe(self, token_id: int) -> None:
+        if self.matcher is not None:
+            self.matcher.consume(token_id)
         if self.counts is not None:
             self.counts[token_id] += 1.0
         if self.seen is not None:
@@ -118,6 +125,14 @@ def sample(logits: torch.Tensor, samplers: list[ChoiceSampler]) -> list[tuple[in
     for i, s in enumerate(samplers):
         if s.needs_adjust:
             s.adjust(logits[i])
+    constrained = [i for i, s in enumerate(samplers) if s.matcher is not None]
+    if constrained:
+        masks = allocate_masks(len(constrained), logits.shape[-1])
+        for j, i in enumerate(constrained):
+            samplers[i].matcher.fill(masks, j)
+        rows = logits[constrained]
+        apply_masks(rows, masks)
+        logits[constrained] = rows
     tokens: list[int] = [0] * len(samplers)
     greedy_rows = [i for i, s in enumerate(samplers) if s.greedy]
     if greedy_rows:
@@ -146,7 +161,8 @@ def sample(logits: torch.Tensor, samplers: list[ChoiceSampler]) -> list[tuple[in
             top: list[tuple[int, float]] = []
             if s.params.top_logprobs > 0:
                 vals, ids = lp.topk(s.params.top_logprobs)
-                top = list(zip(ids.tolist(), vals.tolist()))
+                # Tokens a grammar forbids are -inf, which JSON cannot carry; OpenAI lists only possible tokens.
+                top = [(t, v) for t, v in zip(ids.tolist(), vals.tolist()) if v != float("-inf")]
             info = TokenLogprob(token_id=tokens[i], logprob=float(lp[tokens[i]]), top=top)
         s.observe(tokens[i])
         out.append((tokens[i], info))

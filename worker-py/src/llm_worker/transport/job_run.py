@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from ..engine.base import ChoiceOutput, Engine, GenerationRequest
 from ..errors import JobError
+from ..grammar import CompiledGrammar, GrammarCompiler, GrammarError
 from ..log import now_ms
 from ..model import ForgedTurnError, chat_prompt_ids
 from ..protocol import JobData
@@ -48,6 +49,8 @@ class JobContext:
     default_max_tokens: int
     flush_ms: int
     log_prompts: bool
+    grammars: Optional[GrammarCompiler] = None  # None: this worker serves no response_format
+    grammar_timeout_s: float = 5.0
 
 
 @dataclass
@@ -119,6 +122,14 @@ class JobRun:
             params = d.params.to_sampling_params(max_tokens, ctx.vocab_size)
         except ValueError as exc:
             raise JobError("invalid_request", str(exc)) from exc
+        if d.params.response_format is not None:
+            params = replace(params, grammar=await self._compile_grammar())
+        check = getattr(ctx.engine, "check_params", None)
+        if check is not None:  # an engine that cannot honour a parameter per request refuses it, naming it
+            try:
+                check(params)
+            except ValueError as exc:
+                raise JobError("invalid_request", str(exc), getattr(exc, "param", None)) from exc
         for i in range(params.n):
             self._choices[i] = _Choice(StreamDetokenizer(ctx.tokenizer, prompt_ids), StopMatcher(d.params.stop),
                                        logprobs=AlignedLogprobs() if params.logprobs else None)
@@ -148,6 +159,21 @@ class JobRun:
         if any(c.finish_reason == "not_started" for c in self._choices.values()):
             raise JobError("queue_timeout", "no room in this worker's batch before the request's queue timeout")
         return self._result(len(prompt_ids))
+
+    async def _compile_grammar(self) -> CompiledGrammar:
+        """The request's response_format compiled (or taken from the compiler's cache), off the event loop."""
+        fmt, ctx = self.data.params.response_format, self.ctx
+        if ctx.grammars is None:
+            raise JobError("invalid_request", "this worker cannot serve response_format", "response_format")
+        try:
+            spec = fmt.grammar_spec()
+            return await asyncio.wait_for(asyncio.to_thread(ctx.grammars.compile, spec), ctx.grammar_timeout_s)
+        except GrammarError as exc:
+            raise JobError("invalid_request", f"response_format: {exc}", "response_format") from exc
+        except asyncio.TimeoutError as exc:
+            # The compile goes on in its thread (llguidance's own limits bound it) and lands in the cache unused.
+            raise JobError("invalid_request", f"response_format: the schema's grammar took longer than "
+                           f"{ctx.grammar_timeout_s:g} s to compile; simplify the schema", "response_format") from exc
 
     def _on_outputs(self, stream: JobStream, outputs: list[ChoiceOutput]) -> None:
         try:

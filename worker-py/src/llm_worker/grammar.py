@@ -1,0 +1,206 @@
+"""Structured outputs: JSON schemas (and later tool-call grammars) compiled to per-choice token masks with llguidance.
+
+Why llguidance (issue 10 compares it with xgrammar and outlines-core): it builds the token trie of a 49k or 152k
+vocabulary in well under a second, compiles a typical schema in ~1 ms (so no schema needs to be precompiled), computes
+a mask lazily in ~0.1-0.5 ms per row per step with a hard per-step budget (``step_lexer_fuel``), drops the GIL while
+it works, names the schema keywords it does not implement (``Unimplemented keys: ["not"]``) instead of ignoring them,
+and ships as one small Rust wheel without a torch.compile step (its own ``apply_token_bitmask_inplace`` needs
+torch.compile, which on CPU needs a C++ toolchain; ``apply_masks`` below does the same with plain tensor ops).
+
+The engine sees only ``CompiledGrammar.matcher()`` and the functions at the bottom of this module: one ``RowMatcher``
+per choice (its own parser state, so a constrained row never waits for another row) and a batched mask application
+over the constrained rows only, so unconstrained rows beside them pay nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+log = logging.getLogger("llm_worker.grammar")
+
+# JSON compile options: no free whitespace between tokens. With it, small models (the bundled 135M one) tend to fill
+# max_tokens with newlines inside an object; compact JSON is what OpenAI's JSON mode returns too.
+_JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+class GrammarError(ValueError):
+    """A response format the grammar library cannot serve (unsupported keyword, unsatisfiable or too complex schema):
+    the client's error, a 400 naming ``response_format``."""
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What to constrain to, and the cache key: ``kind`` "json_schema" with ``source`` the schema as compact JSON."""
+
+    kind: str
+    source: str
+
+    @staticmethod
+    def json_schema(schema: Any) -> "GrammarSpec":
+        if schema is True:
+            schema = {}
+        if not isinstance(schema, dict):
+            raise GrammarError("the JSON schema must be an object (or true)")
+        # Keys keep their order: the output lists properties in the schema's order (sorting would reorder them).
+        return GrammarSpec("json_schema", json.dumps(schema, separators=(",", ":")))
+
+
+class RowMatcher:
+    """The grammar state of one choice: which tokens may come next, and whether the output is complete."""
+
+    __slots__ = ("_m",)
+
+    def __init__(self, matcher) -> None:
+        self._m = matcher
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        v = bitmask[row]
+        self._m.unsafe_compute_mask_ptr(v.data_ptr(), v.numel() * v.element_size())
+
+    def consume(self, token_id: int) -> None:
+        self._m.consume_token(token_id)
+
+    @property
+    def done(self) -> bool:
+        """The output is complete and nothing may follow (the row ends with finish_reason "stop")."""
+        return self._m.is_stopped()
+
+    @property
+    def error(self) -> Optional[str]:
+        return self._m.get_error() if self._m.is_error() else None
+
+
+class CompiledGrammar:
+    """A compiled grammar; ``matcher()`` gives each choice a fresh copy of its initial state (no recompilation)."""
+
+    def __init__(self, template, spec: GrammarSpec, compile_ms: float) -> None:
+        self._template = template
+        self.spec = spec
+        self.compile_ms = compile_ms
+
+    def matcher(self) -> RowMatcher:
+        return RowMatcher(self._template.deep_copy())
+
+
+class GrammarCompiler:
+    """Compiles response formats for one tokenizer, caching compiled grammars by their canonical source (LRU)."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: list[int], cache_size: int = 256) -> None:
+        import llguidance
+
+        self._ll = llguidance
+        started = time.monotonic()
+        # n_vocab: the model's logits width (may exceed the tokenizer's length); eos: the worker's stop tokens (the
+        # template's turn end; the GGUF's own eos is wrong, see model.py), allowed once the output is complete.
+        self._tokenizer = llguidance.LLTokenizer(_tokenizer_json(tokenizer), n_vocab=vocab_size,
+                                                 eos_token=list(eos_token_ids))
+        _check_token_bytes(self._tokenizer, tokenizer)
+        self.vocab_size = vocab_size
+        self.tokenizer_seconds = time.monotonic() - started
+        self._cache: OrderedDict[GrammarSpec, CompiledGrammar] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()  # compile() runs on worker threads (asyncio.to_thread)
+        self.compiled_total = 0
+
+    def compile(self, spec: GrammarSpec) -> CompiledGrammar:
+        """The compiled grammar of ``spec`` (cached); raises GrammarError naming what the library refused."""
+        with self._lock:
+            hit = self._cache.get(spec)
+            if hit is not None:
+                self._cache.move_to_end(spec)
+                return hit
+        started = time.monotonic()
+        if spec.kind == "json_schema":
+            try:
+                grammar = self._ll.LLMatcher.grammar_from_json_schema(spec.source, defaults=_JSON_OPTIONS)
+            except ValueError as exc:
+                raise GrammarError(f"the JSON schema cannot be used: {exc}") from exc
+        elif spec.kind == "lark":
+            grammar = self._ll.LLMatcher.grammar_from_lark(spec.source)
+        else:
+            raise GrammarError(f"unknown grammar kind {spec.kind!r}")
+        template = self._ll.LLMatcher(self._tokenizer, grammar, log_level=0)
+        if template.is_error():
+            raise GrammarError(_describe(template.get_error()))
+        compiled = CompiledGrammar(template, spec, (time.monotonic() - started) * 1000)
+        with self._lock:
+            self._cache[spec] = compiled
+            self._cache.move_to_end(spec)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+            self.compiled_total += 1
+        return compiled
+
+    def warm_up(self) -> float:
+        """Compile a small schema and compute its first masks: llguidance builds lazy tables on first use (~1 s on the
+        bundled model's vocabulary), which must not land on the first client's time to first token. Returns seconds."""
+        started = time.monotonic()
+        row = self.compile(GrammarSpec.json_schema({"type": "object", "properties": {"a": {"type": "string"}}})).matcher()
+        mask = allocate_masks(1, self.vocab_size)
+        for token in self._tokenizer.tokenize_str('{"a":"b"}'):
+            row.fill(mask, 0)
+            row.consume(token)
+        return time.monotonic() - started
+
+
+def _tokenizer_json(tokenizer) -> str:
+    """The fast tokenizer's JSON for llguidance, with a byte-level decoder made plain.
+
+    llguidance reads a vocabulary as byte-level (GPT-2's "Ġ" = space, "Ċ" = newline) only when the decoder *is*
+    ByteLevel. Transformers' GGUF conversion (the bundled model) wraps it: Sequence[ByteFallback, Fuse, Replace("▁"),
+    ByteLevel], which is the same thing for a byte-level vocabulary (no "<0x..>" or "▁" tokens) but made llguidance
+    take "Ċ" for two letters and allow a raw newline inside a JSON string.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise GrammarError("structured outputs need a fast (Rust) tokenizer")
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    decoder = spec.get("decoder") or {}
+    if decoder.get("type") == "Sequence":
+        byte_level = [d for d in decoder.get("decoders", []) if d.get("type") == "ByteLevel"]
+        if byte_level:
+            spec["decoder"] = byte_level[0]
+    spec["padding"] = spec["truncation"] = None
+    return json.dumps(spec)
+
+
+def _check_token_bytes(ll_tokenizer, tokenizer) -> None:
+    """The bytes llguidance assigns to tokens must be the bytes the tokenizer decodes them to, or its masks would be
+    wrong in ways that pass unnoticed (a forbidden newline inside a string). Checked on text that covers the remapped
+    bytes of byte-level vocabularies: whitespace, control characters, non-ASCII."""
+    for text in ("\n", "\t", " a", "  b\n\n", "é ü", "naïve café", "\u4e2d\u6587", "\"quoted\"\\"):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        got = ll_tokenizer.decode_bytes(ids)
+        if got != text.encode("utf-8"):
+            raise GrammarError(f"llguidance reads this tokenizer's tokens as {got!r} where the tokenizer decodes "
+                               f"{text!r}: structured outputs are off for this model")
+
+
+def _describe(error: str) -> str:
+    # llguidance's messages are precise ("Unimplemented keys: [\"not\"]", "Unsatisfiable schema: ..."); keep them,
+    # trimmed, as the client's message.
+    text = " ".join(error.split())
+    return f"the JSON schema cannot be used: {text[:500]}"
+
+
+# ---- batched mask application (engine side) -------------------------------------------------------------------------
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def allocate_masks(rows: int, vocab_size: int) -> torch.Tensor:
+    """An int32 bitmask [rows, ceil(vocab/32)], all tokens allowed (llguidance's layout)."""
+    return torch.full((rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
+
+
+def apply_masks(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Set the logits of disallowed tokens to -inf, in place: ``logits`` [R, V], ``bitmask`` [R, ceil(V/32)]."""
+    rows, vocab = logits.shape
+    allowed = ((bitmask.unsqueeze(-1) >> _BITS) & 1).view(rows, -1)[:, :vocab]
+    logits.masked_fill_(allowed == 0, float("-inf"))
