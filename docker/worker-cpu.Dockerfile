@@ -14,7 +14,7 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY worker-py/requirements.txt /tmp/requirements.txt
 # The worker's exact pins, less its test-only packages.
-RUN grep -Ev '^(pytest|pytest-[a-z-]+)==' /tmp/requirements.txt > /tmp/runtime.txt \
+RUN grep -Ev '^(pytest|pytest-[a-z-]+|jsonschema)==' /tmp/requirements.txt > /tmp/runtime.txt \
     && if [ -n "$TORCH_INDEX_URL" ]; then \
          pip install --index-url "$TORCH_INDEX_URL" "$(grep -E '^torch==' /tmp/runtime.txt)"; \
        fi \

@@ -243,7 +243,7 @@ describe('rejections name the field', () => {
     const { params } = convert({ ...base, response_format: { type: 'json_schema', json_schema: { name: 'person', strict: true, schema } } });
     expect(params.response_format).toEqual({ type: 'json_schema', schema });
     // Property order is the order the model writes them in: it must survive the conversion.
-    expect(Object.keys((params.response_format as { schema: { properties: object } }).schema.properties)).toEqual(['b', 'a']);
+    expect(Object.keys((params.response_format as unknown as { schema: { properties: object } }).schema.properties)).toEqual(['b', 'a']);
     expect(jobParamsSchema.parse({ ...params, max_tokens: 5 }).response_format).toEqual({ type: 'json_schema', schema });
     expect(convert({ ...base, response_format: { type: 'json_schema', json_schema: { name: 'any' } } }).params.response_format).toEqual({
       type: 'json_schema',

@@ -191,6 +191,7 @@ def test_deadline_cuts_with_length(engine):
     (SamplingParams(min_p=0.1), "min_p"),
     (SamplingParams(logprobs=True), "logprobs"),
     (SamplingParams(seed=3, temperature=1.0), "seed"),
+    (SamplingParams(grammar=object()), "response_format"),  # named as the request field that asked for it
 ])
 def test_unsupported_parameters_are_refused_by_name(engine, params, param):
     with pytest.raises(UnsupportedParameter) as err:

@@ -61,6 +61,8 @@ PARAMETER_SUPPORT = {
     "frequency_penalty": "refused (no per-request penalty processor)",
     "repetition_penalty": "refused (no per-request penalty processor)",
     "min_p": "refused (no per-request min_p processor)",
+    "grammar": "refused for now (response_format): not wired into this engine yet; the manager samples inside its own "
+               "step, and a per-row mask needs each row's grammar state advanced by its previous token first",
 }
 
 
@@ -526,10 +528,13 @@ def check_params(params: SamplingParams) -> None:
         ("min_p", params.min_p > 0.0),
         ("logprobs", params.logprobs or params.top_logprobs > 0),
         ("seed", params.seed is not None and params.temperature > 0.0),
+        ("grammar", params.grammar is not None),
     ]
+    wire_name = {"grammar": "response_format"}  # the request field a client set to ask for it
     for name, bad in refused:
         if bad:
-            raise UnsupportedParameter(name, f"not supported by the cuda-cb engine ({PARAMETER_SUPPORT[name]})")
+            raise UnsupportedParameter(wire_name.get(name, name),
+                                       f"not supported by the cuda-cb engine ({PARAMETER_SUPPORT[name]})")
     if params.n < 1 or params.max_tokens < 1:
         raise UnsupportedParameter("n" if params.n < 1 else "max_tokens", "must be at least 1")
 
