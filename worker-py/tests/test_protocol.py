@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from llm_worker import protocol as p
 
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "protocol"
-MODELS = {"job": p.JobData, "job_full": p.JobData, "worker_info": p.WorkerInfo, "job_result": p.JobResult,
+MODELS = {"job": p.JobData, "job_full": p.JobData, "job_prompt": p.JobData, "worker_info": p.WorkerInfo, "job_result": p.JobResult,
           "event_started": p.StartedEvent, "event_delta": p.DeltaEvent, "event_delta_logprobs": p.DeltaEvent,
           "event_done": p.DoneEvent, "event_error": p.ErrorEvent}
 
@@ -20,7 +20,8 @@ MODELS = {"job": p.JobData, "job_full": p.JobData, "worker_info": p.WorkerInfo, 
 def test_fixture_parses_and_round_trips(name):
     raw = json.loads((FIXTURES / f"{name}.json").read_text())
     parsed = MODELS[name].model_validate(raw)
-    assert parsed.model_dump(mode="json") == raw
+    # exclude_unset: optional fields a fixture leaves out (a chat job's `prompt`) stay out.
+    assert parsed.model_dump(mode="json", exclude_unset=True) == raw
 
 
 def test_every_fixture_is_covered():
@@ -49,3 +50,14 @@ def test_bad_params_fail_validation():
         p.JobParams(n=0)
     with pytest.raises(ValidationError):
         p.JobParams(top_logprobs=21)
+
+
+def test_job_carries_messages_or_a_raw_prompt_never_both():
+    chat = json.loads((FIXTURES / "job.json").read_text())
+    raw = json.loads((FIXTURES / "job_prompt.json").read_text())
+    assert p.JobData.model_validate(raw).prompt.startswith("Once upon a time")
+    assert p.JobData.model_validate(raw).messages is None
+    with pytest.raises(ValidationError, match="exactly one"):
+        p.JobData.model_validate({**chat, "prompt": "also this"})
+    with pytest.raises(ValidationError, match="exactly one"):
+        p.JobData.model_validate({k: v for k, v in chat.items() if k != "messages"})
