@@ -163,6 +163,17 @@ describe('the request path is chat\'s', () => {
     expect([ids.status, ids.param]).toEqual([400, 'prompt']);
   });
 
+  it('a worker that finds the prompt too long: 400 context_length_exceeded naming prompt, not messages', async () => {
+    worker.script = { reply, fail: { code: 'context_length_exceeded', message: 'prompt has 300 tokens' }, failAfterDeltas: 0 };
+    try {
+      const err = await client.completions.create({ model: MODEL, prompt: 'fits in the gateway' }).catch((e) => e);
+      expect(err).toBeInstanceOf(OpenAI.BadRequestError);
+      expect([err.code, err.param]).toEqual(['context_length_exceeded', 'prompt']);
+    } finally {
+      worker.script = { reply, pieceChars: 5 };
+    }
+  });
+
   it('the response cache answers a repeated deterministic completion (and echo is rendered on the hit)', async () => {
     const cached = new OpenAI({ baseURL: `${gw.url}/v1`, apiKey: TEST_KEY, maxRetries: 0 });
     const prompt = `cache me ${randomUUID()}`;

@@ -165,7 +165,7 @@ describe("legacy completions through the openai Node SDK", () => {
     await expect(anon.completions.create({ model: stack.model, prompt: PROMPT })).rejects.toBeInstanceOf(OpenAI.AuthenticationError);
     const bad = await fetch(`${stack.baseUrl}/v1/completions`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ model: stack.model, prompt: "x" }) });
     expect(bad.status).toBe(401);
-    expect((await bad.json()).error.code).toBe("invalid_api_key");
+    expect(((await bad.json()) as { error: { code: string } }).error.code).toBe("invalid_api_key");
     await expect(openai.completions.create({ model: "nope", prompt: PROMPT })).rejects.toBeInstanceOf(OpenAI.NotFoundError);
   });
 });

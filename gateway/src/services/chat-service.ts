@@ -230,7 +230,7 @@ export class ChatService {
       this.logDone(ctx, p, result.usage.completion_tokens, result.choices.map((c) => c.finish_reason), result);
       return outcome;
     } catch (err) {
-      throw shutdownAware(err, ctx.signal);
+      throw clientError(err, ctx.signal, p.promptParam);
     } finally {
       ctx.signal.removeEventListener('abort', onAbort);
     }
@@ -311,11 +311,17 @@ function redisUnavailable(): ApiError {
   });
 }
 
-/** A run cancelled because the gateway is shutting down is reported as such, not as a client cancel. */
-function shutdownAware(err: unknown, signal: AbortSignal): ApiError {
+/**
+ * A run's failure as the client should read it: cancelled because the gateway is shutting down is reported as such,
+ * not as a client cancel; a worker's context error names the request's prompt field (the worker knows no fields).
+ */
+function clientError(err: unknown, signal: AbortSignal, promptParam: PreparedChat['promptParam']): ApiError {
   const apiErr = toApiError(err);
   if (apiErr.code === 'cancelled' && signal.aborted && signal.reason === 'shutdown') {
     return new ApiError('shutting_down', 'The server is restarting. Please retry.', { retryAfterMs: 1000 });
+  }
+  if (apiErr.code === 'context_length_exceeded' && apiErr.param !== promptParam) {
+    return new ApiError('context_length_exceeded', apiErr.message, { param: promptParam });
   }
   return apiErr;
 }
