@@ -1,7 +1,8 @@
 /**
  * Two steps of the request path (services/chat-pipeline.ts drives them): `prepare` (a chat) and `prepareCompletion`
- * (one raw prompt of /v1/completions) parse a request and do everything that can fail before a job exists (validation, live model, prompt tokens, context, KV budget), so those
- * errors are plain HTTP statuses; `run` is the source step for a request the cache did not answer (the job).
+ * (one raw prompt of /v1/completions) parse a request and do everything that can fail before a job exists
+ * (validation, live model, prompt tokens, context, KV budget), so those errors are plain HTTP statuses; `run` is the
+ * source step for a request the cache did not answer (the job).
  */
 import { randomBytes } from 'node:crypto';
 import type Redis from 'ioredis';
