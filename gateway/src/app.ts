@@ -17,6 +17,7 @@ import { observeRequest } from './metrics';
 import { routeLabeller } from './openapi/routes';
 import { adminRoutes } from './admin/routes';
 import { chatRoutes } from './routes/chat';
+import { completionRoutes } from './routes/completions';
 import { docsRoutes } from './routes/docs';
 import { healthRoutes } from './routes/health';
 import { metricsRoutes } from './routes/metrics';
@@ -106,6 +107,7 @@ export function createApp(deps: AppDeps): Express {
   app.use('/v1', requireAuth(deps.auth, failures), jsonBody, rateLimitHeaders(gov.admission));
   app.use('/chat', requireAuth(deps.auth, failures), jsonBody);
   app.use(chatRoutes(gov.pipeline));
+  app.use(completionRoutes(gov.pipeline));
   app.use(tutorialRoutes(gov.tutorial, gov.admission));
   app.use(modelRoutes(deps.registry, (principal) => (principal ? effectiveLimits(config, principal).models : null)));
 

@@ -41,7 +41,7 @@ beforeAll(async () => {
     redisUrl: redis.url,
     model: MODEL,
     contextLength: 400,
-    script: { reply: (d) => (d.messages.at(-1)?.content.startsWith('leak') ? 'the secret plan is 555-1234 ok' : 'Hello from the fake worker!'), pieceChars: 3 },
+    script: { reply: (d) => (d.messages?.at(-1)?.content.startsWith('leak') ? 'the secret plan is 555-1234 ok' : 'Hello from the fake worker!'), pieceChars: 3 },
   });
   other = new FakeWorker({ redisUrl: redis.url, model: OTHER, contextLength: 400 });
   await Promise.all([worker.start(), other.start()]);
@@ -374,7 +374,7 @@ describe("the tutorial's routes", () => {
       tokens_used: expect.any(Number),
       processing_time: expect.any(Number),
     });
-    expect(worker.jobs.at(-1)!.messages.map((m) => m.role)).toEqual(['user', 'assistant', 'user']);
+    expect(worker.jobs.at(-1)!.messages!.map((m) => m.role)).toEqual(['user', 'assistant', 'user']);
     expect(worker.jobs.at(-1)!.params.max_tokens).toBe(5);
   });
 

@@ -91,7 +91,7 @@ describe('gateway/src import graph', () => {
 
   it('the request path descends: routes → pipeline → admission and chat service → queue', () => {
     const layers = [
-      ['routes/chat.ts', 'tutorial/routes.ts'],
+      ['routes/chat.ts', 'routes/completions.ts', 'tutorial/routes.ts'],
       ['tutorial/tutorial-service.ts'],
       ['services/chat-pipeline.ts'],
       ['services/chat-admission.ts'],

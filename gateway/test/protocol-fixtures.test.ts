@@ -25,6 +25,7 @@ const SCHEMAS: Record<string, z.ZodType> = {
   job_full: jobDataSchema,
   job_structured: jobDataSchema,
   event_error_param: errorEventSchema,
+  job_prompt: jobDataSchema,
   worker_info: workerInfoSchema,
   job_result: jobResultSchema,
   event_started: startedEventSchema,
@@ -46,6 +47,18 @@ describe('shared protocol fixtures', () => {
     const parsed = SCHEMAS[file.replace(/\.json$/, '')].safeParse(raw);
     if (!parsed.success) throw new Error(parsed.error.message);
     if (file.startsWith('event_')) expect(jobEventSchema.safeParse(raw).success).toBe(true);
+  });
+});
+
+describe('job data: a chat or a raw prompt', () => {
+  const fixture = (name: string) => JSON.parse(readFileSync(join(DIR, `${name}.json`), 'utf8'));
+
+  it('carries exactly one of messages and prompt', () => {
+    expect(jobDataSchema.parse(fixture('job_prompt')).prompt).toMatch(/^Once upon a time/);
+    const chat = fixture('job');
+    expect(jobDataSchema.safeParse({ ...chat, prompt: 'also this' }).success).toBe(false);
+    const { messages: _m, ...neither } = chat;
+    expect(jobDataSchema.safeParse(neither).success).toBe(false);
   });
 });
 

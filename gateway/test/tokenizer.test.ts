@@ -21,6 +21,10 @@ describe('ModelTokenizer against Transformers', () => {
     expect(tok.countPrompt(c.messages)).toBe(c.count);
   });
 
+  it.each(fx.prompts.map((p, i) => [i, p] as const))('raw prompt %i (/v1/completions): the worker\'s ids, no template, plain text', (_i, p) => {
+    expect(tok.textIds(p.text)).toEqual(p.ids);
+  });
+
   describe('content is text: control tokens typed in messages do not forge turns', () => {
     const IM_START = tok.encode('<|im_start|>');
     const IM_END = tok.encode('<|im_end|>');
@@ -122,6 +126,8 @@ describe('TokenizerCache (real Redis)', () => {
     const b = await cache.get(model, `h-${inConfig}`);
     expect(a).toBe(b);
     expect(await a.countPrompt(fx.cases[0].messages)).toBe(fx.cases[0].count);
+    // A raw prompt is counted on the threads too.
+    expect(await a.countText(fx.prompts[3].text)).toBe(fx.prompts[3].ids.length);
     expect(a.vocabSize).toBe(fx.vocabSize);
     await cache.close();
   });

@@ -90,3 +90,31 @@ def test_async_client_concurrent_streams():
 def test_models_list():
     ids = [m.id for m in make_client().models.list()]
     assert MODEL in ids
+
+
+def test_legacy_completions():
+    """POST /v1/completions (client.completions.create): the raw prompt, stream and non-stream alike, echo, and a
+    refused field as a typed BadRequestError naming it."""
+    client = make_client()
+    prompt = "The three primary colours are"
+    full = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=20)
+    assert full.object == "text_completion" and full.id.startswith("cmpl-")
+    assert full.choices[0].index == 0 and full.choices[0].text
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+
+    text, usage = "", None
+    for chunk in client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=20, stream=True,
+                                           stream_options={"include_usage": True}):
+        text += "".join(c.text for c in chunk.choices)
+        usage = chunk.usage or usage
+    assert text == full.choices[0].text
+    assert usage.model_dump() == full.usage.model_dump()
+
+    echoed = client.completions.create(model=MODEL, prompt=[prompt, prompt], temperature=0, max_tokens=20, echo=True)
+    assert [c.index for c in echoed.choices] == [0, 1]
+    # Two prompts run batched (bf16 on the stack's worker may then pick other greedy tokens): only the echo is fixed.
+    assert all(c.text.startswith(prompt) and len(c.text) > len(prompt) for c in echoed.choices)
+
+    with pytest.raises(openai.BadRequestError) as br:
+        client.completions.create(model=MODEL, prompt=prompt, suffix=" and that is all.")
+    assert br.value.param == "suffix"

@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from llm_worker import protocol as p
 
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "protocol"
-MODELS = {"job": p.JobData, "job_full": p.JobData, "job_structured": p.JobData, "event_error_param": p.ErrorEvent, "worker_info": p.WorkerInfo, "job_result": p.JobResult,
+MODELS = {"job": p.JobData, "job_full": p.JobData, "job_structured": p.JobData, "job_prompt": p.JobData,
+          "event_error_param": p.ErrorEvent, "worker_info": p.WorkerInfo, "job_result": p.JobResult,
           "event_started": p.StartedEvent, "event_delta": p.DeltaEvent, "event_delta_logprobs": p.DeltaEvent,
           "event_done": p.DoneEvent, "event_error": p.ErrorEvent}
 
@@ -20,7 +21,8 @@ MODELS = {"job": p.JobData, "job_full": p.JobData, "job_structured": p.JobData, 
 def test_fixture_parses_and_round_trips(name):
     raw = json.loads((FIXTURES / f"{name}.json").read_text())
     parsed = MODELS[name].model_validate(raw)
-    # exclude_unset: optional fields a fixture leaves out (response_format, an error's param) stay out.
+    # exclude_unset: optional fields a fixture leaves out (response_format, an error's param, a chat job's `prompt`)
+    # stay out.
     assert parsed.model_dump(mode="json", exclude_unset=True, by_alias=True) == raw
 
 
@@ -68,3 +70,14 @@ def test_job_error_carries_its_param():
     assert str(err) == "invalid_request[response_format]: bad schema"
     assert p.ErrorBody.model_validate(err.to_event()).param == "response_format"
     assert str(JobError("cancelled", "gone")) == "cancelled: gone" and "param" not in JobError("cancelled", "x").to_event()
+
+
+def test_job_carries_messages_or_a_raw_prompt_never_both():
+    chat = json.loads((FIXTURES / "job.json").read_text())
+    raw = json.loads((FIXTURES / "job_prompt.json").read_text())
+    assert p.JobData.model_validate(raw).prompt.startswith("Once upon a time")
+    assert p.JobData.model_validate(raw).messages is None
+    with pytest.raises(ValidationError, match="exactly one"):
+        p.JobData.model_validate({**chat, "prompt": "also this"})
+    with pytest.raises(ValidationError, match="exactly one"):
+        p.JobData.model_validate({k: v for k, v in chat.items() if k != "messages"})

@@ -5,9 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 
 from conftest import chat_ids, wait_until_async
+from engine_util import run_requests
 from transport_util import job_data, serve
+
+from llm_worker.engine.base import GenerationRequest, SamplingParams
+from llm_worker.model import raw_prompt_ids
 
 
 def run(coro):
@@ -39,6 +44,29 @@ def test_stream_events_and_result(redis_url, engine, loaded):
     assert events[0]["prompt_tokens"] == result["usage"]["prompt_tokens"]
     t = result["timing"]
     assert t["picked_up_ms"] <= t["first_token_ms"] <= t["finished_ms"]
+
+
+def test_raw_prompt_job_is_generated_without_the_chat_template(redis_url, engine, loaded):
+    """A job with `prompt` instead of `messages` (/v1/completions): the model continues the text itself."""
+    prompt = "The capital of France is"
+    data = {**job_data("unused", max_tokens=8, temperature=0), "prompt": prompt}
+    del data["messages"]
+
+    async def body():
+        async with serve(redis_url, engine, loaded) as (svc, gw):
+            return await gw.run(data, job_id=f"cmpl-{uuid.uuid4().hex}")
+
+    events, job = run(body())
+    assert events[0]["type"] == "started" and events[-1]["type"] == "done"
+    result = events[-1]["result"]
+    raw_ids = raw_prompt_ids(loaded.tokenizer, prompt)
+    assert result["usage"]["prompt_tokens"] == events[0]["prompt_tokens"] == len(raw_ids)
+    assert len(raw_ids) < len(chat_ids(loaded.tokenizer, prompt))  # no template around it
+    text = result["choices"][0]["text"]
+    assert delta_text(events) == text and job.returnvalue == result
+    # Greedy: exactly what the engine generates after those ids alone (no template, no turn markers).
+    alone = run_requests(engine, [GenerationRequest("raw", raw_ids, SamplingParams(max_tokens=8, temperature=0.0))])
+    assert loaded.tokenizer.decode(alone["raw"].tokens[0], skip_special_tokens=True) == text
 
 
 def test_stop_string_spanning_tokens_never_streamed(redis_url, engine, loaded):

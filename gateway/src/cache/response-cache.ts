@@ -1,6 +1,6 @@
 /**
  * Response cache (the tutorial's lru_cache, done right): L1 in-process LRU, L2 in Redis shared by replicas.
- * Keyed by a hash of the caller's scope, the model, the normalised messages and every generation parameter (so one
+ * Keyed by a hash of the caller's scope, the model, the normalised messages (or raw prompt) and every generation parameter (so one
  * tenant's entries never answer another's, unless CACHE_SCOPE=shared); only deterministic requests
  * (temperature 0, or a seed) are cached. The value is the worker's JobResult, so a hit can be answered as JSON or
  * streamed, on /v1 or the tutorial routes alike.
@@ -40,11 +40,12 @@ function canonical(v: unknown): unknown {
 }
 
 /**
- * Same scope + model + messages + parameters → same key; `stream` is not part of it (a hit can be streamed either
+ * Same scope + model + messages (or prompt) + parameters → same key; `stream` is not part of it (a hit can be streamed either
  * way). `scope` is the caller (CACHE_SCOPE=caller: its key id or JWT subject) or "shared".
  */
 export function cacheKey(data: JobData, scope: string): string {
-  const basis = JSON.stringify(canonical({ scope, model: data.model, messages: data.messages, params: data.params }));
+  // A raw prompt (/v1/completions) is keyed by its text; JSON.stringify leaves the absent one out, so chat keys are as before.
+  const basis = JSON.stringify(canonical({ scope, model: data.model, messages: data.messages, prompt: data.prompt, params: data.params }));
   return PREFIX + createHash('sha256').update(basis, 'utf8').digest('hex');
 }
 

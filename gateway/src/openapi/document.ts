@@ -12,6 +12,7 @@ import type { Config } from '../config';
 import { ERROR_TABLE, type ErrorCode } from '../errors';
 import { createdKeySchema, createKeyRequestSchema, keyListSchema, keyRecordSchema, revokeJwtRequestSchema, updateKeyRequestSchema } from '../protocol/admin';
 import { chatCompletionChunkSchema, chatCompletionRequestSchema, chatCompletionSchema } from '../protocol/chat';
+import { completionRequestSchema, textCompletionChunkSchema, textCompletionSchema } from '../protocol/completions';
 import { modelListSchema, modelSchema } from '../protocol/models';
 import { tutorialBatchResponseSchema, tutorialChatRequestSchema, tutorialChatResponseSchema, tutorialSecureResponseSchema } from '../protocol/tutorial';
 import { errorBodySchema, healthSchema, readySchema } from './schemas';
@@ -66,6 +67,26 @@ function chatPaths(): ZodOpenApiPathsObject {
           '200': {
             description: 'The completion (JSON), or its chunks as server-sent events when `stream` is true',
             content: { ...json(chatCompletionSchema), 'text/event-stream': { schema: chatCompletionChunkSchema } },
+          },
+          ...errors(...AUTH_ERRORS, ...GEN_ERRORS),
+        },
+      },
+    },
+    '/v1/completions': {
+      post: {
+        operationId: 'createCompletion',
+        summary: 'Create a text completion (OpenAI legacy Completions)',
+        description:
+          `OpenAI's request and \`text_completion\` shapes; the prompt is sent to the model as is (no chat template). A list ` +
+          'of prompts gives choices indexed prompt × n + choice. Refused with a 400 naming the field: token-id prompts, a ' +
+          `non-empty \`suffix\`, \`best_of\` other than \`n\`, \`echo\` with \`logprobs\`. ${sseNote}`,
+        tags: ['OpenAI'],
+        security: [{ bearerAuth: [] }],
+        requestBody: { required: true, content: json(completionRequestSchema) },
+        responses: {
+          '200': {
+            description: 'The completion (JSON), or its chunks as server-sent events when `stream` is true',
+            content: { ...json(textCompletionSchema), 'text/event-stream': { schema: textCompletionChunkSchema } },
           },
           ...errors(...AUTH_ERRORS, ...GEN_ERRORS),
         },
@@ -252,7 +273,7 @@ export function buildOpenApiDocument(config: Config): OpenApiDocument {
       servers: [{ url: '/', description: 'This gateway' }],
       security: [{ bearerAuth: [] }],
       tags: [
-        { name: 'OpenAI', description: 'The OpenAI Chat Completions and Models API' },
+        { name: 'OpenAI', description: 'The OpenAI Chat Completions, (legacy) Completions and Models API' },
         { name: 'Tutorial', description: "The tutorial's routes, with its shapes" },
         { name: 'Admin', description: 'API keys and JWT revocations (only with ADMIN_API_KEY)' },
         { name: 'Operations', description: 'Probes, metrics and this documentation' },
@@ -267,6 +288,9 @@ export function buildOpenApiDocument(config: Config): OpenApiDocument {
           ChatCompletionRequest: chatCompletionRequestSchema,
           ChatCompletion: chatCompletionSchema,
           ChatCompletionChunk: chatCompletionChunkSchema,
+          CompletionRequest: completionRequestSchema,
+          TextCompletion: textCompletionSchema,
+          TextCompletionChunk: textCompletionChunkSchema,
           Model: modelSchema,
           ModelList: modelListSchema,
           Error: errorBodySchema,

@@ -85,7 +85,10 @@ export const jobDataSchema = z.object({
   v: z.literal(PROTOCOL_VERSION),
   request_id: z.string(),
   model: z.string(),
-  messages: z.array(jobMessageSchema).min(1),
+  /** A chat: rendered with the model's chat template. Exactly one of `messages` and `prompt` is set. */
+  messages: z.array(jobMessageSchema).min(1).optional(),
+  /** A raw prompt (/v1/completions): sent to the model as is, no chat template, encoded as plain text. */
+  prompt: z.string().optional(),
   params: jobParamsSchema,
   stream: z.boolean(),
   prompt_tokens: z.number().int().min(0),
@@ -97,6 +100,8 @@ export const jobDataSchema = z.object({
    * for room in its batch; past it the worker fails the job with queue_timeout. Absent: no such limit.
    */
   start_deadline_ms: z.number().nullable().optional(),
+}).refine((d) => (d.messages === undefined) !== (d.prompt === undefined), {
+  message: 'exactly one of messages and prompt must be set',
 });
 export type JobData = z.infer<typeof jobDataSchema>;
 

@@ -41,6 +41,9 @@ export interface GovernanceDeps {
   filterActive: boolean;
 }
 
+/** Which request a body is: a chat (/v1/chat/completions, the tutorial's routes) or one prompt of /v1/completions. */
+export type Endpoint = 'chat' | 'completion';
+
 export interface GovernOptions {
   principal: Principal;
   /** `cache-control: no-store` from the client: neither read nor write the cache. */
@@ -89,9 +92,10 @@ export class ChatAdmission {
     return a.states;
   }
 
-  async admit(body: unknown, res: HeaderTarget, ctx: RequestContext, opts: GovernOptions): Promise<Admitted> {
+  /** `endpoint`: which request the body is (a chat, or one prompt of /v1/completions): only parsing differs. */
+  async admit(body: unknown, res: HeaderTarget, ctx: RequestContext, opts: GovernOptions, endpoint: Endpoint = 'chat'): Promise<Admitted> {
     try {
-      return await this.admitInner(body, res, ctx, opts);
+      return await this.admitInner(body, res, ctx, opts, endpoint);
     } catch (err) {
       if (!res.hasHeader('x-ratelimit-limit-requests') && !res.hasHeader('x-ratelimit-limit-tokens')) {
         await this.peekHeaders(res, opts.principal).catch(() => undefined);
@@ -100,7 +104,7 @@ export class ChatAdmission {
     }
   }
 
-  private async admitInner(body: unknown, res: HeaderTarget, ctx: RequestContext, opts: GovernOptions): Promise<Admitted> {
+  private async admitInner(body: unknown, res: HeaderTarget, ctx: RequestContext, opts: GovernOptions, endpoint: Endpoint): Promise<Admitted> {
     const { config, chat, filterActive, redis } = this.deps;
     const limits = effectiveLimits(config, opts.principal);
     const raw = (typeof body === 'object' && body !== null ? body : {}) as Record<string, unknown>;
@@ -123,12 +127,12 @@ export class ChatAdmission {
         degraded.push(`model=${fb}`);
       }
     }
-    const p = await this.countedPrepare(effectiveBody, raw, res, ctx, opts, limits);
+    const p = await this.countedPrepare(effectiveBody, raw, res, ctx, opts, limits, endpoint);
     if (config.MAX_PROMPT_TOKENS > 0 && p.data.prompt_tokens > config.MAX_PROMPT_TOKENS) {
       throw new ApiError(
         'invalid_value',
         `The prompt is ${p.data.prompt_tokens} tokens; this server accepts at most ${config.MAX_PROMPT_TOKENS}.`,
-        { param: 'messages' },
+        { param: p.promptParam },
       );
     }
     if (filterActive && p.wantLogprobs) {
@@ -168,8 +172,11 @@ export class ChatAdmission {
     ctx: RequestContext,
     opts: GovernOptions,
     limits: ReturnType<typeof effectiveLimits>,
+    endpoint: Endpoint,
   ): Promise<PreparedChat> {
-    if (contentChars(raw.messages) < PEEK_BEFORE_COUNT_CHARS) return this.deps.chat.prepare(body, ctx);
+    const prepare = () => (endpoint === 'chat' ? this.deps.chat.prepare(body, ctx) : this.deps.chat.prepareCompletion(body, ctx));
+    const chars = endpoint === 'chat' ? contentChars(raw.messages) : typeof raw.prompt === 'string' ? raw.prompt.length : 0;
+    if (chars < PEEK_BEFORE_COUNT_CHARS) return prepare();
     await this.refuseIfOverBudget(raw, res, opts, limits);
     const who = opts.principal.keyId;
     const counting = this.largeCounts.get(who) ?? 0;
@@ -180,7 +187,7 @@ export class ChatAdmission {
     }
     this.largeCounts.set(who, counting + 1);
     try {
-      return await this.deps.chat.prepare(body, ctx);
+      return await prepare();
     } catch (err) {
       if (err instanceof ApiError && err.code === 'context_length_exceeded') {
         const buckets = bucketsFor(this.deps.config, opts.principal, limits, false);
@@ -356,10 +363,13 @@ function modelDenied(model: string): ApiError {
   return new ApiError('model_not_found', `The model \`${model}\` does not exist or you do not have access to it.`, { param: 'model' });
 }
 
+/** The /v1 routes whose requests go through admission (which sets x-ratelimit-* itself). */
+const ADMITTING_PATHS = new Set(['/chat/completions', '/completions']);
+
 /** x-ratelimit-* on authenticated responses that admit nothing (GET /v1/models …); chat requests set their own. */
 export function rateLimitHeaders(admission: ChatAdmission): RequestHandler {
   return async (req, res, next) => {
-    if (!(req.method === 'POST' && req.path === '/chat/completions') && res.locals.principal) {
+    if (!(req.method === 'POST' && ADMITTING_PATHS.has(req.path)) && res.locals.principal) {
       await admission.peekHeaders(res, res.locals.principal).catch(() => undefined);
     }
     next();

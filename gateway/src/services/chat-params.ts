@@ -1,8 +1,9 @@
 /**
  * Converts an OpenAI chat request into the worker's job parameters, once (vLLM's `to_sampling_params` idea).
  *
- * PARAM_TABLE is the one place that says which OpenAI fields we support. To enable a field: set `supported: true` and
- * give it an `apply`. Ranges are checked by the zod schema (protocol/chat.ts), with OpenAI's bounds.
+ * PARAM_TABLE is the one place that says which OpenAI chat fields we support. To enable a field: set `supported: true`
+ * and give it an `apply`. Ranges are checked by the zod schema (protocol/chat.ts), with OpenAI's bounds. The sampling
+ * rows (SAMPLING_RULES) are shared with the legacy completions' table (services/completion-params.ts).
  */
 import { ApiError } from '../errors';
 import type { ChatCompletionRequest, ChatMessageParam, ResponseFormat } from '../protocol/chat';
@@ -10,16 +11,23 @@ import type { JobMessage, JobParams } from '../protocol/job';
 
 type Req = ChatCompletionRequest;
 
-interface ParamRule {
-  field: keyof Req & string;
+/** One row of a parameter table, over the request type `R` it reads. */
+export interface ParamRule<R> {
+  field: keyof R & string;
   supported: boolean;
   /** Whether the value asks for something; unset (null/undefined) never does. Default: any non-null value. */
-  used?: (value: unknown, req: Req) => boolean;
+  used?: (value: unknown, req: R) => boolean;
   /** Message when an unsupported field is used; `code` tells a value we refuse from a field we refuse. */
   refusal?: { code: 'unsupported_parameter' | 'unsupported_value'; message: string };
   /** Writes the field into the job's params (only called when the value is non-null). */
-  apply?: (value: never, params: JobParams, req: Req) => void;
+  apply?: (value: never, params: JobParams, req: R) => void;
 }
+
+/** The sampling fields that chat and the legacy completions share, with one meaning (and one schema) each. */
+export type SamplingFields = Pick<
+  Req,
+  'temperature' | 'top_p' | 'seed' | 'stop' | 'n' | 'presence_penalty' | 'frequency_penalty' | 'logit_bias' | 'top_k' | 'min_p' | 'repetition_penalty' | 'ignore_eos'
+>;
 
 /** What a request that sets nothing gets (OpenAI's defaults); max_tokens is decided later from the context. */
 export const DEFAULT_JOB_PARAMS: Readonly<Omit<JobParams, 'max_tokens'>> = Object.freeze({
@@ -61,7 +69,8 @@ function applyResponseFormat(v: ResponseFormat, p: JobParams): void {
   p.response_format = { type: 'json_schema', schema };
 }
 
-export const PARAM_TABLE: readonly ParamRule[] = [
+/** The rows both tables start with (services/completion-params.ts reuses them). */
+export const SAMPLING_RULES: readonly ParamRule<SamplingFields>[] = [
   { field: 'temperature', supported: true, apply: (v: number, p) => void (p.temperature = v) },
   {
     field: 'top_p',
@@ -80,13 +89,17 @@ export const PARAM_TABLE: readonly ParamRule[] = [
   { field: 'presence_penalty', supported: true, apply: (v: number, p) => void (p.presence_penalty = v) },
   { field: 'frequency_penalty', supported: true, apply: (v: number, p) => void (p.frequency_penalty = v) },
   { field: 'logit_bias', supported: true, apply: (v: Record<string, number>, p) => void (p.logit_bias = { ...v }) },
-  { field: 'logprobs', supported: true, apply: (v: boolean, p) => void (p.logprobs = v) },
-  { field: 'top_logprobs', supported: true, apply: (v: number, p) => void (p.top_logprobs = v) },
   // vLLM extensions: -1 and 0 both mean "off" for top_k; the worker's convention is 0.
   { field: 'top_k', supported: true, apply: (v: number, p) => void (p.top_k = Math.max(0, v)) },
   { field: 'min_p', supported: true, apply: (v: number, p) => void (p.min_p = v) },
   { field: 'repetition_penalty', supported: true, apply: (v: number, p) => void (p.repetition_penalty = v) },
   { field: 'ignore_eos', supported: true, apply: (v: boolean, p) => void (p.ignore_eos = v) },
+];
+
+export const PARAM_TABLE: readonly ParamRule<Req>[] = [
+  ...SAMPLING_RULES,
+  { field: 'logprobs', supported: true, apply: (v: boolean, p) => void (p.logprobs = v) },
+  { field: 'top_logprobs', supported: true, apply: (v: number, p) => void (p.top_logprobs = v) },
   { field: 'response_format', supported: true, apply: (v: ResponseFormat, p) => void applyResponseFormat(v, p) },
 
   // Defined by OpenAI, not served yet: using them is a 400 naming the field, never a silent ignore.
@@ -119,8 +132,15 @@ export const PARAM_TABLE: readonly ParamRule[] = [
 
 /** Throws for the first unsupported field the request uses, then builds the job's params (without max_tokens). */
 export function toJobParams(req: Req): Omit<JobParams, 'max_tokens'> {
+  const params = applyParamTable(PARAM_TABLE, req);
+  checkCrossField(req, params);
+  return params;
+}
+
+/** Runs a parameter table over a request: the first unsupported field it uses throws (400 naming it). */
+export function applyParamTable<R extends object>(table: readonly ParamRule<R>[], req: R): Omit<JobParams, 'max_tokens'> {
   const params: JobParams = { ...DEFAULT_JOB_PARAMS, stop: [], logit_bias: {}, max_tokens: 1 };
-  for (const rule of PARAM_TABLE) {
+  for (const rule of table) {
     const value = req[rule.field];
     if (value === undefined || value === null) continue;
     if (!rule.supported) {
@@ -133,18 +153,22 @@ export function toJobParams(req: Req): Omit<JobParams, 'max_tokens'> {
     }
     rule.apply?.(value as never, params, req);
   }
-  checkCrossField(req, params);
   const { max_tokens: _unused, ...rest } = params;
   return rest;
 }
 
-function checkCrossField(req: Req, params: JobParams): void {
+function checkCrossField(req: Req, params: Omit<JobParams, 'max_tokens'>): void {
   requestedMaxTokens(req);
   if (req.top_logprobs != null && req.top_logprobs > 0 && !params.logprobs) {
     throw new ApiError('invalid_value', "'logprobs' must be set to true when 'top_logprobs' is used.", {
       param: 'top_logprobs',
     });
   }
+  checkStreamOptions(req);
+}
+
+/** OpenAI refuses stream_options without stream (chat and completions alike). */
+export function checkStreamOptions(req: { stream?: boolean | null; stream_options?: unknown }): void {
   if (req.stream_options != null && !req.stream) {
     throw new ApiError('invalid_value', "The 'stream_options' parameter is only allowed when 'stream' is enabled.", {
       param: 'stream_options',

@@ -1,7 +1,8 @@
 /**
- * Two steps of the request path (services/chat-pipeline.ts drives them): `prepare` parses a chat request and does
- * everything that can fail before a job exists (validation, live model, prompt tokens, context, KV budget), so those
- * errors are plain HTTP statuses; `run` is the source step for a request the cache did not answer (the job).
+ * Two steps of the request path (services/chat-pipeline.ts drives them): `prepare` (a chat) and `prepareCompletion`
+ * (one raw prompt of /v1/completions) parse a request and do everything that can fail before a job exists
+ * (validation, live model, prompt tokens, context, KV budget), so those errors are plain HTTP statuses; `run` is the
+ * source step for a request the cache did not answer (the job).
  */
 import { randomBytes } from 'node:crypto';
 import type Redis from 'ioredis';
@@ -9,7 +10,8 @@ import type { Config } from '../config';
 import { ApiError, toApiError } from '../errors';
 import type { Logger } from '../logger';
 import { chatCompletionRequestSchema, KNOWN_REQUEST_FIELDS } from '../protocol/chat';
-import { type JobData, PROTOCOL_VERSION, type TokenLogprob, tokenizerKey } from '../protocol/job';
+import { KNOWN_COMPLETION_FIELDS } from '../protocol/completions';
+import { type JobData, type JobMessage, type JobParams, PROTOCOL_VERSION, type TokenLogprob, tokenizerKey } from '../protocol/job';
 import type { JobEventBus } from '../queue/job-events';
 import type { JobQueues } from '../queue/job-queue';
 import type { JobPlacement } from '../queue/job-queue';
@@ -17,6 +19,7 @@ import { JobRun, type RunDeps, type RunOutcome } from '../queue/job-run';
 import { isReady } from '../queue/redis';
 import type { CompletionMeta } from './chat-format';
 import { normaliseMessages, requestedMaxTokens, toJobParams } from './chat-params';
+import { COMPLETION_DEFAULT_MAX_TOKENS, parseCompletion } from './completion-params';
 import type { Stamps } from './stamps';
 import type { TokenizerCache } from './tokenizer';
 import { parseOrThrow } from './validation';
@@ -45,8 +48,23 @@ export interface PreparedChat {
   wantLogprobs: boolean;
   /** Sequences the model's live workers run at once (ModelView.slots): backlog admission's free-room check. */
   slots: number | null;
+  /** The request field that holds the prompt, named by errors about its length. */
+  promptParam: 'messages' | 'prompt';
   /** Where the job goes in the queue (the caller's tier); absent = FIFO. */
   placement?: JobPlacement;
+}
+
+/** A parsed request of either endpoint, as the shared preparation takes it. */
+interface PromptRequest {
+  model: string;
+  /** A chat (rendered with the model's template) or a raw prompt (sent as is): the job carries one of the two. */
+  input: { messages: JobMessage[] } | { prompt: string };
+  params: Omit<JobParams, 'max_tokens'>;
+  /** max_tokens as asked (null: none asked), and the endpoint's default for that case. */
+  requested: number | null;
+  defaultMaxTokens: number;
+  stream: boolean;
+  includeUsage: boolean;
 }
 
 export interface ChatServiceDeps {
@@ -82,15 +100,47 @@ export function fitKvBudget(model: ModelView, n: number, promptTokens: number, r
 export class ChatService {
   constructor(private readonly deps: ChatServiceDeps) {}
 
+  /** POST /v1/chat/completions: the chat schema and parameter table, then the shared preparation. */
   async prepare(body: unknown, ctx: RequestContext): Promise<PreparedChat> {
-    const { config } = this.deps;
     const req = parseOrThrow(chatCompletionRequestSchema, body);
-    const unknown = Object.keys(req).filter((k) => !KNOWN_REQUEST_FIELDS.has(k));
-    if (unknown.length > 0) ctx.log.debug('ignoring fields OpenAI does not define', { fields: unknown });
-
+    logUnknown(ctx, req, KNOWN_REQUEST_FIELDS);
     const params = toJobParams(req);
-    const messages = normaliseMessages(req.messages);
-    const model = await this.liveModel(req.model);
+    return this.prepareInput(ctx, {
+      model: req.model,
+      input: { messages: normaliseMessages(req.messages) },
+      params,
+      requested: requestedMaxTokens(req),
+      defaultMaxTokens: this.deps.config.DEFAULT_MAX_TOKENS,
+      stream: req.stream === true,
+      includeUsage: req.stream_options?.include_usage === true,
+    });
+  }
+
+  /**
+   * POST /v1/completions, one prompt (the pipeline admits each prompt of a list on its own): the completions schema
+   * and table (services/completion-params.ts), then the same preparation as a chat, with the prompt sent as is.
+   */
+  async prepareCompletion(body: unknown, ctx: RequestContext): Promise<PreparedChat> {
+    const c = parseCompletion(body);
+    if (c.prompts.length !== 1) throw new Error('prepareCompletion takes one prompt: lists are split by the pipeline');
+    logUnknown(ctx, c.req, KNOWN_COMPLETION_FIELDS);
+    return this.prepareInput(ctx, {
+      model: c.req.model,
+      input: { prompt: c.prompts[0] },
+      params: c.params,
+      requested: c.req.max_tokens ?? null,
+      defaultMaxTokens: COMPLETION_DEFAULT_MAX_TOKENS,
+      stream: c.req.stream === true,
+      includeUsage: c.req.stream_options?.include_usage === true,
+    });
+  }
+
+  /** Everything that can fail before a job exists, the same for a chat and a raw prompt. */
+  private async prepareInput(ctx: RequestContext, r: PromptRequest): Promise<PreparedChat> {
+    const { config } = this.deps;
+    const { params } = r;
+    const param = 'messages' in r.input ? 'messages' : 'prompt';
+    const model = await this.liveModel(r.model);
     if (model.maxBatch !== null && params.n > model.maxBatch) {
       // More choices than a worker's batch holds can never run as sized: refused before a job exists.
       throw new ApiError('invalid_value', `Invalid 'n': this model runs at most ${model.maxBatch} sequences at once, so n may be at most ${model.maxBatch}.`, {
@@ -108,27 +158,27 @@ export class ChatService {
     }
     // A prompt with more characters than the context can hold as tokens is refused before any tokenization: counting
     // megabytes of text costs seconds of CPU and hundreds of MB, for an answer known in advance.
-    const chars = messages.reduce((n, m) => n + m.content.length, 0);
+    const chars = 'messages' in r.input ? r.input.messages.reduce((n, m) => n + m.content.length, 0) : r.input.prompt.length;
     if (chars > model.contextLength * tokenizer.maxTokenChars) {
       throw new ApiError(
         'context_length_exceeded',
-        `This model's maximum context length is ${model.contextLength} tokens. However, your messages hold ${chars} characters, more than ${model.contextLength} tokens can carry. Please reduce the length of the messages.`,
-        { param: 'messages' },
+        `This model's maximum context length is ${model.contextLength} tokens. However, your ${param === 'messages' ? 'messages hold' : 'prompt holds'} ${chars} characters, more than ${model.contextLength} tokens can carry. Please reduce the length of the ${param}.`,
+        { param },
       );
     }
-    const promptTokens = await tokenizer.countPrompt(messages);
-    const maxTokens = fitKvBudget(model, params.n, promptTokens, requestedMaxTokens(req),
-      this.decideMaxTokens(requestedMaxTokens(req), promptTokens, model.contextLength));
+    const promptTokens = 'messages' in r.input ? await tokenizer.countPrompt(r.input.messages) : await tokenizer.countText(r.input.prompt);
+    const maxTokens = fitKvBudget(model, params.n, promptTokens, r.requested,
+      this.decideMaxTokens(r.requested, r.defaultMaxTokens, promptTokens, model.contextLength, param));
 
     const now = Date.now();
-    const id = `chatcmpl-${randomBytes(16).toString('hex')}`;
+    const id = `${'messages' in r.input ? 'chatcmpl' : 'cmpl'}-${randomBytes(16).toString('hex')}`;
     const data: JobData = {
       v: PROTOCOL_VERSION,
       request_id: ctx.requestId,
       model: model.id,
-      messages,
+      ...r.input,
       params: { ...params, max_tokens: maxTokens },
-      stream: req.stream === true,
+      stream: r.stream,
       prompt_tokens: promptTokens,
       enqueued_at_ms: now,
       deadline_ms: now + config.REQUEST_TIMEOUT_MS,
@@ -137,15 +187,16 @@ export class ChatService {
     // Written once this turn of the event loop is over, i.e. while the request waits for its first Redis replies:
     // formatting and writing a log line took ~0.25 ms of the hot path (services/stamps.ts measured it).
     const accepted = { jobId: id, model: model.id, stream: data.stream, n: params.n, promptTokens, maxTokens };
-    setImmediate(() => ctx.log.info('chat request accepted', { ...accepted, ...(config.LOG_PROMPTS ? { messages } : {}) }));
+    setImmediate(() => ctx.log.info('chat request accepted', { ...accepted, ...(config.LOG_PROMPTS ? r.input : {}) }));
     ctx.stamps?.mark('prepared');
     return {
       meta: { id, created: Math.floor(now / 1000), model: model.id },
       data,
       stream: data.stream,
-      includeUsage: req.stream_options?.include_usage === true,
+      includeUsage: r.includeUsage,
       wantLogprobs: params.logprobs,
       slots: model.slots,
+      promptParam: param,
     };
   }
 
@@ -180,7 +231,7 @@ export class ChatService {
       this.logDone(ctx, p, result.usage.completion_tokens, result.choices.map((c) => c.finish_reason), result);
       return outcome;
     } catch (err) {
-      throw shutdownAware(err, ctx.signal);
+      throw clientError(err, ctx.signal, p.promptParam);
     } finally {
       ctx.signal.removeEventListener('abort', onAbort);
     }
@@ -221,18 +272,18 @@ export class ChatService {
     });
   }
 
-  /** max_tokens: the request's, else the configured default, never more than the context leaves. */
-  private decideMaxTokens(requested: number | null, promptTokens: number, contextLength: number): number {
+  /** max_tokens: the request's, else the endpoint's default, never more than the context leaves. */
+  private decideMaxTokens(requested: number | null, byDefault: number, promptTokens: number, contextLength: number, param: string): number {
     const left = contextLength - promptTokens;
     if (requested !== null ? promptTokens + requested > contextLength : left < 1) {
       const asked = requested ?? 1;
       throw new ApiError(
         'context_length_exceeded',
-        `This model's maximum context length is ${contextLength} tokens. However, you requested ${promptTokens + asked} tokens (${promptTokens} in the messages, ${asked} in the completion). Please reduce the length of the messages or completion.`,
-        { param: 'messages' },
+        `This model's maximum context length is ${contextLength} tokens. However, you requested ${promptTokens + asked} tokens (${promptTokens} in the ${param}, ${asked} in the completion). Please reduce the length of the ${param} or completion.`,
+        { param },
       );
     }
-    return requested ?? Math.min(this.deps.config.DEFAULT_MAX_TOKENS, left);
+    return requested ?? Math.min(byDefault, left);
   }
 
   private logDone(ctx: RequestContext, p: PreparedChat, completionTokens: number, finish: string[], result: { choices: Array<{ text: string }> }): void {
@@ -249,17 +300,29 @@ export class ChatService {
   }
 }
 
+/** Fields OpenAI does not define are ignored, as vLLM does; logged so that a misspelt one can be found. */
+function logUnknown(ctx: RequestContext, req: object, known: ReadonlySet<string>): void {
+  const unknown = Object.keys(req).filter((k) => !known.has(k));
+  if (unknown.length > 0) ctx.log.debug('ignoring fields OpenAI does not define', { fields: unknown });
+}
+
 function redisUnavailable(): ApiError {
   return new ApiError('redis_unavailable', 'The service is temporarily unavailable (queue store unreachable). Please retry.', {
     retryAfterMs: 1000,
   });
 }
 
-/** A run cancelled because the gateway is shutting down is reported as such, not as a client cancel. */
-function shutdownAware(err: unknown, signal: AbortSignal): ApiError {
+/**
+ * A run's failure as the client should read it: cancelled because the gateway is shutting down is reported as such,
+ * not as a client cancel; a worker's context error names the request's prompt field (the worker knows no fields).
+ */
+function clientError(err: unknown, signal: AbortSignal, promptParam: PreparedChat['promptParam']): ApiError {
   const apiErr = toApiError(err);
   if (apiErr.code === 'cancelled' && signal.aborted && signal.reason === 'shutdown') {
     return new ApiError('shutting_down', 'The server is restarting. Please retry.', { retryAfterMs: 1000 });
+  }
+  if (apiErr.code === 'context_length_exceeded' && apiErr.param !== promptParam) {
+    return new ApiError('context_length_exceeded', apiErr.message, { param: promptParam });
   }
   return apiErr;
 }

@@ -4,13 +4,16 @@
  * cached result (replayed whole); the renderer only decides the events' shape:
  *   - ChatStream: OpenAI's chat.completion.chunk events (role chunk on a choice's first output, content chunks, every
  *     finish chunk in index order, the usage chunk when asked for, [DONE]);
- *   - TextStream: the tutorial's /chat/stream (`data: <text>` of the first choice, [DONE]; errors as `event: error`).
+ *   - TextStream: the tutorial's /chat/stream (`data: <text>` of the first choice, [DONE]; errors as `event: error`);
+ *   - CompletionStream: /v1/completions' `text_completion` chunks (the echoed prompts first, text chunks, every
+ *     finish chunk in index order, the usage chunk when asked for, [DONE]).
  * Events written before open() wait inside SseWriter.
  */
 import type { ApiError } from '../errors';
 import type { JobResult, TokenLogprob } from '../protocol/job';
 import type { SseWriter } from '../streaming/sse';
 import { ChunkFactory, type CompletionMeta } from './chat-format';
+import { CompletionChunks, type CompletionRender, codePoints, legacyLogprobs, promptOf } from './completion-format';
 
 export interface StreamRenderer {
   /** The SSE headers go out (the job is queued: errors before this are plain HTTP statuses). */
@@ -76,6 +79,53 @@ export class TextStream implements StreamRenderer {
   }
 
   finish(): void {
+    this.sse.done();
+  }
+
+  fail(err: ApiError): void {
+    if (this.sse.writable) this.sse.error(err);
+  }
+
+  end(): void {
+    this.sse.end();
+  }
+}
+
+/** The legacy completions' stream; indices are global (prompt × n + choice), as the pipeline passes them. */
+export class CompletionStream implements StreamRenderer {
+  private readonly chunks: CompletionChunks;
+  /** Per choice: characters of its text so far (the legacy logprobs' text_offset counts from the choice's start). */
+  private readonly offsets = new Map<number, number>();
+
+  constructor(
+    private readonly sse: SseWriter,
+    private readonly r: CompletionRender,
+  ) {
+    this.chunks = new CompletionChunks(r);
+  }
+
+  open(): void {
+    this.sse.open();
+    if (!this.r.echo) return;
+    // The echo goes first, once per choice, before any generated text.
+    for (let index = 0; index < this.r.prompts.length * this.r.n; index++) {
+      const prompt = promptOf(this.r, index);
+      this.offsets.set(index, codePoints(prompt));
+      this.sse.data(this.chunks.text(index, prompt, null));
+    }
+  }
+
+  content(index: number, text: string, logprobs: TokenLogprob[] | null | undefined): void {
+    if (text.length === 0 && !logprobs?.length) return;
+    const at = this.offsets.get(index) ?? 0;
+    const lp = this.r.logprobs === null ? null : legacyLogprobs(logprobs ?? [], at);
+    this.offsets.set(index, at + (lp ? lp.tokens.reduce((n, t) => n + codePoints(t), 0) : 0));
+    this.sse.data(this.chunks.text(index, text, lp));
+  }
+
+  finish(result: JobResult): void {
+    for (const c of [...result.choices].sort((a, b) => a.index - b.index)) this.sse.data(this.chunks.finish(c.index, c.finish_reason));
+    if (this.r.includeUsage) this.sse.data(this.chunks.usage(result));
     this.sse.done();
   }
 

@@ -109,6 +109,15 @@ export class ModelTokenizer {
     return this.promptPieces(messages).reduce((n, ids) => n + ids.length, 0);
   }
 
+  /**
+   * A raw prompt's ids (/v1/completions: no template). The text is plain text, as message content is (a typed
+   * `<|endoftext|>` stays those characters), with the tokens the tokenizer itself adds around a text (a BOS where its
+   * post-processor adds one), as Transformers' `tokenizer(prompt)` does: the worker's model.raw_prompt_ids.
+   */
+  textIds(text: string): number[] {
+    return this.plain.encode(text, { add_special_tokens: true }).ids;
+  }
+
   /** The prompt's ids piece by piece (no spreading: a huge prompt's pieces exceed the call stack's argument limit). */
   private promptPieces(messages: readonly JobMessage[]): number[][] {
     const rendered = this.render(messages);

@@ -121,15 +121,24 @@ export class TokenizerPool {
   }
 
   /** Prompt tokens of `messages` (content as plain text, services/tokenizer.ts). */
-  async count(hash: string, source: () => Promise<TokenizerSource>, messages: JobMessage[]): Promise<number> {
+  count(hash: string, source: () => Promise<TokenizerSource>, messages: JobMessage[]): Promise<number> {
+    const chars = messages.reduce((n, m) => n + m.content.length, 0);
+    return this.countOn(hash, source, chars, (id) => ({ id, op: 'count', hash, messages }));
+  }
+
+  /** Tokens of a raw prompt (/v1/completions: no template, plain text). */
+  countText(hash: string, source: () => Promise<TokenizerSource>, text: string): Promise<number> {
+    return this.countOn(hash, source, text.length, (id) => ({ id, op: 'countText', hash, text }));
+  }
+
+  private async countOn(hash: string, source: () => Promise<TokenizerSource>, chars: number, request: (id: number) => ThreadRequest): Promise<number> {
     if (this.pendingCount >= this.maxPending) {
       throw new ApiError('server_busy', 'The server is busy counting other prompts. Please retry shortly.', { retryAfterMs: 1000 });
     }
-    const chars = messages.reduce((n, m) => n + m.content.length, 0);
     const t = this.leastBusy(chars > LARGE_PROMPT_CHARS);
     for (let attempt = 0; attempt < 2; attempt++) {
       if (!t.known.has(hash)) await this.loadOn(t, hash, await source());
-      const reply = await t.send({ id: this.nextId++, op: 'count', hash, messages });
+      const reply = await t.send(request(this.nextId++));
       if (reply.ok || !('missing' in reply)) {
         const done = unwrap(reply);
         if (!('count' in done)) throw new ApiError('internal_error', 'tokenizer thread: unexpected reply to count');

@@ -17,7 +17,8 @@ export interface TokenizerSource {
 
 export type ThreadRequest =
   | { id: number; op: 'load'; hash: string; source: TokenizerSource }
-  | { id: number; op: 'count'; hash: string; messages: JobMessage[] };
+  | { id: number; op: 'count'; hash: string; messages: JobMessage[] }
+  | { id: number; op: 'countText'; hash: string; text: string };
 
 export type ThreadReply =
   | { id: number; ok: true; vocabSize: number; maxTokenChars: number }
@@ -40,7 +41,7 @@ function handle(req: ThreadRequest): ThreadReply {
   }
   const tok = built.get(req.hash);
   if (!tok) return { id: req.id, ok: false, missing: true };
-  return { id: req.id, ok: true, count: tok.countPrompt(req.messages) };
+  return { id: req.id, ok: true, count: req.op === 'count' ? tok.countPrompt(req.messages) : tok.textIds(req.text).length };
 }
 
 parentPort?.on('message', (req: ThreadRequest) => {

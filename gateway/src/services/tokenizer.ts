@@ -17,6 +17,8 @@ export interface LoadedTokenizer {
   vocabSize: number;
   maxTokenChars: number;
   countPrompt(messages: JobMessage[]): Promise<number>;
+  /** Tokens of a raw prompt (no template; plain text), on the pool too. */
+  countText(text: string): Promise<number>;
 }
 
 export interface TokenizerPoolOptions {
@@ -87,6 +89,7 @@ export class TokenizerCache {
       ...info,
       // A thread that evicted it gets the source again from Redis (rare: a few tokenizers per thread).
       countPrompt: (messages) => this.pool.count(hash, () => this.source(model, hash), messages),
+      countText: (text) => this.pool.countText(hash, () => this.source(model, hash), text),
     };
   }
 

@@ -17,6 +17,8 @@ export interface TokenizerFixture {
   hash: string;
   vocabSize: number;
   cases: Array<{ messages: JobMessage[]; rendered: string; rendered_ids: number[]; ids: number[]; count: number }>;
+  /** Raw prompts (/v1/completions) and the worker's ids for them. */
+  prompts: Array<{ text: string; ids: number[] }>;
 }
 
 let cached: TokenizerFixture | null = null;
@@ -29,6 +31,6 @@ export function tokenizerFixture(): TokenizerFixture {
   const configWithTemplateJson = JSON.stringify({ ...JSON.parse(configJson), chat_template: chatTemplate });
   const meta = JSON.parse(readFileSync(join(DIR, 'cases.json'), 'utf8'));
   const hash = createHash('sha256').update(tokenizerJson + configWithTemplateJson).digest('hex');
-  cached = { tokenizerJson, configJson, chatTemplate, configWithTemplateJson, hash, vocabSize: meta.vocab_size, cases: meta.cases };
+  cached = { tokenizerJson, configJson, chatTemplate, configWithTemplateJson, hash, vocabSize: meta.vocab_size, cases: meta.cases, prompts: meta.prompts };
   return cached;
 }

@@ -288,6 +288,15 @@ def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return ids
 
 
+def raw_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a raw prompt (/v1/completions): no chat template, the text as plain text like message content (a
+    typed ``<|endoftext|>`` stays those characters), with the tokens the tokenizer itself adds around a text (a BOS where
+    its post-processor adds one), as ``tokenizer(prompt)`` does. The gateway counts the same way
+    (gateway/src/services/model-tokenizer.ts ``textIds``)."""
+    prompt.encode("utf-8")  # a lone surrogate raises UnicodeEncodeError here, as in chat_prompt_ids
+    return list(tokenizer(prompt, add_special_tokens=True, split_special_tokens=True)["input_ids"])
+
+
 def _count(ids: list[int], wanted: set[int]) -> int:
     return sum(1 for i in ids if i in wanted)
 

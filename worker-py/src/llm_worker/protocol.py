@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .engine.base import SamplingParams
 from .grammar import GrammarError, GrammarSpec
@@ -113,7 +113,10 @@ class JobData(_Wire):
     v: Literal[1] = 1
     request_id: str
     model: str
-    messages: list[Message] = Field(min_length=1)
+    # Exactly one of the two (job.ts): a chat, rendered with the chat template, or a raw prompt (/v1/completions),
+    # sent to the model as is and encoded as plain text (model.raw_prompt_ids).
+    messages: Optional[list[Message]] = Field(None, min_length=1)
+    prompt: Optional[str] = None
     params: JobParams = Field(default_factory=JobParams)
     stream: bool = False
     prompt_tokens: Optional[int] = None
@@ -121,6 +124,13 @@ class JobData(_Wire):
     deadline_ms: Optional[int] = None
     # By then generation must have started, also while waiting inside this worker for room in the batch (job.ts).
     start_deadline_ms: Optional[int] = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "JobData":
+        # Mirrors the refine of job.ts jobDataSchema.
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("exactly one of messages and prompt must be set")
+        return self
 
 
 class WorkerInfo(_Wire):

@@ -16,7 +16,7 @@ from ..engine.base import ChoiceOutput, Engine, GenerationRequest
 from ..errors import JobError
 from ..grammar import CompiledGrammar, GrammarCompiler, GrammarError
 from ..log import now_ms
-from ..model import ForgedTurnError, chat_prompt_ids
+from ..model import ForgedTurnError, chat_prompt_ids, raw_prompt_ids
 from ..protocol import JobData
 from ..text.detokenizer import StreamDetokenizer
 from ..text.logprobs import AlignedLogprobs, LogprobFormatter
@@ -106,13 +106,9 @@ class JobRun:
             # The gateway refuses these too (worker info max_batch); a wider request would grow the batch, and its
             # cache, past what MAX_BATCH sized it for.
             raise JobError("invalid_request", f"n={d.params.n} exceeds this worker's MAX_BATCH ({max_batch})")
-        messages = [m.model_dump() for m in d.messages]
-        try:
-            prompt_ids = await asyncio.to_thread(chat_prompt_ids, ctx.tokenizer, messages)
-        except (ForgedTurnError, UnicodeError) as exc:  # the client's content, not our fault (the gateway checks too)
-            raise JobError("invalid_request", f"messages: {exc}") from exc
-        if ctx.log_prompts:
-            log.info("prompt", extra={"jobId": self.job_id, "messages": messages})
+        prompt_ids = await self._prompt_ids()
+        if not prompt_ids:
+            raise JobError("invalid_request", "prompt: the prompt is empty")
         room = ctx.context_length - len(prompt_ids)
         if room < 1:
             raise JobError("context_length_exceeded",
@@ -174,6 +170,22 @@ class JobRun:
             # The compile goes on in its thread (llguidance's own limits bound it) and lands in the cache unused.
             raise JobError("invalid_request", f"response_format: the schema's grammar took longer than "
                            f"{ctx.grammar_timeout_s:g} s to compile; simplify the schema", "response_format") from exc
+
+    async def _prompt_ids(self) -> list[int]:
+        """A chat through the template, or a raw prompt (/v1/completions) as is; both encode client text as plain text."""
+        d, ctx = self.data, self.ctx
+        if d.prompt is not None:
+            field, what, encode, arg = "prompt", {"prompt": d.prompt}, raw_prompt_ids, d.prompt
+        else:
+            messages = [m.model_dump() for m in d.messages or []]
+            field, what, encode, arg = "messages", {"messages": messages}, chat_prompt_ids, messages
+        try:
+            ids = await asyncio.to_thread(encode, ctx.tokenizer, arg)
+        except (ForgedTurnError, UnicodeError) as exc:  # the client's content, not our fault (the gateway checks too)
+            raise JobError("invalid_request", f"{field}: {exc}") from exc
+        if ctx.log_prompts:
+            log.info("prompt", extra={"jobId": self.job_id, **what})
+        return ids
 
     def _on_outputs(self, stream: JobStream, outputs: list[ChoiceOutput]) -> None:
         try:

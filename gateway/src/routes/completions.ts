@@ -1,0 +1,18 @@
+/** POST /v1/completions (OpenAI's legacy text completions): the request's context → ChatPipeline.textCompletions, the
+ * same admit, source, filter, render and finish steps as chat. Errors go to the error middleware (Express 5 forwards). */
+import { Router } from 'express';
+import type { ChatPipeline } from '../services/chat-pipeline';
+import type { RequestContext } from '../services/chat-service';
+import { Stamps } from '../services/stamps';
+
+export function completionRoutes(pipeline: ChatPipeline): Router {
+  const router = Router();
+  router.post('/v1/completions', async (req, res) => {
+    const stamps = new Stamps();
+    stamps.mark('route');
+    const ctx: RequestContext = { requestId: res.locals.requestId, log: res.locals.log, signal: res.locals.signal, stamps };
+    const noStore = /\bno-store\b/i.test(req.get('cache-control') ?? '');
+    await pipeline.textCompletions(req.body, res, ctx, { principal: res.locals.principal, noStore });
+  });
+  return router;
+}
