@@ -10,10 +10,12 @@ import { chatCompletionRequestSchema } from '../src/protocol/chat';
 import { jobParamsSchema } from '../src/protocol/job';
 import { MAX_RESPONSE_SCHEMA_CHARS, normaliseMessages, requestedMaxTokens, toJobParams } from '../src/services/chat-params';
 import { parseOrThrow } from '../src/services/validation';
+import { planTools } from '../src/tools/plan';
 
 function convert(body: unknown) {
   const req = parseOrThrow(chatCompletionRequestSchema, body);
-  return { req, params: toJobParams(req), messages: normaliseMessages(req.messages) };
+  const tools = planTools(req);
+  return { req, params: toJobParams(req, tools), messages: normaliseMessages(req.messages, tools) };
 }
 
 function rejection(body: unknown): ApiError {
@@ -175,7 +177,8 @@ describe('rejections name the field', () => {
     ['messages not an array', { model: 'm', messages: 'hi' }, 'messages', 'invalid_type'],
     ['content a number', { model: 'm', messages: [{ role: 'user', content: 5 }] }, 'messages[0].content', 'invalid_type'],
     ['unknown role', { model: 'm', messages: [{ role: 'robot', content: 'x' }] }, 'messages[0].role', 'invalid_value'],
-    ['tool role', { model: 'm', messages: [{ role: 'tool', content: 'x', tool_call_id: 'a' }] }, 'messages[0].role', 'unsupported_value'],
+    ['tool result answering no call', { model: 'm', messages: [{ role: 'tool', content: 'x', tool_call_id: 'a' }] }, 'messages[0].tool_call_id', 'invalid_value'],
+    ['function role (deprecated)', { model: 'm', messages: [{ role: 'function', content: 'x', name: 'f' }] }, 'messages[0].role', 'unsupported_value'],
     [
       'image part',
       { model: 'm', messages: [{ role: 'user', content: [{ type: 'text', text: 'a' }, { type: 'image_url', image_url: { url: 'x' } }] }] },
@@ -202,8 +205,8 @@ describe('rejections name the field', () => {
     ['stream_options without stream', { ...base, stream_options: { include_usage: true } }, 'stream_options', 'invalid_value'],
     ['include_usage not a boolean', { ...base, stream: true, stream_options: { include_usage: 'yes' } }, 'stream_options.include_usage', 'invalid_type'],
     ['repetition_penalty 0', { ...base, repetition_penalty: 0 }, 'repetition_penalty', 'invalid_value'],
-    ['tools', { ...base, tools: [{ type: 'function', function: { name: 'f' } }] }, 'tools', 'unsupported_parameter'],
-    ['tool_choice auto', { ...base, tool_choice: 'auto' }, 'tool_choice', 'unsupported_value'],
+    ['tools of another type', { ...base, tools: [{ type: 'retrieval' }] }, 'tools[0].type', 'invalid_value'],
+    ['tool_choice auto without tools', { ...base, tool_choice: 'auto' }, 'tool_choice', 'invalid_value'],
     ['functions', { ...base, functions: [{ name: 'f' }] }, 'functions', 'unsupported_parameter'],
     ['response_format of an unknown type', { ...base, response_format: { type: 'grammar' } }, 'response_format.type', 'invalid_value'],
     ['json_schema without json_schema', { ...base, response_format: { type: 'json_schema' } }, 'response_format.json_schema', 'missing_required_parameter'],

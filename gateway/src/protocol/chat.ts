@@ -15,12 +15,44 @@ export const textPartSchema = z.looseObject({ type: z.literal('text'), text: z.s
 /** Any content part; types other than text/refusal are refused by the converter with a precise `param`. */
 export const contentPartSchema = z.looseObject({ type: z.string() });
 
+/** A function name as OpenAI allows it. */
+const functionName = z.string().regex(/^[A-Za-z0-9_-]{1,64}$/, 'must be 1 to 64 characters of a-z, A-Z, 0-9, underscores and dashes');
+
+/** A tool call the model made, as clients send it back in an assistant message (arguments: a JSON text). */
+export const toolCallParamSchema = z.looseObject({
+  id: z.string().min(1),
+  type: z.literal('function'),
+  function: z.looseObject({ name: z.string().min(1), arguments: z.string() }),
+});
+
 export const chatMessageSchema = z.looseObject({
   role: z.string(),
   content: z.union([z.string(), z.array(contentPartSchema)]).nullish(),
   name: z.string().nullish(),
+  /** assistant messages: the tool calls it made. */
+  tool_calls: z.array(toolCallParamSchema).nullish(),
+  /** tool messages: which call this is the result of. */
+  tool_call_id: z.string().nullish(),
 });
 export type ChatMessageParam = z.infer<typeof chatMessageSchema>;
+
+/** A function the model may call; `parameters` is a JSON schema (checked by tools/schema-check.ts and the worker). */
+export const toolSchema = z.looseObject({
+  type: z.literal('function'),
+  function: z.looseObject({
+    name: functionName,
+    description: z.string().nullish(),
+    parameters: z.record(z.string(), z.unknown()).nullish(),
+    strict: z.boolean().nullish(),
+  }),
+});
+export type ToolParam = z.infer<typeof toolSchema>;
+
+export const toolChoiceSchema = z.union([
+  z.enum(['none', 'auto', 'required']),
+  z.looseObject({ type: z.literal('function'), function: z.looseObject({ name: z.string() }) }),
+]);
+export type ToolChoice = z.infer<typeof toolChoiceSchema>;
 
 /** OpenAI's json_schema response format; `schema` is checked by the worker's grammar compiler (400 naming it). */
 export const jsonSchemaFormatSchema = z.looseObject({
@@ -78,14 +110,16 @@ export const chatCompletionRequestSchema = z.looseObject({
   safety_identifier: z.string().nullish(),
   prompt_cache_key: z.string().nullish(),
   prompt_cache_retention: z.string().nullish(),
+
+  // Tool calling (gateway/src/tools/).
+  tools: z.array(toolSchema).max(128).nullish(),
+  tool_choice: toolChoiceSchema.nullish(),
   parallel_tool_calls: z.boolean().nullish(),
 
   // Structured outputs (services/chat-params.ts, worker-py grammar.py).
   response_format: responseFormatSchema.nullish(),
 
   // Defined by OpenAI, refused when used (see the table); only their presence/shape matters here.
-  tools: z.array(z.unknown()).nullish(),
-  tool_choice: z.unknown().optional(),
   functions: z.array(z.unknown()).nullish(),
   function_call: z.unknown().optional(),
   audio: z.unknown().optional(),
@@ -119,6 +153,23 @@ export type Usage = z.infer<typeof usageSchema>;
 
 const logprobsOutSchema = z.object({ content: z.array(z.unknown()).nullable(), refusal: z.array(z.unknown()).nullable() });
 const finishReasonSchema = z.enum(['stop', 'length', 'tool_calls', 'content_filter', 'function_call']);
+
+/** A tool call in a response (arguments: JSON text, as OpenAI sends it). */
+export const toolCallSchema = z.object({
+  id: z.string(),
+  type: z.literal('function'),
+  function: z.object({ name: z.string(), arguments: z.string() }),
+});
+export type ToolCall = z.infer<typeof toolCallSchema>;
+
+/** A piece of a streamed tool call: the first carries id, type and name; later ones pieces of the arguments. */
+export const toolCallDeltaSchema = z.object({
+  index: z.number().int(),
+  id: z.string().optional(),
+  type: z.literal('function').optional(),
+  function: z.object({ name: z.string().optional(), arguments: z.string().optional() }),
+});
+export type ToolCallDelta = z.infer<typeof toolCallDeltaSchema>;
 export type FinishReason = z.infer<typeof finishReasonSchema>;
 
 export const chatCompletionSchema = z.object({
@@ -134,6 +185,7 @@ export const chatCompletionSchema = z.object({
         content: z.string().nullable(),
         refusal: z.string().nullable(),
         annotations: z.array(z.unknown()).optional(),
+        tool_calls: z.array(toolCallSchema).optional(),
       }),
       logprobs: logprobsOutSchema.nullable(),
       finish_reason: finishReasonSchema,
@@ -157,6 +209,7 @@ export const chatCompletionChunkSchema = z.object({
         role: z.literal('assistant').optional(),
         content: z.string().nullable().optional(),
         refusal: z.string().nullable().optional(),
+        tool_calls: z.array(toolCallDeltaSchema).optional(),
       }),
       logprobs: logprobsOutSchema.nullable(),
       finish_reason: finishReasonSchema.nullable(),

@@ -49,11 +49,17 @@ export type JobMessage = z.infer<typeof jobMessageSchema>;
 
 /**
  * Structured outputs: every choice's text is constrained by a grammar the worker compiles (worker-py grammar.py).
- * json_object: any JSON object; json_schema: a JSON value valid against `schema` (OpenAI's json_schema.schema, unwrapped).
+ * json_object: any JSON object; json_schema: a JSON value valid against `schema` (OpenAI's json_schema.schema, unwrapped);
+ * lark: see below.
  */
 export const jobResponseFormatSchema = z.discriminatedUnion('type', [
   z.object({ type: z.literal('json_object') }),
   z.object({ type: z.literal('json_schema'), schema: z.record(z.string(), z.unknown()) }),
+  /**
+   * A Lark grammar (llguidance's dialect, `%json {…}` for JSON-schema parts) built by the gateway itself (tool calls:
+   * gateway/src/tools/grammar.ts), never taken from a client; `param` names the request field its errors are about.
+   */
+  z.object({ type: z.literal('lark'), grammar: z.string(), param: z.string() }),
 ]);
 export type JobResponseFormat = z.infer<typeof jobResponseFormatSchema>;
 

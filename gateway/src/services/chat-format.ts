@@ -1,5 +1,6 @@
 /** Builds the exact OpenAI response objects (ChatCompletion, ChatCompletionChunk) from the worker's results. */
-import type { ChatCompletion, ChatCompletionChunk, FinishReason, Usage } from '../protocol/chat';
+import type { ChatCompletion, ChatCompletionChunk, FinishReason, ToolCallDelta, Usage } from '../protocol/chat';
+import { parseToolOutput } from '../tools/parser';
 import type { JobResult, TokenLogprob } from '../protocol/job';
 
 export interface CompletionMeta {
@@ -8,9 +9,13 @@ export interface CompletionMeta {
   model: string;
 }
 
-/** The worker says stop|length; anything else (a newer worker's reason) reads as stop rather than break a client. */
-export function finishReason(reason: string): FinishReason {
-  return reason === 'length' ? 'length' : 'stop';
+/**
+ * The worker says stop|length; anything else (a newer worker's reason) reads as stop rather than break a client. An
+ * answer that called tools and ended by itself finished with "tool_calls", as OpenAI's do.
+ */
+export function finishReason(reason: string, calledTools = false): FinishReason {
+  if (reason === 'length') return 'length';
+  return calledTools ? 'tool_calls' : 'stop';
 }
 
 export function usageOf(result: JobResult): Usage {
@@ -31,7 +36,8 @@ export function usageOf(result: JobResult): Usage {
 
 const logprobsOut = (lp: TokenLogprob[] | null) => (lp === null ? null : { content: lp, refusal: null });
 
-export function toChatCompletion(meta: CompletionMeta, result: JobResult, wantLogprobs: boolean): ChatCompletion {
+/** `parseToolCalls`: the request offered tools, so each answer is read for calls (tools/parser.ts). */
+export function toChatCompletion(meta: CompletionMeta, result: JobResult, wantLogprobs: boolean, parseToolCalls = false): ChatCompletion {
   return {
     id: meta.id,
     object: 'chat.completion',
@@ -39,12 +45,23 @@ export function toChatCompletion(meta: CompletionMeta, result: JobResult, wantLo
     model: meta.model,
     choices: [...result.choices]
       .sort((a, b) => a.index - b.index)
-      .map((c) => ({
-        index: c.index,
-        message: { role: 'assistant' as const, content: c.text, refusal: null, annotations: [] },
-        logprobs: wantLogprobs ? logprobsOut(c.logprobs ?? []) : null,
-        finish_reason: finishReason(c.finish_reason),
-      })),
+      .map((c) => {
+        const logprobs = wantLogprobs ? logprobsOut(c.logprobs ?? []) : null;
+        if (!parseToolCalls) {
+          return {
+            index: c.index,
+            message: { role: 'assistant' as const, content: c.text, refusal: null, annotations: [] },
+            logprobs,
+            finish_reason: finishReason(c.finish_reason),
+          };
+        }
+        const parsed = parseToolOutput(c.text);
+        const message: ChatCompletion['choices'][number]['message'] = { role: 'assistant', content: parsed.content, refusal: null, annotations: [] };
+        if (parsed.calls.length > 0) {
+          message.tool_calls = parsed.calls.map((t) => ({ id: t.id, type: 'function', function: { name: t.name, arguments: t.arguments } }));
+        }
+        return { index: c.index, message, logprobs, finish_reason: finishReason(c.finish_reason, parsed.calls.length > 0) };
+      }),
     usage: usageOf(result),
     service_tier: 'default',
     system_fingerprint: null,
@@ -82,8 +99,12 @@ export class ChunkFactory {
     return this.base([{ index, delta: { content: text }, logprobs: logprobsOut(logprobs), finish_reason: null }]);
   }
 
-  finish(index: number, reason: string): ChatCompletionChunk {
-    return this.base([{ index, delta: {}, logprobs: null, finish_reason: finishReason(reason) }]);
+  toolCall(index: number, call: ToolCallDelta, logprobs: TokenLogprob[] | null): ChatCompletionChunk {
+    return this.base([{ index, delta: { tool_calls: [call] }, logprobs: logprobsOut(logprobs), finish_reason: null }]);
+  }
+
+  finish(index: number, reason: string, calledTools = false): ChatCompletionChunk {
+    return this.base([{ index, delta: {}, logprobs: null, finish_reason: finishReason(reason, calledTools) }]);
   }
 
   usage(result: JobResult): ChatCompletionChunk {

@@ -7,6 +7,8 @@
  */
 import { ApiError } from '../errors';
 import type { ChatCompletionRequest, ChatMessageParam, ResponseFormat } from '../protocol/chat';
+import type { ToolPlan } from '../tools/plan';
+import { assistantCallsText, toolResponseText, toolsSystemText } from '../tools/prompt';
 import type { JobMessage, JobParams } from '../protocol/job';
 
 type Req = ChatCompletionRequest;
@@ -102,20 +104,22 @@ export const PARAM_TABLE: readonly ParamRule<Req>[] = [
   { field: 'top_logprobs', supported: true, apply: (v: number, p) => void (p.top_logprobs = v) },
   { field: 'response_format', supported: true, apply: (v: ResponseFormat, p) => void applyResponseFormat(v, p) },
 
+  // Read by tools/plan.ts (prompt, grammar and parsing of calls), which checks them; nothing to copy here.
+  { field: 'tools', supported: true },
+  { field: 'tool_choice', supported: true },
+  { field: 'parallel_tool_calls', supported: true },
+
   // Defined by OpenAI, not served yet: using them is a 400 naming the field, never a silent ignore.
-  { field: 'tools', supported: false },
-  { field: 'functions', supported: false },
   {
-    field: 'tool_choice',
+    field: 'functions',
     supported: false,
-    used: (v) => v !== 'none',
-    refusal: { code: 'unsupported_value', message: "Only tool_choice 'none' is supported: this server does not call tools." },
+    refusal: { code: 'unsupported_parameter', message: "The deprecated 'functions' parameter is not supported; use 'tools'." },
   },
   {
     field: 'function_call',
     supported: false,
     used: (v) => v !== 'none',
-    refusal: { code: 'unsupported_value', message: "Only function_call 'none' is supported: this server does not call functions." },
+    refusal: { code: 'unsupported_value', message: "The deprecated 'function_call' parameter is not supported; use 'tool_choice'." },
   },
   { field: 'audio', supported: false },
   {
@@ -131,9 +135,18 @@ export const PARAM_TABLE: readonly ParamRule<Req>[] = [
 ];
 
 /** Throws for the first unsupported field the request uses, then builds the job's params (without max_tokens). */
-export function toJobParams(req: Req): Omit<JobParams, 'max_tokens'> {
+export function toJobParams(req: Req, tools: ToolPlan | null = null): Omit<JobParams, 'max_tokens'> {
   const params = applyParamTable(PARAM_TABLE, req);
   checkCrossField(req, params);
+  if (tools?.grammar) {
+    if (params.response_format) {
+      // Both would constrain the same text: a call's JSON and the response's schema cannot both hold.
+      throw new ApiError('invalid_value', "'response_format' cannot be combined with a tool_choice that forces a tool call.", {
+        param: 'response_format',
+      });
+    }
+    params.response_format = tools.grammar;
+  }
   return params;
 }
 
@@ -189,11 +202,16 @@ export function requestedMaxTokens(req: Req): number | null {
 }
 
 /**
- * Normalises messages for the worker (docs/PROTOCOL.md): roles system|user|assistant (developer → system),
- * content a string (text parts joined with "\n").
+ * Normalises messages for the worker (docs/PROTOCOL.md): roles system|user|assistant (developer → system), content a
+ * string (text parts joined with "\n"). With tools (tools/prompt.ts): the tool list goes into the system message, an
+ * assistant's tool_calls into its text, and each run of tool messages (which must answer a call made before them)
+ * into one user turn.
  */
-export function normaliseMessages(messages: ChatMessageParam[]): JobMessage[] {
-  return messages.map((m, i) => {
+export function normaliseMessages(messages: ChatMessageParam[], tools: ToolPlan | null = null): JobMessage[] {
+  const out: JobMessage[] = [];
+  const callIds = new Set<string>();
+  let inToolRun = false;
+  messages.forEach((m, i) => {
     const param = `messages[${i}]`;
     let role: JobMessage['role'];
     switch (m.role) {
@@ -205,25 +223,53 @@ export function normaliseMessages(messages: ChatMessageParam[]): JobMessage[] {
       case 'developer':
         role = 'system';
         break;
-      case 'tool':
+      case 'tool': {
+        const id = m.tool_call_id;
+        if (id == null) {
+          throw new ApiError('missing_required_parameter', `Missing required parameter: '${param}.tool_call_id'.`, {
+            param: `${param}.tool_call_id`,
+          });
+        }
+        if (!callIds.has(id)) {
+          throw new ApiError('invalid_value', `Invalid '${param}.tool_call_id': no earlier assistant message made a tool call with id '${id}'.`, {
+            param: `${param}.tool_call_id`,
+          });
+        }
+        const text = toolResponseText(contentText(m.content, `${param}.content`, 'tool'));
+        if (inToolRun) out[out.length - 1].content += `\n${text}`;
+        else out.push({ role: 'user', content: text });
+        inToolRun = true;
+        return;
+      }
       case 'function':
-        throw new ApiError('unsupported_value', `Messages with role '${m.role}' are not supported: this server does not call tools.`, {
+        throw new ApiError('unsupported_value', "Messages with role 'function' (deprecated) are not supported; use role 'tool'.", {
           param: `${param}.role`,
         });
       default:
         throw new ApiError(
           'invalid_value',
-          `Invalid value: '${m.role}'. Supported values are: 'system', 'developer', 'user' and 'assistant'.`,
+          `Invalid value: '${m.role}'. Supported values are: 'system', 'developer', 'user', 'assistant' and 'tool'.`,
           { param: `${param}.role` },
         );
     }
-    if (role === 'assistant' && (m as { tool_calls?: unknown }).tool_calls != null) {
-      throw new ApiError('unsupported_parameter', 'Assistant messages with tool_calls are not supported.', {
-        param: `${param}.tool_calls`,
-      });
+    inToolRun = false;
+    let content = contentText(m.content, `${param}.content`, role);
+    if (m.tool_calls != null && m.tool_calls.length > 0) {
+      if (role !== 'assistant') {
+        throw new ApiError('invalid_value', `Only assistant messages may have 'tool_calls'.`, { param: `${param}.tool_calls` });
+      }
+      for (const c of m.tool_calls) callIds.add(c.id);
+      const calls = assistantCallsText(m.tool_calls, param);
+      content = content ? `${content}\n${calls}` : calls;
     }
-    return { role, content: contentText(m.content, `${param}.content`, role) };
+    out.push({ role, content });
   });
+  if (tools) {
+    const listing = toolsSystemText(tools.tools);
+    if (out[0]?.role === 'system') out[0] = { role: 'system', content: `${out[0].content}\n\n${listing}` };
+    else out.unshift({ role: 'system', content: listing });
+  }
+  return out;
 }
 
 function contentText(content: ChatMessageParam['content'], param: string, role: string): string {

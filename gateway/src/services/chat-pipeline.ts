@@ -41,7 +41,7 @@ export class ChatPipeline {
     const a = await this.deps.admission.admit(body, res, ctx, opts);
     const p = a.prepared;
     if (p.stream) await this.stream(a, res, ctx, 'chat');
-    else res.json(toChatCompletion(p.meta, await this.result(a, ctx), p.wantLogprobs));
+    else res.json(toChatCompletion(p.meta, await this.result(a, ctx), p.wantLogprobs, p.parseToolCalls));
   }
 
   /** An admitted request's whole result, filtered: from the cache or a job. */
@@ -84,7 +84,7 @@ export class ChatPipeline {
    */
   stream(a: Admitted, res: Response, ctx: RequestContext, shape: StreamShape): Promise<void> {
     const p = a.prepared;
-    return this.streamParts([a], p.data.params.n, res, ctx, (sse) => (shape === 'text' ? new TextStream(sse) : new ChatStream(sse, p.meta, p.includeUsage)), shape === 'text' ? 'error' : undefined);
+    return this.streamParts([a], p.data.params.n, res, ctx, (sse) => (shape === 'text' ? new TextStream(sse) : new ChatStream(sse, p.meta, p.includeUsage, p.parseToolCalls)), shape === 'text' ? 'error' : undefined);
   }
 
   /** Admits every body; when one is refused, the others are given back as requests turned away for that reason. */

@@ -18,6 +18,7 @@ import type { JobPlacement } from '../queue/job-queue';
 import { JobRun, type RunDeps, type RunOutcome } from '../queue/job-run';
 import { isReady } from '../queue/redis';
 import type { CompletionMeta } from './chat-format';
+import { planTools } from '../tools/plan';
 import { normaliseMessages, requestedMaxTokens, toJobParams } from './chat-params';
 import { COMPLETION_DEFAULT_MAX_TOKENS, parseCompletion } from './completion-params';
 import type { Stamps } from './stamps';
@@ -50,6 +51,8 @@ export interface PreparedChat {
   slots: number | null;
   /** The request field that holds the prompt, named by errors about its length. */
   promptParam: 'messages' | 'prompt';
+  /** The request offered tools: the answer is rendered with its tool calls (tools/parser.ts). */
+  parseToolCalls: boolean;
   /** Where the job goes in the queue (the caller's tier); absent = FIFO. */
   placement?: JobPlacement;
 }
@@ -65,6 +68,8 @@ interface PromptRequest {
   defaultMaxTokens: number;
   stream: boolean;
   includeUsage: boolean;
+  /** The request offered tools: the answer is read for tool calls (tools/parser.ts). */
+  parseToolCalls?: boolean;
 }
 
 export interface ChatServiceDeps {
@@ -104,10 +109,12 @@ export class ChatService {
   async prepare(body: unknown, ctx: RequestContext): Promise<PreparedChat> {
     const req = parseOrThrow(chatCompletionRequestSchema, body);
     logUnknown(ctx, req, KNOWN_REQUEST_FIELDS);
-    const params = toJobParams(req);
+    const tools = planTools(req);
+    const params = toJobParams(req, tools);
     return this.prepareInput(ctx, {
       model: req.model,
-      input: { messages: normaliseMessages(req.messages) },
+      input: { messages: normaliseMessages(req.messages, tools) },
+      parseToolCalls: tools !== null,
       params,
       requested: requestedMaxTokens(req),
       defaultMaxTokens: this.deps.config.DEFAULT_MAX_TOKENS,
@@ -197,6 +204,7 @@ export class ChatService {
       wantLogprobs: params.logprobs,
       slots: model.slots,
       promptParam: param,
+      parseToolCalls: r.parseToolCalls === true,
     };
   }
 

@@ -12,6 +12,7 @@
 import type { ApiError } from '../errors';
 import type { JobResult, TokenLogprob } from '../protocol/job';
 import type { SseWriter } from '../streaming/sse';
+import { type ToolEvent, ToolCallParser } from '../tools/parser';
 import { ChunkFactory, type CompletionMeta } from './chat-format';
 import { CompletionChunks, type CompletionRender, codePoints, legacyLogprobs, promptOf } from './completion-format';
 
@@ -30,13 +31,17 @@ export interface StreamRenderer {
 export class ChatStream implements StreamRenderer {
   private readonly chunks: ChunkFactory;
   private readonly opened = new Set<number>();
+  /** Per choice, when the request offered tools: its text read for tool calls (tools/parser.ts). */
+  private readonly tools: Map<number, ToolCallParser> | null;
 
   constructor(
     private readonly sse: SseWriter,
     meta: CompletionMeta,
     private readonly includeUsage: boolean,
+    parseToolCalls = false,
   ) {
     this.chunks = new ChunkFactory(meta, includeUsage);
+    this.tools = parseToolCalls ? new Map() : null;
   }
 
   open(): void {
@@ -48,13 +53,37 @@ export class ChatStream implements StreamRenderer {
       this.opened.add(index);
       this.sse.data(this.chunks.role(index));
     }
-    if (text.length > 0 || logprobs?.length) this.sse.data(this.chunks.content(index, text, logprobs ?? null));
+    if (this.tools === null) {
+      if (text.length > 0 || logprobs?.length) this.sse.data(this.chunks.content(index, text, logprobs ?? null));
+      return;
+    }
+    let parser = this.tools.get(index);
+    if (!parser) this.tools.set(index, (parser = new ToolCallParser()));
+    this.toolEvents(index, parser.push(text), logprobs ?? null);
   }
 
   finish(result: JobResult): void {
-    for (const c of [...result.choices].sort((a, b) => a.index - b.index)) this.sse.data(this.chunks.finish(c.index, c.finish_reason));
+    const choices = [...result.choices].sort((a, b) => a.index - b.index);
+    for (const [index, parser] of this.tools ?? []) this.toolEvents(index, parser.flush(), null);
+    for (const c of choices) {
+      const called = (this.tools?.get(c.index)?.callCount ?? 0) > 0;
+      this.sse.data(this.chunks.finish(c.index, c.finish_reason, called));
+    }
     if (this.includeUsage) this.sse.data(this.chunks.usage(result));
     this.sse.done();
+  }
+
+  /** Content and tool-call chunks, in the order the model wrote them; logprobs ride on the first chunk. */
+  private toolEvents(index: number, events: ToolEvent[], logprobs: TokenLogprob[] | null): void {
+    let lp = logprobs?.length ? logprobs : null;
+    for (const e of events) {
+      if (e.kind === 'text') this.sse.data(this.chunks.content(index, e.text, lp));
+      else if (e.kind === 'call') {
+        this.sse.data(this.chunks.toolCall(index, { index: e.index, id: e.id, type: 'function', function: { name: e.name, arguments: '' } }, lp));
+      } else this.sse.data(this.chunks.toolCall(index, { index: e.index, function: { arguments: e.text } }, lp));
+      lp = null;
+    }
+    if (lp) this.sse.data(this.chunks.content(index, '', lp));
   }
 
   fail(err: ApiError): void {

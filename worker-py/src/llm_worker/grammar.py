@@ -123,7 +123,7 @@ class GrammarCompiler:
                 grammar = self._ll.LLMatcher.grammar_from_json_schema(spec.source, defaults=_JSON_OPTIONS)
             except ValueError as exc:
                 raise GrammarError(f"the JSON schema cannot be used: {exc}") from exc
-        elif spec.kind == "lark":
+        elif spec.kind == "lark":  # built by the gateway (tool calls), never a client's text
             grammar = self._ll.LLMatcher.grammar_from_lark(spec.source)
         else:
             raise GrammarError(f"unknown grammar kind {spec.kind!r}")

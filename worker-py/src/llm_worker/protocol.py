@@ -54,13 +54,21 @@ class Message(_Wire):
 
 class ResponseFormat(_Wire):
     """job.ts `ResponseFormat`: constrain every choice's text. ``json_object``: any JSON object; ``json_schema``: a JSON
-    value valid against ``schema`` (the gateway has unwrapped OpenAI's ``json_schema.schema``)."""
+    value valid against ``schema`` (the gateway has unwrapped OpenAI's ``json_schema.schema``); ``lark``: a grammar
+    the gateway built itself (tool calls that must be made)."""
 
-    type: Literal["json_object", "json_schema"]
+    type: Literal["json_object", "json_schema", "lark"]
     # "schema" shadows a BaseModel attribute in pydantic, hence the alias.
     json_schema: Optional[Any] = Field(None, alias="schema")
+    # type "lark": a grammar the gateway built (tool calls), and the request field its errors name ("tools").
+    grammar: Optional[str] = None
+    param: Optional[str] = None
 
     def grammar_spec(self) -> GrammarSpec:
+        if self.type == "lark":
+            if not self.grammar:
+                raise GrammarError("a lark response format needs a grammar")
+            return GrammarSpec("lark", self.grammar)
         if self.type == "json_object":
             return GrammarSpec.json_schema({"type": "object"})
         if self.json_schema is None:

@@ -159,17 +159,18 @@ class JobRun:
     async def _compile_grammar(self) -> CompiledGrammar:
         """The request's response_format compiled (or taken from the compiler's cache), off the event loop."""
         fmt, ctx = self.data.params.response_format, self.ctx
+        param = fmt.param or "response_format"  # "tools" for the grammar of a forced tool call
         if ctx.grammars is None:
-            raise JobError("invalid_request", "this worker cannot serve response_format", "response_format")
+            raise JobError("invalid_request", f"this worker cannot serve {param} that constrain the output", param)
         try:
             spec = fmt.grammar_spec()
             return await asyncio.wait_for(asyncio.to_thread(ctx.grammars.compile, spec), ctx.grammar_timeout_s)
         except GrammarError as exc:
-            raise JobError("invalid_request", f"response_format: {exc}", "response_format") from exc
+            raise JobError("invalid_request", f"{param}: {exc}", param) from exc
         except asyncio.TimeoutError as exc:
             # The compile goes on in its thread (llguidance's own limits bound it) and lands in the cache unused.
-            raise JobError("invalid_request", f"response_format: the schema's grammar took longer than "
-                           f"{ctx.grammar_timeout_s:g} s to compile; simplify the schema", "response_format") from exc
+            raise JobError("invalid_request", f"{param}: the schema's grammar took longer than "
+                           f"{ctx.grammar_timeout_s:g} s to compile; simplify the schema", param) from exc
 
     async def _prompt_ids(self) -> list[int]:
         """A chat through the template, or a raw prompt (/v1/completions) as is; both encode client text as plain text."""
