@@ -114,6 +114,12 @@ describe('the document and the gateway agree', () => {
     const req = d.components!.schemas!.ChatCompletionRequest as { properties: Record<string, unknown>; required: string[] };
     expect(req.required).toEqual(expect.arrayContaining(['model', 'messages']));
     expect(req.properties.temperature).toEqual({ anyOf: [{ type: 'number', minimum: 0, maximum: 2 }, { type: 'null' }] });
+    // Structured outputs and tools are described as served: their shapes, not an opaque "unknown".
+    const described = JSON.stringify(req.properties);
+    for (const field of ['response_format', 'tools', 'tool_choice', 'parallel_tool_calls']) expect(req.properties).toHaveProperty(field);
+    for (const shape of ['json_schema', 'json_object', '"required"', 'parameters', 'tool_call_id']) expect(described).toContain(shape);
+    const completion = JSON.stringify(d.components!.schemas!);
+    expect(completion).toContain('tool_calls');
   });
 
   it('real responses parse with the schemas the document is made from', async () => {
