@@ -54,6 +54,9 @@ class Config(BaseModel):
     # Structured outputs (grammar.py): a response_format whose grammar takes longer to compile is refused with a 400;
     # compiled grammars are kept in an LRU of this many entries.
     grammar_compile_timeout_ms: int = Field(5000, ge=10)
+    # A GGUF model's dequantised weights are kept here for the next start (weights_cache.py); "off" disables it.
+    # Default: $XDG_CACHE_HOME/llm-worker/converted (~/.cache/...).
+    weights_cache_dir: Optional[str] = None
     grammar_cache_size: int = Field(256, ge=1)
 
     @model_validator(mode="after")

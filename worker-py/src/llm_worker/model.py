@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from . import weights_cache
 from .config import Config
 from .errors import ConfigError
 
@@ -68,6 +69,17 @@ def resolve_source(cfg: Config) -> tuple[str, Optional[str], str]:
         return str(p), gguf, cfg.model_id or (Path(gguf).stem if gguf else p.name).lower()
     # A hub id such as Qwen/Qwen-7B-Chat: served under its last path part unless MODEL_ID says otherwise.
     return cfg.model, cfg.gguf_file, cfg.model_id or cfg.model.rsplit("/", 1)[-1].lower()
+
+
+def _cache_entry(cfg: Config, target: str, gguf: Optional[str], dtype, quant):
+    """The converted-weights cache entry for a local GGUF file (None: no GGUF, a hub file, quantised, or disabled)."""
+    if not gguf or quant is not None or (cfg.weights_cache_dir or "").lower() == "off":
+        return None
+    path = Path(target) / gguf
+    if not path.is_file():
+        return None
+    root = Path(cfg.weights_cache_dir).expanduser() if cfg.weights_cache_dir else weights_cache.default_cache_root()
+    return weights_cache.entry_dir(root, path, dtype)
 
 
 def resolve_device(cfg: Config) -> str:
@@ -161,14 +173,26 @@ def load(cfg: Config) -> LoadedModel:
     if gguf:
         common["gguf_file"] = gguf
     log.info("loading model", extra={"source": target, "gguf_file": gguf, "device": device, "dtype": str(dtype)})
-    tokenizer = AutoTokenizer.from_pretrained(target, **common)
-    kwargs: dict[str, Any] = dict(common, dtype=dtype)
     quant = _quantization_config(cfg, device)
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-    if device == "cuda":
-        kwargs["device_map"] = cfg.device_map or "auto"
-    model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
+    entry = _cache_entry(cfg, target, gguf, dtype, quant)
+    cached = weights_cache.load(entry[0], entry[1], dtype, common) if entry else None
+    if cached is not None:
+        tokenizer, model = cached
+    else:
+        if gguf:
+            log.info("reading and dequantising the GGUF file" + (" (once: the result is cached)" if entry else ""),
+                     extra={"gguf_file": gguf})
+        tokenizer = AutoTokenizer.from_pretrained(target, **common)
+        log.info("tokenizer loaded", extra={"seconds": round(time.monotonic() - started, 1)})
+        kwargs: dict[str, Any] = dict(common, dtype=dtype)
+        if quant is not None:
+            kwargs["quantization_config"] = quant
+        if device == "cuda":
+            kwargs["device_map"] = cfg.device_map or "auto"
+        model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
+        log.info("weights loaded", extra={"seconds": round(time.monotonic() - started, 1)})
+        if entry:
+            weights_cache.store(entry[0], entry[1], tokenizer, model)
     if device == "cpu":
         model.to(dtype=dtype)  # GGUF dequantises to the requested dtype, but make sure nothing stayed bf16
     model.eval()
