@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -107,16 +108,24 @@ class GrammarCompiler:
         self.tokenizer_seconds = time.monotonic() - started
         self._cache: OrderedDict[GrammarSpec, CompiledGrammar] = OrderedDict()
         self._cache_size = cache_size
-        self._lock = threading.Lock()  # compile() runs on worker threads (asyncio.to_thread)
+        self._lock = threading.Lock()  # compile() runs on the executor's thread; cached() on the event loop
         self.compiled_total = 0
+        # One thread compiles, whatever arrives: a burst of expensive schemas queues here (and times out with a 400)
+        # instead of taking every core from the engine; a schema already compiled never waits (``cached``).
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
 
-    def compile(self, spec: GrammarSpec) -> CompiledGrammar:
-        """The compiled grammar of ``spec`` (cached); raises GrammarError naming what the library refused."""
+    def cached(self, spec: GrammarSpec) -> Optional[CompiledGrammar]:
         with self._lock:
             hit = self._cache.get(spec)
             if hit is not None:
                 self._cache.move_to_end(spec)
-                return hit
+            return hit
+
+    def compile(self, spec: GrammarSpec) -> CompiledGrammar:
+        """The compiled grammar of ``spec`` (cached); raises GrammarError naming what the library refused."""
+        hit = self.cached(spec)
+        if hit is not None:
+            return hit
         started = time.monotonic()
         if spec.kind == "json_schema":
             try:

@@ -164,11 +164,16 @@ class JobRun:
             raise JobError("invalid_request", f"this worker cannot serve {param} that constrain the output", param)
         try:
             spec = fmt.grammar_spec()
-            return await asyncio.wait_for(asyncio.to_thread(ctx.grammars.compile, spec), ctx.grammar_timeout_s)
+            hit = ctx.grammars.cached(spec)
+            if hit is not None:
+                return hit
+            compiling = asyncio.get_running_loop().run_in_executor(ctx.grammars.executor, ctx.grammars.compile, spec)
+            return await asyncio.wait_for(compiling, ctx.grammar_timeout_s)
         except GrammarError as exc:
             raise JobError("invalid_request", f"{param}: {exc}", param) from exc
         except asyncio.TimeoutError as exc:
-            # The compile goes on in its thread (llguidance's own limits bound it) and lands in the cache unused.
+            # Queued behind other compiles, or slow itself: the compile goes on in its thread (llguidance's own limits
+            # bound it) and lands in the cache unused.
             raise JobError("invalid_request", f"{param}: the schema's grammar took longer than "
                            f"{ctx.grammar_timeout_s:g} s to compile; simplify the schema", param) from exc
 
