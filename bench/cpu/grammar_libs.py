@@ -49,7 +49,7 @@ VOCABS = ("bundled", "qwen")
 
 
 def run_child(lib: str, vocab: str, items: list[str], timeout_s: float, log) -> dict:
-    """Runs grammar_probe.py, restarting it past an item that timed out; returns what it reported."""
+    """Runs grammar_probe.py, restarting it past an item that timed out or failed; returns what it reported."""
     got: dict = {"items": {}}
     todo = list(items)
     while True:
@@ -71,12 +71,14 @@ def run_child(lib: str, vocab: str, items: list[str], timeout_s: float, log) -> 
                     break
                 if line is None:
                     proc.wait()
-                    if proc.returncode:
-                        err.seek(0)
-                        tail = (err.read().strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-                        got["error"] = f"{current}: {tail}"
-                        log(f"  {lib} / {vocab}: FAILED in {got['error']}")
-                    return got
+                    if not proc.returncode:
+                        return got
+                    err.seek(0)
+                    tail = (err.read().strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+                    got["items"][current] = {"crash": tail[:160]}
+                    got.setdefault("error", f"{current}: {tail[:160]}")
+                    log(f"  {lib} / {vocab}: {current} FAILED: {tail}")
+                    break
                 obj = json.loads(line)
                 if obj["event"] == "start":
                     current, deadline = obj["item"], time.monotonic() + timeout_s
@@ -112,8 +114,8 @@ def version(lib: str) -> str | None:
 def _cell_schema(r: dict | None) -> list[str]:
     if r is None:
         return ["—"] * 6
-    if "timeout" in r:
-        return [f"> {r['timeout']:.0f} s (killed)"] + ["—"] * 5
+    if "timeout" in r or "crash" in r:
+        return [f"> {r['timeout']:.0f} s (killed)" if "timeout" in r else f"failed: {r['crash']}"] + ["—"] * 5
     again = "no cache" if r["again_ms"] is None else f"{r['again_ms']:,.2f}"
     return [f"{r['compile_ms']:,.1f}", again, f"{r['matcher_us']:,.1f}",
             f"{r['first_mask_ms']:,.3f}", f"{r['p50_us']:,.1f} / {r['p99_us']:,.1f}",
@@ -149,6 +151,7 @@ def report(results: dict, versions: dict, header: list[str]) -> str:
         for lib in libs:
             r = results.get((lib, "bundled"), {}).get("items", {}).get(f"keyword:{name}")
             cells.append("—" if r is None else f"> {r['timeout']:.0f} s" if "timeout" in r else
+                         f"failed: {r['crash']}" if "crash" in r else
                          r["outcome"] + (f": {r['message']}" if r.get("message") else ""))
         out.append(f"| {name} | " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(out) + "\n"

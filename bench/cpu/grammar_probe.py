@@ -164,7 +164,10 @@ class OutlinesCore:
             g.write_mask_into(mask.data_ptr(), mask.numel(), mask.element_size())
 
         def consume(t):
-            g.advance(t, return_tokens=False)
+            try:  # a token with no transition raises ValueError: refused, as the other libraries' False
+                g.advance(t, return_tokens=False)
+            except ValueError:
+                return False
             return True
 
         return fill, consume
