@@ -70,19 +70,23 @@ def _compact(value) -> str:
 DOCS = {"json_object": _compact(_PERSON_DOC), "PERSON": _compact(_PERSON_DOC), "ORDER": _compact(_ORDER_DOC),
         "wide-50": _compact(_WIDE_DOC)}
 
-# keyword → (schema, a document valid under it, a document valid without the keyword but not with it, or None).
+# keyword → (schema, a document valid under it, a document valid without the keyword but not with it (or None), the
+# word a refusal's message must hold to name the keyword).
 # Outcomes: refused at compile (loud, what we need: the worker turns it into a 400 naming the keyword), enforced,
 # IGNORED (the violating document is accepted: a silent defect), or over-strict (the valid document is refused).
 KEYWORD_CASES = {
     "not": ({"type": "object", "properties": {"a": {"not": {"type": "string"}}}, "required": ["a"],
-             "additionalProperties": False}, '{"a":1}', '{"a":"x"}'),
+             "additionalProperties": False}, '{"a":1}', '{"a":"x"}', "not"),
     "if/then/else": ({"type": "object", "additionalProperties": False, "required": ["a"],
                       "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}, "c": {"type": "integer"}},
                       "if": {"properties": {"a": {"const": 1}}}, "then": {"required": ["b"]},
-                      "else": {"required": ["c"]}}, '{"a":1,"b":2}', '{"a":1}'),
-    "contains": ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 5}}, "[1,5]", "[1,2]"),
-    "patternProperties": ({"type": "object", "patternProperties": {"^x_": {"type": "integer"}},
-                           "additionalProperties": False}, '{"x_a":1}', '{"x_a":"s"}'),
-    "format: email": ({"type": "string", "format": "email"}, '"ada@example.com"', '"not an email"'),
-    "unknown keyword": ({"type": "string", "frobnicate": True}, '"s"', None),
+                      "else": {"required": ["c"]}}, '{"a":1,"b":2}', '{"a":1}', "if"),
+    "contains": ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 5}}, "[1,5]", "[1,2]",
+                 "contains"),
+    # No additionalProperties: outlines-core refuses {"additionalProperties": false} without properties, which would
+    # hide what it does with patternProperties.
+    "patternProperties": ({"type": "object", "patternProperties": {"^x_": {"type": "integer"}}}, '{"x_a":1}',
+                          '{"x_a":"s"}', "patternProperties"),
+    "format: email": ({"type": "string", "format": "email"}, '"ada@example.com"', '"not an email"', "format"),
+    "unknown keyword": ({"type": "string", "frobnicate": True}, '"s"', None, "frobnicate"),
 }
