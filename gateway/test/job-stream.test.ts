@@ -110,15 +110,26 @@ describe('worker failures', () => {
   });
 
   it('the worker dies after streaming text: error worker_lost at once, then [DONE]', async () => {
-    const w = await fake({ reply, pieceChars: 5, dieAfterDeltas: 2, delayMs: 20 });
-    const started = Date.now();
-    const s = streamText((await post(ask(w.model, { stream: true }))).text);
-    expect(s.text).toBe(REPLY.slice(0, 10));
-    expect(s.error).toMatchObject({ code: 'worker_lost', type: 'server_error' });
-    expect(s.done).toBe(true);
-    // "At once" is what is tested: the gateway sees the worker gone from the registry (die() unregisters it), instead
-    // of hanging until the request timeout (10 min). Loose, so that a loaded machine passes.
-    expect(Date.now() - started).toBeLessThan(15_000);
+    // The worker holds after two deltas until the client has their text, then dies: the gateway has forwarded text
+    // when it sees the worker gone (with none forwarded it would wait for BullMQ's retry instead).
+    let die!: () => void;
+    const w = await fake({ reply, pieceChars: 5, holdAfterDeltas: 2, holdGate: new Promise<void>((r) => (die = r)), dieAfterDeltas: 2 });
+    const stream = await openStream(`${gw.url}/v1/chat/completions`, ask(w.model, { stream: true }), { authorization: `Bearer ${TEST_KEY}` });
+    try {
+      await waitFor(() => streamText(completeEvents(stream.received())).text === REPLY.slice(0, 10), undefined, 'the two deltas at the client');
+      const died = Date.now();
+      die();
+      const s = streamText(await stream.body);
+      expect(s.text).toBe(REPLY.slice(0, 10));
+      expect(s.error).toMatchObject({ code: 'worker_lost', type: 'server_error' });
+      expect(s.done).toBe(true);
+      // "At once" is what is tested: the gateway sees the worker gone from the registry (die() unregisters it), instead
+      // of hanging until the request timeout (10 min). Loose, so that a loaded machine passes.
+      expect(Date.now() - died).toBeLessThan(15_000);
+    } finally {
+      die();
+      stream.abort();
+    }
   });
 
   it('the worker dies before any text: the gateway waits for BullMQ to retry the job on another worker', async () => {
@@ -187,8 +198,8 @@ describe('queueing', () => {
 
 describe('client disconnect cancels the job', () => {
   it('streaming: the worker is told (llm:cancel and the llm:cancelled key)', async () => {
-    // 22 deltas 250 ms apart: the job is still generating when the client goes, however slow the machine.
-    const w = await fake({ reply, pieceChars: 2, delayMs: 250 });
+    // The worker holds after its first delta until it is cancelled: the job is still running when the client goes.
+    const w = await fake({ reply, pieceChars: 2, holdAfterDeltas: 1 });
     const stream = await openStream(`${gw.url}/v1/chat/completions`, ask(w.model, { stream: true }), { authorization: `Bearer ${TEST_KEY}` });
     await waitFor(() => streamText(completeEvents(stream.received())).text.length > 0, undefined, 'the first generated text');
     stream.abort();

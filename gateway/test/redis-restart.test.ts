@@ -1,7 +1,7 @@
 /**
  * A Redis restart that loses a running request's job (a Redis without persistence): the client gets a retryable 503,
  * never a 500 (issue 11, item 7). Real Redis (killed and restarted empty), real wiring, a FAKE worker
- * (helpers/fake-worker.ts) that holds the job (its first token would come after two minutes) while Redis restarts.
+ * (helpers/fake-worker.ts) that holds the job (after its first token, until it is cancelled) while Redis restarts.
  */
 import { randomUUID } from 'node:crypto';
 import request from 'supertest';
@@ -16,7 +16,7 @@ let worker: FakeWorker;
 
 beforeAll(async () => {
   gw = await startGateway(redis.url, { DEFAULT_MODEL: MODEL });
-  worker = new FakeWorker({ redisUrl: redis.url, model: MODEL, contextLength: 400, script: { reply: () => 'abc', pieceChars: 1, delayMs: 120_000 } });
+  worker = new FakeWorker({ redisUrl: redis.url, model: MODEL, contextLength: 400, script: { reply: () => 'abc', pieceChars: 1, holdAfterDeltas: 1 } });
   await worker.start();
 });
 redis.beforeStop(async () => {

@@ -17,14 +17,14 @@ const redis = useTestRedis();
 let worker: FakeWorker;
 let slow: FakeWorker;
 const MODEL = `m-${randomUUID().slice(0, 8)}`;
-/** Its worker sends one character a second: a ~36 s stream, far longer than the 300 ms grace it is cut by. */
+/** Its worker holds after the first character until the job is cancelled: a stream that outlasts any grace. */
 const SLOW_MODEL = `s-${randomUUID().slice(0, 8)}`;
 const REPLY = 'abcdefghijklmnopqrstuvwxyz0123456789';
 
 beforeAll(async () => {
-  // One character every 60 ms: a stream of ~2.2 s.
-  worker = new FakeWorker({ redisUrl: redis.url, model: MODEL, script: { reply: () => REPLY, pieceChars: 1, delayMs: 60 } });
-  slow = new FakeWorker({ redisUrl: redis.url, model: SLOW_MODEL, script: { reply: () => REPLY, pieceChars: 1, delayMs: 1000 } });
+  // Each test that uses it gives it a gate of its own (worker.script), to hold its stream open until the gateway drains.
+  worker = new FakeWorker({ redisUrl: redis.url, model: MODEL, script: { reply: () => REPLY, pieceChars: 1 } });
+  slow = new FakeWorker({ redisUrl: redis.url, model: SLOW_MODEL, script: { reply: () => REPLY, pieceChars: 1, holdAfterDeltas: 1 } });
   await Promise.all([worker.start(), slow.start()]);
 });
 redis.beforeStop(async () => {
@@ -66,7 +66,10 @@ function textOf(body: string) {
 }
 
 it('lets an open stream finish, refuses new work, and exits 0', async () => {
-  // Grace far beyond the ~2.2 s stream, even on a loaded machine.
+  // The stream is held after its first character until the gateway drains (then it ends at once): it is open during
+  // the drain however fast or slow the machine. The grace is far beyond what the rest of it takes.
+  let release!: () => void;
+  worker.script = { ...worker.script, holdAfterDeltas: 1, holdGate: new Promise<void>((r) => (release = r)) };
   const gw = await startMain({ SHUTDOWN_GRACE_MS: '60000' });
   const stream = await openStream(gw.url);
   gw.child.kill('SIGTERM');
@@ -74,6 +77,7 @@ it('lets an open stream finish, refuses new work, and exits 0', async () => {
   // A new connection is refused; a request on a kept-alive one would get 503 shutting_down.
   const late = await fetch(`${gw.url}/health`).then((r) => r.status).catch(() => 'refused');
   expect(['refused', 503]).toContain(late);
+  release();
   const s = textOf(await stream.body);
   expect(s.text).toBe(REPLY);
   expect(s.error).toBeUndefined();

@@ -109,7 +109,7 @@ test("a revoked key is refused on both gateways within 1 s", async () => {
       while (seen.length === 0 || seen[seen.length - 1].sentMs < 1000) {
         const sentMs = Date.now() - revokedAt;
         seen.push({ sentMs, status: (await models(g)).status });
-        await sleep(25);
+        await sleep(25); // paces the probes of this bounded loop (it ends at the 1 s mark): not synchronisation
       }
       return seen;
     }),

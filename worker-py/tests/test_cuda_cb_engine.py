@@ -22,6 +22,8 @@ try:
 except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from conftest import wait_until  # noqa: E402
+
 from llm_worker.engine.base import GenerationRequest, SamplingParams  # noqa: E402
 from llm_worker.engine.cuda_cb import (  # noqa: E402
     VARLEN_ATTN,
@@ -62,6 +64,11 @@ class Collector:
                 if out.finish_reason is not None:
                     self.finish.setdefault(request_id, {})[out.index] = out.finish_reason
             self.cv.notify_all()
+
+    def wait_for(self, check, what: str, timeout: float):
+        """Until ``check()`` holds (looked at on every emit, under the lock); fails naming ``what`` at the deadline."""
+        with self.cv:
+            assert self.cv.wait_for(check, timeout), f"timed out after {timeout} s waiting for {what}"
 
     def wait(self, expected: dict[str, int], timeout=60.0):
         end = time.monotonic() + timeout
@@ -158,18 +165,17 @@ def test_cancel_frees_the_sequence_and_its_cache(engine):
     col = Collector()
     engine.submit(GenerationRequest("long", prompt(9, 40), SamplingParams(max_tokens=400, ignore_eos=True)), col)
     # Deadlines below only bound a hang (a loaded machine is slow; a passing run never waits for them).
-    end = time.monotonic() + 300
-    while not col.tokens.get("long"):
-        assert time.monotonic() < end, "no token in 300 s"
-        time.sleep(0.01)
+    col.wait_for(lambda: bool(col.tokens.get("long")), "the first token", 300)
     assert engine.stats().kv_cache_bytes > 0
     engine.cancel("long")
     col.wait({"long": 1}, timeout=120)
     assert col.finish["long"][0] == "cancelled"
-    end = time.monotonic() + 60
-    while engine.stats().running_sequences or engine.stats().kv_cache_bytes:
-        assert time.monotonic() < end, f"not freed in 60 s: {engine.stats()}"
-        time.sleep(0.01)
+
+    def freed():
+        s = engine.stats()
+        return not (s.running_sequences or s.kv_cache_bytes)
+
+    wait_until(freed, 60, "the sequence and its cache to be freed", interval=0.01)
     assert len(col.tokens["long"][0]) < 400
 
 

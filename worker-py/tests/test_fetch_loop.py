@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 
 import redis.asyncio as aioredis
+from conftest import wait_until_async
+from transport_util import job_data, serve
 
 from llm_worker.engine.standin import StandInEngine
-from transport_util import job_data, serve
 
 
 def test_one_fetch_per_job_not_one_per_free_slot(redis_url, loaded):
@@ -44,25 +45,23 @@ def test_every_slot_fills_and_all_jobs_finish(redis_url, loaded):
         engine.start()
         try:
             async with serve(redis_url, engine, loaded) as (svc, gw):
-                peak = 0
-
-                async def watch():
-                    nonlocal peak
-                    while True:
-                        peak = max(peak, len(svc.runs))
-                        await asyncio.sleep(0.005)
-
-                watcher = asyncio.create_task(watch())
                 # Each job runs 3 s (150 steps of 20 ms): the loop has that long to fill all 16 slots before the first
                 # job ends, ample even on a loaded machine (a fetch takes milliseconds).
-                results = await asyncio.gather(*(gw.run(job_data(f"job {i}", max_tokens=150, ignore_eos=True))
-                                                 for i in range(24)))
-                watcher.cancel()
-                return peak, results
+                running = asyncio.gather(*(gw.run(job_data(f"job {i}", max_tokens=150, ignore_eos=True))
+                                           for i in range(24)))
+                seen = []
+
+                async def all_slots_busy():  # or every job over without that ever happening
+                    seen.append(len(svc.runs))
+                    return seen[-1] >= 16 or running.done()
+
+                await wait_until_async(all_slots_busy, 300, "16 jobs running at once")
+                results = await running
+                return max(seen), results
         finally:
             engine.stop()
 
     peak, results = asyncio.run(body())
-    assert peak == 16  # MAX_BATCH jobs at once, the rest waited for a slot
+    assert peak == 16, f"at most {peak} jobs ran at once"  # MAX_BATCH jobs at once, the rest waited for a slot
     assert all(events[-1]["type"] == "done" for events, _ in results)
     assert all(job.returnvalue["usage"]["completion_tokens"] == 150 for _, job in results)

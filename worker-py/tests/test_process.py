@@ -75,6 +75,10 @@ def test_node_queue_to_python_worker_and_sigterm_drain(worker_process, redis_url
     assert ok["result"]["worker_id"] == worker_id and ok["events"][-1]["result"] == ok["result"]
     assert not bad["ok"]
     assert bad["message"].startswith("invalid_request: ") and bad["failedReason"] == bad["message"]
+    # The error event the gateway streams says the same as the stored failedReason (PROTOCOL.md: "<code>: <message>").
+    error = bad["events"][-1]
+    assert error["type"] == "error" and error["error"]["code"] == "invalid_request", bad["events"]
+    assert bad["failedReason"] == f"invalid_request: {error['error']['message']}"
     assert '"' not in bad["failedReason"]  # Python bullmq <= 3.0.4 JSON-quoted it (bullmq#4596)
 
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=60).read().decode()
@@ -85,11 +89,13 @@ def test_node_queue_to_python_worker_and_sigterm_drain(worker_process, redis_url
                                                 "data": job("Tell a story.", max_tokens=30, temperature=0,
                                                             ignore_eos=True)}]))
     node = subprocess.Popen(["node", str(NODE_SCRIPT), redis_url, queue, str(tmp / "long.json")], cwd=REPO,
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_until(lambda: r.hget(f"bull:{queue}:chatcmpl-drain1", "processedOn") is not None, 300,
                "the worker to pick up the job", alive=lambda: node.poll() is None)
     proc.send_signal(signal.SIGTERM)
-    drained = json.loads(node.communicate(timeout=300)[0].strip())
+    stdout, stderr = node.communicate(timeout=300)  # the script gives up first, at its own deadline (240 s)
+    assert node.returncode == 0, stderr
+    drained = json.loads(stdout.strip())
     assert drained["ok"] and drained["result"]["usage"]["completion_tokens"] == 30
     assert proc.wait(timeout=120) == 0
     assert r.zscore("llm:workers", worker_id) is None and not r.exists(f"llm:worker:{worker_id}")

@@ -12,6 +12,8 @@ from llm_worker.transport.publisher import JobStream
 
 
 class RecordingRedis:
+    """Records each PUBLISH with the time it went out. ``delay``: a round trip's latency (a slow Redis, simulated)."""
+
     def __init__(self, delay: float = 0.0):
         self.sent: list[tuple[float, dict]] = []
         self.delay = delay
@@ -30,10 +32,14 @@ def test_first_text_immediate_then_coalesced_then_done():
         await s.publish_started("w1", 10)
         t0 = time.monotonic()
         s.add(0, "Hel", 1, None)
-        await asyncio.sleep(0.005)
+
+        async def first_sent():  # `started` and the first text
+            return len(r.sent) >= 2
+
+        await wait_until_async(first_sent, 60, "the first delta")
         for piece in ["lo", ",", " wor", "ld"]:
             s.add(0, piece, 1, None)
-            await asyncio.sleep(0.002)
+            await asyncio.sleep(0.002)  # tokens spread over time, as a model emits them: not synchronisation
 
         async def coalesced_sent():  # the flush timer sends the four pieces
             return len(r.sent) >= 3
@@ -59,7 +65,11 @@ def test_choices_interleave_and_empty_text_waits():
         await s.publish_started("w1", 3)
         s.add(0, "A", 1, None)
         s.add(1, "", 1, None)  # held-back bytes: no text yet
-        await asyncio.sleep(0.03)
+
+        async def a_sent():  # choice 0's text went out alone: choice 1 had none yet
+            return any(m["type"] == "delta" for _, m in r.sent)
+
+        await wait_until_async(a_sent, 60, "the delta of choice 0")
         s.add(1, "é", 1, [{"token": "é", "logprob": -0.1, "bytes": [195, 169], "top_logprobs": []}])
         await s.finish({"type": "error", "error": {"code": "cancelled", "message": "x"}})
         return r.sent
@@ -72,11 +82,19 @@ def test_choices_interleave_and_empty_text_waits():
 
 
 class PipelineRedis(RecordingRedis):
-    """Also answers pipeline(): records each batch (one round trip) as a list of (channel, message)."""
+    """Also answers pipeline(): records each batch (one round trip) as a list of (channel, message). ``held``: each
+    round trip stays in flight until the test lets it go (``let_go``), so the test knows what is in flight when."""
 
-    def __init__(self, delay: float = 0.0):
+    def __init__(self, delay: float = 0.0, held: bool = False):
         super().__init__(delay)
         self.batches: list[list[tuple[str, dict]]] = []
+        self.held = held
+        self.begun = 0  # round trips begun (held or done)
+        self._in_flight: list[asyncio.Future] = []
+
+    def let_go(self) -> None:
+        """Ends the oldest held round trip."""
+        self._in_flight.pop(0).set_result(None)
 
     def pipeline(self, transaction: bool = False):
         outer = self
@@ -89,7 +107,13 @@ class PipelineRedis(RecordingRedis):
                 self.cmds.append((channel, message))
 
             async def execute(self, raise_on_error: bool = True):
-                await asyncio.sleep(outer.delay)
+                outer.begun += 1
+                if outer.held:
+                    fut = asyncio.get_running_loop().create_future()
+                    outer._in_flight.append(fut)
+                    await fut
+                else:
+                    await asyncio.sleep(outer.delay)
                 outer.batches.append([(c, json.loads(m)) for c, m in self.cmds])
                 now = time.monotonic()
                 outer.sent.extend((now, json.loads(m)) for _, m in self.cmds)
@@ -102,19 +126,34 @@ def test_outbox_batches_many_jobs_per_round_trip_in_order():
     """Messages that become due while a batch is in flight leave together; each job's own order and seq hold."""
 
     async def body():
-        r = PipelineRedis(delay=0.01)
+        r = PipelineRedis(held=True)
         streams = [JobStream(r, f"job{i}", flush_ms=0) for i in range(20)]
+
+        async def begun(n):
+            async def check():
+                return r.begun == n
+            await wait_until_async(check, 60, f"round trip {n} to begin")
+
         for i, s in enumerate(streams):
             await s.publish_started("w1", i)  # queued, not awaited: must still precede the job's first delta
         for step in range(3):
             for s in streams:
-                s.add(0, f"t{step}", 1, None)
-            await asyncio.sleep(0.012)
-        await asyncio.gather(*(s.finish({"type": "done", "result": {}}) for s in streams))
+                s.add(0, f"t{step}", 1, None)  # from step 1 on: due while the previous step's batch is in flight
+            if step:
+                r.let_go()
+            await begun(step + 1)
+        r.let_go()
+        finishing = asyncio.gather(*(s.finish({"type": "done", "result": {}}) for s in streams))
+        await begun(4)
+        r.let_go()
+        await finishing
         return r
 
     r = asyncio.run(body())
-    assert len(r.batches) <= 8  # 20 jobs × 5 messages = 100 messages, a handful of round trips
+    kinds = [[(m["type"], "".join(c["text"] for c in m.get("choices", []))) for _, m in b] for b in r.batches]
+    # One round trip per step for all 20 jobs: the first with every `started`, then one per step, then every `done`.
+    assert kinds == [[("started", "")] * 20 + [("delta", "t0")] * 20, [("delta", "t1")] * 20, [("delta", "t2")] * 20,
+                     [("done", "")] * 20]
     for i in range(20):
         msgs = [m for b in r.batches for c, m in b if c == f"llm:job:job{i}"]
         assert [m["type"] for m in msgs][0] == "started"
@@ -160,7 +199,7 @@ def test_outbox_against_redis_in_order(redis_url):
         for step in range(4):
             for s in streams:
                 s.add(0, f"{step}", 1, None)
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # a model's step time between tokens: not synchronisation (nothing waits on it)
         await asyncio.gather(*(s.finish({"type": "done", "result": {}}) for s in streams))
         got: dict[str, list[dict]] = {}
         while sum(1 for msgs in got.values() if msgs and msgs[-1]["type"] == "done") < 30:

@@ -25,12 +25,20 @@ export interface FakeScript {
   reply?: (data: JobData, index: number) => string;
   /** Characters per delta. */
   pieceChars?: number;
-  /** Pause between deltas. */
+  /**
+   * Pause between deltas: the fake job's pace (a job that takes time), never a way to order a test's steps — a test
+   * that needs the job to be at a given point holds it there with `holdAfterDeltas`/`holdGate` or `startGate`.
+   */
   delayMs?: number;
-  /** Pause after picking the job up, before `started`. */
-  startDelayMs?: number;
   /** Hold after picking the job up, before `started`, until this settles: the test decides when the job starts. */
   startGate?: Promise<unknown>;
+  /**
+   * Hold after this many deltas until `holdGate` settles or the job is cancelled (whichever comes first), then go on
+   * (or end as cancelled): the test decides when the job moves on. A gate that never settles holds the job until it is
+   * cancelled — a job that is still running, however long the test takes.
+   */
+  holdAfterDeltas?: number;
+  holdGate?: Promise<unknown>;
   /** These seq numbers are not published (simulates lost pub/sub messages); the result is still stored. */
   dropSeqs?: number[];
   /** Fail the job with this protocol error after `failAfterDeltas` deltas. */
@@ -77,6 +85,8 @@ export class FakeWorker {
   script: FakeScript;
   readonly jobs: JobData[] = [];
   readonly cancelled = new Set<string>();
+  /** Held jobs waiting for their cancel message (see `FakeScript.holdAfterDeltas`). */
+  private readonly onCancel = new Map<string, () => void>();
   private readonly redis: Redis;
   private readonly sub: Redis;
   private worker: Worker | null = null;
@@ -104,7 +114,10 @@ export class FakeWorker {
       ...(inConfig ? {} : { chat_template: fx.chatTemplate }),
     });
     await this.sub.subscribe(CANCEL_CHANNEL);
-    this.sub.on('message', (_ch, jobId: string) => this.cancelled.add(jobId));
+    this.sub.on('message', (_ch, jobId: string) => {
+      this.cancelled.add(jobId);
+      this.onCancel.get(jobId)?.();
+    });
     if (this.opts.consume !== false) await this.startConsuming();
     await this.beat();
     this.heartbeat = setInterval(() => void this.beat().catch(() => undefined), 200);
@@ -164,7 +177,6 @@ export class FakeWorker {
     this.jobs.push(data);
     const s = this.script;
     if (await this.redis.get(cancelledKey(id))) throw new UnrecoverableError('cancelled: cancelled before start');
-    if (s.startDelayMs) await sleep(s.startDelayMs);
     if (s.startGate) await s.startGate;
     let seq = 0;
     const drop = new Set(s.dropSeqs ?? []);
@@ -181,6 +193,7 @@ export class FakeWorker {
     const logprobs: Array<Array<ReturnType<typeof fakeLogprob>>> = replies.map(() => []);
     const longest = Math.max(...replies.map((r) => r.length));
     for (let at = 0; at < longest; at += piece) {
+      if (s.holdAfterDeltas === deltas) await this.hold(id, s.holdGate);
       if (this.cancelled.has(id)) throw new UnrecoverableError('cancelled: cancelled by the client');
       if (s.fail && deltas === (s.failAfterDeltas ?? 0)) {
         await publish({ type: 'error', error: s.fail });
@@ -215,6 +228,17 @@ export class FakeWorker {
     };
     await publish({ type: 'done', result });
     return result;
+  }
+
+  /** Until `gate` settles or job `id` is cancelled. */
+  private async hold(id: string, gate: Promise<unknown> = new Promise(() => undefined)): Promise<void> {
+    if (this.cancelled.has(id)) return;
+    const cancelled = new Promise<void>((resolve) => this.onCancel.set(id, resolve));
+    try {
+      await Promise.race([gate, cancelled]);
+    } finally {
+      this.onCancel.delete(id);
+    }
   }
 
   async close(): Promise<void> {
