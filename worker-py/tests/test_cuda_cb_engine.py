@@ -5,6 +5,7 @@ Skipped only where the installed Transformers has no continuous-batching API.
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -22,13 +23,19 @@ try:
 except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from llm_worker.config import load_config  # noqa: E402
+from llm_worker.engine import create_engine  # noqa: E402
 from llm_worker.engine.base import GenerationRequest, SamplingParams  # noqa: E402
-from llm_worker.engine.cuda_cb import (  # noqa: E402
+from llm_worker.engine.cuda import (  # noqa: E402
+    SUPPORTED_TRANSFORMERS,
     VARLEN_ATTN,
     CudaCBConfig,
     CudaContinuousBatchingEngine,
     UnsupportedParameter,
+    UnsupportedTransformersVersion,
+    check_transformers_version,
 )
+from llm_worker.errors import ConfigError  # noqa: E402
 
 VOCAB = 256
 
@@ -205,3 +212,60 @@ def test_seed_is_accepted_when_greedy(engine):
     engine.submit(GenerationRequest("g", [1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0, seed=1)), col)
     col.wait({"g": 1})
     assert len(col.tokens["g"][0]) == 2
+
+
+# ---- Transformers version guard (engine/cuda/patches.py): the version it reads is monkeypatched, nothing reinstalled
+def pretend_transformers(monkeypatch, version: str) -> None:
+    # The module object in sys.modules, which the guard imports: building a model from a config swaps Transformers'
+    # lazy module for a new object, so the `transformers` bound at the top of this file may no longer be it.
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
+
+
+def test_the_pinned_transformers_is_supported():
+    # requirements.txt pins 5.17.0: the guard's range is written around the pin
+    assert sys.modules["transformers"].__version__ == "5.17.0"
+    assert check_transformers_version() == "5.17.0"
+
+
+@pytest.mark.parametrize("version", ["5.17.3", "5.17.1.dev0"])
+def test_patch_releases_of_the_pin_are_accepted(monkeypatch, version):
+    pretend_transformers(monkeypatch, version)
+    assert check_transformers_version() == version
+
+
+@pytest.mark.parametrize("version", ["5.18.0", "5.18.0.dev0", "5.16.2", "6.0.0"])
+def test_another_transformers_stops_the_engine_at_start(monkeypatch, model, version):
+    pretend_transformers(monkeypatch, version)
+    eng = CudaContinuousBatchingEngine(model, CudaCBConfig(attn_implementation="paged|sdpa", cpu_cache_bytes=1 << 20))
+    with pytest.raises(UnsupportedTransformersVersion) as err:
+        eng.start()
+    message = str(err.value)
+    assert f"transformers {version} is installed" in message
+    assert SUPPORTED_TRANSFORMERS in message and "CUDA_PATCHES_ALLOW_ANY_TRANSFORMERS=1" in message
+    assert eng.manager is None  # refused before the manager (or any patch) was created
+    assert isinstance(err.value, ConfigError)  # __main__ exits with status 2 and logs the message
+
+
+def test_the_escape_hatch_warns_and_starts(monkeypatch, model, caplog):
+    pretend_transformers(monkeypatch, "5.99.0")
+    # The worker setting reaches the engine's config (config.py → create_engine → CudaCBConfig).
+    cfg = load_config({"CUDA_PATCHES_ALLOW_ANY_TRANSFORMERS": "1"})
+    assert cfg.cuda_patches_allow_any_transformers is True
+    assert load_config({}).cuda_patches_allow_any_transformers is False
+    wired = create_engine("cuda-cb", model, eos_token_ids=set(), max_batch=4, context_length=512,
+                          cuda_allow_any_transformers=cfg.cuda_patches_allow_any_transformers)
+    assert wired.config.allow_any_transformers is True
+    eng = CudaContinuousBatchingEngine(model, CudaCBConfig(attn_implementation="paged|sdpa", block_size=16,
+                                                           cpu_cache_bytes=1 << 20, allow_any_transformers=True))
+    with caplog.at_level(logging.WARNING, logger="llm_worker.engine.cuda.patches"):
+        eng.start()
+    try:
+        warned = [r.getMessage() for r in caplog.records if r.name == "llm_worker.engine.cuda.patches"]
+        assert any("transformers 5.99.0 is installed" in m and "CUDA_PATCHES_ALLOW_ANY_TRANSFORMERS=1" in m
+                   for m in warned), warned
+        col = Collector()
+        eng.submit(GenerationRequest("after", [1, 2, 3], SamplingParams(max_tokens=3, temperature=0.0)), col)
+        col.wait({"after": 1})
+        assert col.finish["after"][0] == "length" and len(col.tokens["after"][0]) == 3
+    finally:
+        eng.stop()

@@ -55,6 +55,9 @@ class Config(BaseModel):
     # compiled grammars are kept in an LRU of this many entries.
     grammar_compile_timeout_ms: int = Field(5000, ge=10)
     grammar_cache_size: int = Field(256, ge=1)
+    # cuda-cb engine (engine/cuda/patches.py): it patches private internals of the pinned Transformers and refuses to
+    # start on a version outside patches.SUPPORTED_TRANSFORMERS unless this is set (then it warns and goes on).
+    cuda_patches_allow_any_transformers: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
