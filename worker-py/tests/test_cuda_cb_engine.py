@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -37,58 +36,7 @@ from llm_worker.engine.cuda import (  # noqa: E402
 )
 from llm_worker.errors import ConfigError  # noqa: E402
 
-VOCAB = 256
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, eos_token_id=None,
-        bos_token_id=None, pad_token_id=0,
-    )
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
-    return model
-
-
-class Collector:
-    """Gathers emits per request; ``wait`` blocks until each named request has finished every choice."""
-
-    def __init__(self):
-        self.tokens: dict[str, dict[int, list[int]]] = {}
-        self.finish: dict[str, dict[int, str]] = {}
-        self.emits: dict[str, int] = {}
-        self.cv = threading.Condition()
-
-    def __call__(self, request_id, outputs):
-        with self.cv:
-            self.emits[request_id] = self.emits.get(request_id, 0) + 1
-            for out in outputs:
-                self.tokens.setdefault(request_id, {}).setdefault(out.index, []).extend(out.token_ids)
-                if out.finish_reason is not None:
-                    self.finish.setdefault(request_id, {})[out.index] = out.finish_reason
-            self.cv.notify_all()
-
-    def wait(self, expected: dict[str, int], timeout=60.0):
-        end = time.monotonic() + timeout
-        with self.cv:
-            while any(len(self.finish.get(r, {})) < n for r, n in expected.items()):
-                left = end - time.monotonic()
-                assert left > 0, f"timed out; finished so far: {self.finish}"
-                self.cv.wait(left)
-
-
-def prompt(seed, length):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, VOCAB, (length,), generator=g).tolist()
-
-
-def reference_greedy(model, ids, n_new):
-    model.set_attn_implementation("sdpa")
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False, eos_token_id=None,
-                         pad_token_id=0, min_new_tokens=n_new)
-    return out[0, len(ids):].tolist()
+from cuda_util import VOCAB, Collector, prompt, reference_greedy, tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +146,6 @@ def test_deadline_cuts_with_length(engine):
     (SamplingParams(min_p=0.1), "min_p"),
     (SamplingParams(logprobs=True), "logprobs"),
     (SamplingParams(seed=3, temperature=1.0), "seed"),
-    (SamplingParams(grammar=object()), "response_format"),  # named as the request field that asked for it
 ])
 def test_unsupported_parameters_are_refused_by_name(engine, params, param):
     with pytest.raises(UnsupportedParameter) as err:

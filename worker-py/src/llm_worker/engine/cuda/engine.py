@@ -9,8 +9,11 @@ cancellation and deadlines (``cancel_request`` frees the sequence's blocks at th
 the memory actually free (Transformers' own sizing assumes a GPU and sizes for most of the host's RAM on CPU).
 
 Attention (attention.py, kernels.py): ``paged|torch_flash_varlen`` on CUDA when its self-test passes, with a Triton
-decode kernel for batches where every sequence adds one token; sampling work chosen per batch (patches.py). Every
-change inside the manager is in patches.py, which checks the installed Transformers version first.
+decode kernel for batches where every sequence adds one token; sampling work chosen per batch (patches.py).
+Structured outputs (constrained.py): each constrained choice's CB request gets its own grammar matcher, registered
+before the request is queued; the manager runs with synchronous batching so that every mask follows the request's
+previous token, and a request whose grammar is complete is finished by the manager with its last token (reported as
+"stop"). Every change inside the manager is in patches.py, which checks the installed Transformers version first.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from typing import Any, Optional
 
 from ..base import ChoiceOutput, EmitFn, Engine, EngineStats, GenerationRequest, SamplingParams
 from .attention import VARLEN_ATTN, register_varlen_attention, set_attention, use_decode_kernel
+from .config import CudaCBConfig, async_batching, manager_config
+from .constrained import ConstrainedRequest, GrammarTable
 from .kernels import DECODE_KERNELS, decode_kernel_self_test, flash_varlen_self_test
 from .params import check_params, processor_kwargs
 from .patches import (
@@ -36,39 +41,6 @@ from .patches import (
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class CudaCBConfig:
-    """Knobs of the continuous-batching manager. ``None`` means: choose from the device and the memory free."""
-
-    attn_implementation: str = "auto"  # auto: paged|torch_flash_varlen on CUDA when its self-test passes, else paged|sdpa
-    block_size: int = 64  # tokens per cache block
-    num_blocks: Optional[int] = None  # None: sized from free memory
-    max_batch_tokens: Optional[int] = None  # tokens per forward pass; None: 2048 on CUDA, 256 on CPU
-    # CUDA: share of the memory free after the model is loaded that goes to the KV cache. 0.8 is what the H100 sweep
-    # of 2026-11-25 ran with: the decode path's warm-up samples 1024 rows of 152k logits (a few GB of temporaries).
-    memory_fraction: float = 0.8
-    cpu_cache_bytes: Optional[int] = None  # CPU: KV cache budget; None: min(25% of available RAM, 2 GiB)
-    max_requests_per_batch: Optional[int] = None
-    use_cuda_graph: Optional[bool] = None  # None: on for the varlen flash path on CUDA
-    use_async_batching: Optional[bool] = None
-    q_padding_interval_size: int = 0  # 0: Transformers' presets (CUDA graphs pad query/KV sizes to these steps)
-    kv_padding_interval_size: int = 0
-    warmup: bool = True  # capture the largest CUDA graph before serving
-    seed: Optional[int] = None  # seed of the batch-wide random stream
-    # Decode fast path (batches where every sequence adds one token): attention reads the paged cache through a block
-    # table instead of per-token read indices. "auto": the Triton kernel on CUDA when its self-test passes, the torch
-    # reference on CPU; "triton" / "reference" force one; "off": every batch takes the varlen path. Only with VARLEN_ATTN.
-    decode_path: str = "auto"
-    max_blocks_per_request: Optional[int] = None  # decode path: longest sequence in blocks; None: from context length
-    # Sampling work chosen per batch on the host: greedy-only batches take an argmax, batches without top-k/top-p
-    # skip the vocabulary sorts, and the others do one sort for both (False: the manager's three processors as is).
-    fast_sampling: bool = True
-    # Run on a Transformers outside patches.SUPPORTED_TRANSFORMERS (logs a warning instead of refusing to start).
-    # Worker setting CUDA_PATCHES_ALLOW_ANY_TRANSFORMERS.
-    allow_any_transformers: bool = False
-
-
 # ----------------------------------------------------------------------------------------------------------- engine
 _WAKE = object()  # put on the manager's output queue to wake the emitter (cancel, stop)
 
@@ -79,6 +51,7 @@ class _Choice:
     index: int
     sent: int = 0  # tokens already emitted
     done: bool = False
+    grammar: Optional[ConstrainedRequest] = None  # its grammar state (structured outputs), read-only on this side
 
 
 @dataclass
@@ -87,6 +60,18 @@ class _Request:
     emit: EmitFn
     choices: list[_Choice]
     eos: frozenset[int]
+
+
+def _finish_reason(generated: list[int], eos: frozenset[int], grammar: Optional[ConstrainedRequest]):
+    """(finish_reason, error, ends with an EOS token) of a CB request the manager finished."""
+    if generated and generated[-1] in eos:
+        return "stop", None, True
+    if grammar is not None and grammar.error is not None:
+        logger.error("grammar matcher failed: %s", grammar.error)
+        return "error", f"structured output: {grammar.error}", False
+    if grammar is not None and grammar.finished:
+        return "stop", None, False  # the grammar is complete; its last token is part of the text
+    return "length", None, False
 
 
 class CudaContinuousBatchingEngine(Engine):
@@ -99,6 +84,7 @@ class CudaContinuousBatchingEngine(Engine):
         transport enforces prompt + max_tokens <= context_length before submit."""
         self.model = model
         self.config = config or CudaCBConfig()
+        async_batching(self.config, on_cuda=True)  # refuses async batching with structured outputs, before any work
         if max_batch is not None and self.config.max_requests_per_batch is None:
             self.config = replace(self.config, max_requests_per_batch=max_batch)
         self.context_length = context_length
@@ -110,6 +96,8 @@ class CudaContinuousBatchingEngine(Engine):
         self.attn_implementation = self._choose_attention()
         self.decode_path: Optional[str] = None
         self.fast_sampling = False
+        # None when grammars are not served; set up in start() (fast sampling carries the masks).
+        self._grammars: Optional[GrammarTable] = None
         self.manager = None
         self._requests: dict[str, _Request] = {}
         self._by_cb_id: dict[str, tuple[_Request, _Choice]] = {}
@@ -136,23 +124,8 @@ class CudaContinuousBatchingEngine(Engine):
         return wanted
 
     def _cb_config(self):
-        from transformers import ContinuousBatchingConfig
-
-        c, on_cuda = self.config, self.device.type == "cuda"
-        max_batch_tokens = c.max_batch_tokens or (2048 if on_cuda else 256)
-        num_blocks = c.num_blocks if c.num_blocks is not None else (None if on_cuda else self._cpu_num_blocks())
-        kwargs = dict(block_size=c.block_size, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens,
-                      max_memory_percent=c.memory_fraction, max_requests_per_batch=c.max_requests_per_batch,
-                      per_request_processors=True, seed=c.seed, allow_block_sharing=True)
-        if c.use_cuda_graph is not None or not on_cuda:
-            kwargs["use_cuda_graph"] = bool(c.use_cuda_graph) and on_cuda
-        if c.use_async_batching is not None or not on_cuda:
-            kwargs["use_async_batching"] = bool(c.use_async_batching) and on_cuda
-        if c.q_padding_interval_size:
-            kwargs["q_padding_interval_size"] = c.q_padding_interval_size
-        if c.kv_padding_interval_size:
-            kwargs["kv_padding_interval_size"] = c.kv_padding_interval_size
-        return ContinuousBatchingConfig(**kwargs)
+        on_cuda = self.device.type == "cuda"
+        return manager_config(self.config, on_cuda, None if on_cuda else self._cpu_num_blocks())
 
     def kv_bytes_per_token(self) -> int:
         cfg = self.model.config.get_text_config()
@@ -192,8 +165,12 @@ class CudaContinuousBatchingEngine(Engine):
         self.fast_sampling = bool(self.config.fast_sampling) and install_fast_sampling(self.manager.logit_processor,
                                                                                      self.vocab_size)
         batch_processor = create_batch_processor(self.manager)
+        if self.config.structured_outputs and self.fast_sampling:
+            self._grammars = GrammarTable(self.vocab_size)
+        elif self.config.structured_outputs:
+            logger.warning("structured outputs off: they need fast_sampling (the processor list that applies masks)")
         if self.fast_sampling:
-            hook_fast_sampling(batch_processor)
+            hook_fast_sampling(batch_processor, self._grammars)
         if self.config.warmup:
             self.manager.warmup()
         self.manager.start()
@@ -241,7 +218,7 @@ class CudaContinuousBatchingEngine(Engine):
             "use_cuda_graph": list(cfg.cuda_graph_booleans), "use_async_batching": bool(cfg.use_async_batching),
             "max_requests_per_batch": cfg.max_requests_per_batch,
             "decode_path": self.decode_path, "max_blocks_per_request": bp.cache.max_blocks_per_request,
-            "fast_sampling": self.fast_sampling,
+            "fast_sampling": self.fast_sampling, "structured_outputs": self.serves_grammars,
         }
         logger.info("cuda-cb engine ready: %s", self.cache_info)
 
@@ -264,12 +241,19 @@ class CudaContinuousBatchingEngine(Engine):
         self.manager = None
 
     # ------------------------------------------------------------------------------------------ submit / cancel
+    @property
+    def serves_grammars(self) -> bool:
+        """Whether SamplingParams.grammar is served (before start: whether it will be)."""
+        if self.manager is None:
+            return self.config.structured_outputs and self.config.fast_sampling
+        return self._grammars is not None
+
     def check_params(self, params: SamplingParams) -> None:
-        check_params(params)
+        check_params(params, grammars=self.serves_grammars)
 
     def submit(self, request: GenerationRequest, emit: EmitFn) -> None:
         """Raises UnsupportedParameter at once (nothing queued) for parameters this engine cannot honour."""
-        check_params(request.params)
+        self.check_params(request.params)
         if self.manager is None:
             raise RuntimeError("engine not started")
         self._add(request, emit)  # the manager's input queue is thread-safe: no hop through our thread
@@ -304,6 +288,8 @@ class CudaContinuousBatchingEngine(Engine):
         eos = -1 if p.ignore_eos or not self.eos_token_ids else sorted(self.eos_token_ids)
         kwargs = processor_kwargs(p, self.vocab_size)
         for ch in choices:
+            if p.grammar is not None:  # registered before the manager can schedule the request
+                ch.grammar = self._grammars.add(ch.cb_id, p.grammar.matcher())
             self.manager.add_request(list(request.prompt_ids), request_id=ch.cb_id, max_new_tokens=p.max_tokens,
                                      streaming=True, eos_token_id=eos, **kwargs)
 
@@ -324,6 +310,8 @@ class CudaContinuousBatchingEngine(Engine):
             self._requests.pop(entry.request.request_id, None)
             for ch in entry.choices:
                 self._by_cb_id.pop(ch.cb_id, None)
+                if ch.grammar is not None:
+                    self._grammars.remove(ch.cb_id)
 
     def _drain_cancels(self) -> None:
         while True:
@@ -360,23 +348,23 @@ class CudaContinuousBatchingEngine(Engine):
                 continue  # cancelled or cut: its final emit was already sent
             entry, ch = found
             tokens = out.generated_tokens[ch.sent:]
-            reason = None
+            reason, error = None, None
             if out.error is not None:
                 self.last_error = out.error
                 logger.error("request %s failed in the CB manager: %s", cb_id, out.error)
                 reason = "cancelled"
             elif out.is_finished():
-                last = out.generated_tokens[-1] if out.generated_tokens else None
-                reason = "stop" if last is not None and last in entry.eos else "length"
+                reason, error, eos = _finish_reason(out.generated_tokens, entry.eos, ch.grammar)
+                if eos:
+                    tokens = tokens[:-1]  # the EOS token is not part of the text
             if not tokens and reason is None:
                 continue
             ch.sent = len(out.generated_tokens)
-            if reason == "stop":
-                tokens = tokens[:-1]  # the EOS token is not part of the text
             self._generated_total += len(tokens)
             if reason is not None:
                 ch.done = True
-            per_request.setdefault(entry.request.request_id, []).append(ChoiceOutput(ch.index, tokens, None, reason))
+            per_request.setdefault(entry.request.request_id, []).append(
+                ChoiceOutput(ch.index, tokens, None, reason, error))
             entries[entry.request.request_id] = entry
         for rid, outs in per_request.items():
             entry = entries[rid]

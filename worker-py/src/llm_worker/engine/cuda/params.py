@@ -24,8 +24,10 @@ PARAMETER_SUPPORT = {
     "frequency_penalty": "refused (no per-request penalty processor)",
     "repetition_penalty": "refused (no per-request penalty processor)",
     "min_p": "refused (no per-request min_p processor)",
-    "grammar": "refused for now (response_format): not wired into this engine yet; the manager samples inside its own "
-               "step, and a per-row mask needs each row's grammar state advanced by its previous token first",
+    "grammar": "per request (response_format, forced tool calls): one grammar matcher per CB request, advanced by its "
+               "own tokens before each step, its mask on the request's row before sampling; the manager then runs "
+               "with synchronous batching (engine/cuda/constrained.py); refused when the engine runs with "
+               "structured_outputs off (async batching)",
 }
 
 
@@ -39,8 +41,9 @@ class UnsupportedParameter(ValueError):
         self.param = param
 
 
-def check_params(params: SamplingParams) -> None:
-    """Raise UnsupportedParameter for what the manager cannot do per request (see PARAMETER_SUPPORT)."""
+def check_params(params: SamplingParams, grammars: bool = True) -> None:
+    """Raise UnsupportedParameter for what the manager cannot do per request (see PARAMETER_SUPPORT). ``grammars``:
+    whether this engine serves SamplingParams.grammar (CudaCBConfig.structured_outputs)."""
     refused = [
         ("logit_bias", bool(params.logit_bias)),
         ("presence_penalty", params.presence_penalty != 0.0),
@@ -49,13 +52,13 @@ def check_params(params: SamplingParams) -> None:
         ("min_p", params.min_p > 0.0),
         ("logprobs", params.logprobs or params.top_logprobs > 0),
         ("seed", params.seed is not None and params.temperature > 0.0),
-        ("grammar", params.grammar is not None),
     ]
-    wire_name = {"grammar": "response_format"}  # the request field a client set to ask for it
     for name, bad in refused:
         if bad:
-            raise UnsupportedParameter(wire_name.get(name, name),
-                                       f"not supported by the cuda-cb engine ({PARAMETER_SUPPORT[name]})")
+            raise UnsupportedParameter(name, f"not supported by the cuda-cb engine ({PARAMETER_SUPPORT[name]})")
+    if params.grammar is not None and not grammars:  # named as the request field a client set to ask for it
+        raise UnsupportedParameter("response_format", "not served by this cuda-cb worker: it runs with structured "
+                                   "outputs off (CUDA_STRUCTURED_OUTPUTS=false, for async batching)")
     if params.n < 1 or params.max_tokens < 1:
         raise UnsupportedParameter("n" if params.n < 1 else "max_tokens", "must be at least 1")
 

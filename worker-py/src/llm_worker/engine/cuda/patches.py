@@ -16,10 +16,12 @@ warning and goes on: the CPU test suite (tests/test_cuda_cb_engine.py) is what t
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 
 from ...errors import ConfigError
+from .constrained import BatchMasks, GrammarTable
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +120,8 @@ def install_fast_sampling(logit_processor, vocab_size: int) -> bool:
             return PLAIN_G if any_greedy else PLAIN
 
         def __call__(self, input_ids, scores, logits_processor_args):
+            if self.grammar_masks is not None:  # structured outputs (constrained.py): before any other processing
+                scores = self.grammar_masks.apply(scores)
             mode = self.active_mode
             if mode is None:
                 return super().__call__(input_ids, scores, logits_processor_args)
@@ -150,6 +154,7 @@ def install_fast_sampling(logit_processor, vocab_size: int) -> bool:
 
     logit_processor.__class__ = FastSamplingList
     logit_processor.active_mode = None
+    logit_processor.grammar_masks = None
     logit_processor._fs_index = (index[kinds[0]], index[kinds[1]], index[kinds[2]])
     logit_processor._fs_defaults = (procs[index[kinds[0]]].temperature, procs[index[kinds[1]]].top_k,
                                     procs[index[kinds[2]]].top_p)
@@ -157,19 +162,27 @@ def install_fast_sampling(logit_processor, vocab_size: int) -> bool:
     return True
 
 
-def hook_fast_sampling(batch_processor) -> None:
+def hook_fast_sampling(batch_processor, grammars: Optional[GrammarTable] = None) -> None:
     """Wire a ``FastSamplingList`` into the batch processor (instance attributes only): each host IO records its
     batch's mode when it prepares the batch, each device IO adds that mode to its CUDA-graph key, and the model runner
-    sets the processor's mode (and argmax vs sampling) before each step."""
+    sets the processor's mode (and argmax vs sampling) before each step.
+
+    With ``grammars`` (structured outputs; synchronous batching only, see constrained.py) the host also builds the
+    batch's grammar masks when it prepares it, a step with masks runs eagerly (not from a CUDA graph), and each step's
+    update first feeds the new tokens to their requests' matchers, ending a request whose grammar is complete."""
     lp = batch_processor.logit_processor
     ios = batch_processor.inputs_and_outputs
+    if grammars is not None and hasattr(ios, "io_pairs"):
+        raise ValueError("structured outputs need synchronous batching: the masks of step N+1 need step N's tokens")
     pairs = [(p.host_io, p.device_io) for p in ios.io_pairs] if hasattr(ios, "io_pairs") else [(ios, ios)]
     for host, device in pairs:
         host.sampling_mode = FULL_G
+        host.grammar_masks = None
 
         def prepare(requests_in_batch, logits_processors, *args, _host=host, _orig=host.prepare_batch_tensors,
                     **kwargs):
             _host.sampling_mode = lp.mode_for(requests_in_batch)
+            _host.grammar_masks = _grammar_masks(grammars, requests_in_batch) if grammars else None
             return _orig(requests_in_batch, logits_processors, *args, **kwargs)
 
         def graph_key(_host=host, _orig=device._get_graph_key):
@@ -184,8 +197,67 @@ def hook_fast_sampling(batch_processor) -> None:
         return ios.io_pairs[ios.current_pair].host_io if hasattr(ios, "io_pairs") else ios
 
     def compute_batch(model, batch_data, _orig=runner.compute_batch):
-        lp.active_mode = current_host().sampling_mode
+        host = current_host()
+        lp.active_mode = host.sampling_mode
+        lp.grammar_masks = host.grammar_masks
         runner.do_sample = sample_default and lp.active_mode != GREEDY
-        return _orig(model, batch_data)
+        graphs = (runner.use_cuda_graph_varlen, runner.use_cuda_graph_decode)
+        if lp.grammar_masks is None or not any(graphs):
+            return _orig(model, batch_data)
+        # A captured graph would replay the masks it was captured with: this step runs eagerly.
+        runner.use_cuda_graph_varlen = runner.use_cuda_graph_decode = False
+        try:
+            return _orig(model, batch_data)
+        finally:
+            runner.use_cuda_graph_varlen, runner.use_cuda_graph_decode = graphs
 
     runner.compute_batch = compute_batch
+    if grammars is not None:
+        def update_batch(_orig=batch_processor.update_batch):
+            if grammars:
+                requests_in_batch, new_tokens, _ = ios.prepare_batch_update()  # sync mode: a read of the outputs
+                _observe_tokens(grammars, requests_in_batch, new_tokens)
+            return _orig()
+
+        batch_processor.update_batch = update_batch
+
+
+# ------------------------------------------------------------------------------------- structured outputs
+def _produced(state) -> list[int]:
+    """The request's output so far; after a re-prefill (offloading) the manager moved it into the prompt."""
+    if state._true_initial_tokens:
+        return state.initial_tokens[state._true_initial_tokens:] + state.generated_tokens
+    return state.generated_tokens
+
+
+def _grammar_masks(grammars: GrammarTable, requests_in_batch) -> Optional[BatchMasks]:
+    rows, positions = [], []
+    row = 0
+    for fs in requests_in_batch:
+        if not fs.has_new_token:
+            continue  # a prefill chunk before the prompt's last: no logits row in this step
+        request = grammars.get(fs.state.request_id)
+        if request is not None:
+            rows.append((request, _produced(fs.state)))
+            positions.append(row)
+        row += 1
+    return grammars.masks_for(rows, positions) if rows else None
+
+
+def _observe_tokens(grammars: GrammarTable, requests_in_batch, new_tokens: list[int]) -> None:
+    """Feed each constrained request its new token before the manager's update appends it; a request whose grammar
+    ends with it gets a token limit of its current length + 1, so the update finishes it with this token."""
+    row = 0
+    for fs in requests_in_batch:
+        if not fs.has_new_token:
+            continue
+        token = new_tokens[row]
+        row += 1
+        request = grammars.get(fs.state.request_id)
+        if request is None or request.ended:
+            continue
+        state = fs.state
+        request.catch_up(_produced(state))
+        request.accept(token)
+        if request.ended:
+            state._new_tokens_limit = min(state._new_tokens_limit, state.generated_len() + 1)
