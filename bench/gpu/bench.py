@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "worker-py" / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llm_worker.engine.base import GenerationRequest, SamplingParams  # noqa: E402
-from llm_worker.engine.cuda_cb import VARLEN_ATTN, CudaCBConfig, CudaContinuousBatchingEngine  # noqa: E402
+from llm_worker.engine.cuda import VARLEN_ATTN, CudaCBConfig, CudaContinuousBatchingEngine  # noqa: E402
 
 QWEN25_7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                  intermediate_size=18944, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,

@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE))
 import bench  # noqa: E402  (puts worker-py/src on sys.path)
 from bench import QWEN25_7B, TINY, Recorder, build_model, random_prompts, saturated_run, sync  # noqa: E402
 from llm_worker.engine.base import SamplingParams  # noqa: E402
-from llm_worker.engine.cuda_cb import VARLEN_ATTN, CudaCBConfig, CudaContinuousBatchingEngine, decode_kernel_self_test  # noqa: E402
+from llm_worker.engine.cuda import VARLEN_ATTN, CudaCBConfig, CudaContinuousBatchingEngine, decode_kernel_self_test  # noqa: E402
 
 T0 = time.monotonic()
 RESULTS: dict = {"configs": {}}
@@ -67,7 +67,7 @@ COMMON = dict(memory_fraction=0.8)
 def time_decode_kernel(device, dtype, cases=((1, 456), (64, 400), (512, 300))):
     """One layer's paged decode attention (28 q heads, 4 KV heads, head 128, blocks of 64) on random data: median of
     20 CUDA-event timings; bytes = K and V of every cached token read once."""
-    from llm_worker.engine.cuda_cb import paged_decode_triton
+    from llm_worker.engine.cuda.kernels import paged_decode_triton
 
     out = {}
     for batch, length in cases:
@@ -300,8 +300,9 @@ def main():
     if on_gpu and not args.no_decode:  # the Triton kernel's self-test in a child first: a fault there can't kill us
         import subprocess
 
-        code = ("import sys, torch; sys.path.insert(0, %r); from llm_worker.engine.cuda_cb import "
-                "decode_kernel_self_test as t; print('SELFTEST', t(torch.device('cuda'), torch.bfloat16) or 'ok')"
+        code = ("import sys, torch; sys.path.insert(0, %r); from llm_worker.engine.cuda.kernels import "
+                "decode_kernel_self_test as t; "
+                "print('SELFTEST', t(torch.device('cuda'), torch.bfloat16) or 'ok')"
                 % str(HERE.parents[1] / "worker-py" / "src"))
         probe = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  text=True)

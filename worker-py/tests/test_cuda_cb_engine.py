@@ -5,8 +5,8 @@ Skipped only where the installed Transformers has no continuous-batching API.
 
 from __future__ import annotations
 
+import logging
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,72 +23,21 @@ except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from conftest import wait_until  # noqa: E402
-
+from llm_worker.config import load_config  # noqa: E402
+from llm_worker.engine import create_engine  # noqa: E402
 from llm_worker.engine.base import GenerationRequest, SamplingParams  # noqa: E402
-from llm_worker.engine.cuda_cb import (  # noqa: E402
+from llm_worker.engine.cuda import (  # noqa: E402
+    SUPPORTED_TRANSFORMERS,
     VARLEN_ATTN,
     CudaCBConfig,
     CudaContinuousBatchingEngine,
     UnsupportedParameter,
+    UnsupportedTransformersVersion,
+    check_transformers_version,
 )
+from llm_worker.errors import ConfigError  # noqa: E402
 
-VOCAB = 256
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, eos_token_id=None,
-        bos_token_id=None, pad_token_id=0,
-    )
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
-    return model
-
-
-class Collector:
-    """Gathers emits per request; ``wait`` blocks until each named request has finished every choice."""
-
-    def __init__(self):
-        self.tokens: dict[str, dict[int, list[int]]] = {}
-        self.finish: dict[str, dict[int, str]] = {}
-        self.emits: dict[str, int] = {}
-        self.cv = threading.Condition()
-
-    def __call__(self, request_id, outputs):
-        with self.cv:
-            self.emits[request_id] = self.emits.get(request_id, 0) + 1
-            for out in outputs:
-                self.tokens.setdefault(request_id, {}).setdefault(out.index, []).extend(out.token_ids)
-                if out.finish_reason is not None:
-                    self.finish.setdefault(request_id, {})[out.index] = out.finish_reason
-            self.cv.notify_all()
-
-    def wait_for(self, check, what: str, timeout: float):
-        """Until ``check()`` holds (looked at on every emit, under the lock); fails naming ``what`` at the deadline."""
-        with self.cv:
-            assert self.cv.wait_for(check, timeout), f"timed out after {timeout} s waiting for {what}"
-
-    def wait(self, expected: dict[str, int], timeout=60.0):
-        end = time.monotonic() + timeout
-        with self.cv:
-            while any(len(self.finish.get(r, {})) < n for r, n in expected.items()):
-                left = end - time.monotonic()
-                assert left > 0, f"timed out; finished so far: {self.finish}"
-                self.cv.wait(left)
-
-
-def prompt(seed, length):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, VOCAB, (length,), generator=g).tolist()
-
-
-def reference_greedy(model, ids, n_new):
-    model.set_attn_implementation("sdpa")
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False, eos_token_id=None,
-                         pad_token_id=0, min_new_tokens=n_new)
-    return out[0, len(ids):].tolist()
+from cuda_util import VOCAB, Collector, prompt, reference_greedy, tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +146,6 @@ def test_deadline_cuts_with_length(engine):
     (SamplingParams(min_p=0.1), "min_p"),
     (SamplingParams(logprobs=True), "logprobs"),
     (SamplingParams(seed=3, temperature=1.0), "seed"),
-    (SamplingParams(grammar=object()), "response_format"),  # named as the request field that asked for it
 ])
 def test_unsupported_parameters_are_refused_by_name(engine, params, param):
     with pytest.raises(UnsupportedParameter) as err:
@@ -211,3 +159,60 @@ def test_seed_is_accepted_when_greedy(engine):
     engine.submit(GenerationRequest("g", [1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0, seed=1)), col)
     col.wait({"g": 1})
     assert len(col.tokens["g"][0]) == 2
+
+
+# ---- Transformers version guard (engine/cuda/patches.py): the version it reads is monkeypatched, nothing reinstalled
+def pretend_transformers(monkeypatch, version: str) -> None:
+    # The module object in sys.modules, which the guard imports: building a model from a config swaps Transformers'
+    # lazy module for a new object, so the `transformers` bound at the top of this file may no longer be it.
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
+
+
+def test_the_pinned_transformers_is_supported():
+    # requirements.txt pins 5.17.0: the guard's range is written around the pin
+    assert sys.modules["transformers"].__version__ == "5.17.0"
+    assert check_transformers_version() == "5.17.0"
+
+
+@pytest.mark.parametrize("version", ["5.17.3", "5.17.1.dev0"])
+def test_patch_releases_of_the_pin_are_accepted(monkeypatch, version):
+    pretend_transformers(monkeypatch, version)
+    assert check_transformers_version() == version
+
+
+@pytest.mark.parametrize("version", ["5.18.0", "5.18.0.dev0", "5.16.2", "6.0.0"])
+def test_another_transformers_stops_the_engine_at_start(monkeypatch, model, version):
+    pretend_transformers(monkeypatch, version)
+    eng = CudaContinuousBatchingEngine(model, CudaCBConfig(attn_implementation="paged|sdpa", cpu_cache_bytes=1 << 20))
+    with pytest.raises(UnsupportedTransformersVersion) as err:
+        eng.start()
+    message = str(err.value)
+    assert f"transformers {version} is installed" in message
+    assert SUPPORTED_TRANSFORMERS in message and "CUDA_PATCHES_ALLOW_ANY_TRANSFORMERS=1" in message
+    assert eng.manager is None  # refused before the manager (or any patch) was created
+    assert isinstance(err.value, ConfigError)  # __main__ exits with status 2 and logs the message
+
+
+def test_the_escape_hatch_warns_and_starts(monkeypatch, model, caplog):
+    pretend_transformers(monkeypatch, "5.99.0")
+    # The worker setting reaches the engine's config (config.py → create_engine → CudaCBConfig).
+    cfg = load_config({"CUDA_PATCHES_ALLOW_ANY_TRANSFORMERS": "1"})
+    assert cfg.cuda_patches_allow_any_transformers is True
+    assert load_config({}).cuda_patches_allow_any_transformers is False
+    wired = create_engine("cuda-cb", model, eos_token_ids=set(), max_batch=4, context_length=512,
+                          cuda_allow_any_transformers=cfg.cuda_patches_allow_any_transformers)
+    assert wired.config.allow_any_transformers is True
+    eng = CudaContinuousBatchingEngine(model, CudaCBConfig(attn_implementation="paged|sdpa", block_size=16,
+                                                           cpu_cache_bytes=1 << 20, allow_any_transformers=True))
+    with caplog.at_level(logging.WARNING, logger="llm_worker.engine.cuda.patches"):
+        eng.start()
+    try:
+        warned = [r.getMessage() for r in caplog.records if r.name == "llm_worker.engine.cuda.patches"]
+        assert any("transformers 5.99.0 is installed" in m and "CUDA_PATCHES_ALLOW_ANY_TRANSFORMERS=1" in m
+                   for m in warned), warned
+        col = Collector()
+        eng.submit(GenerationRequest("after", [1, 2, 3], SamplingParams(max_tokens=3, temperature=0.0)), col)
+        col.wait({"after": 1})
+        assert col.finish["after"][0] == "length" and len(col.tokens["after"][0]) == 3
+    finally:
+        eng.stop()

@@ -58,6 +58,12 @@ class Config(BaseModel):
     # Default: $XDG_CACHE_HOME/llm-worker/converted (~/.cache/...).
     weights_cache_dir: Optional[str] = None
     grammar_cache_size: int = Field(256, ge=1)
+    # cuda-cb engine (engine/cuda/patches.py): it patches private internals of the pinned Transformers and refuses to
+    # start on a version outside patches.SUPPORTED_TRANSFORMERS unless this is set (then it warns and goes on).
+    cuda_patches_allow_any_transformers: bool = False
+    # cuda-cb engine: serve response_format / forced tool calls (engine/cuda/constrained.py); they need the manager's
+    # synchronous batching, so false is the way to get async batching back (and such requests are refused with a 400).
+    cuda_structured_outputs: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> "Config":

@@ -200,7 +200,7 @@ def _describe(error: str) -> str:
 
 
 # ---- batched mask application (engine side) -------------------------------------------------------------------------
-_BITS = torch.arange(32, dtype=torch.int32)
+_BITS = {"cpu": torch.arange(32, dtype=torch.int32)}  # per device: the CUDA engine masks rows on the GPU
 
 
 def allocate_masks(rows: int, vocab_size: int) -> torch.Tensor:
@@ -211,5 +211,8 @@ def allocate_masks(rows: int, vocab_size: int) -> torch.Tensor:
 def apply_masks(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     """Set the logits of disallowed tokens to -inf, in place: ``logits`` [R, V], ``bitmask`` [R, ceil(V/32)]."""
     rows, vocab = logits.shape
-    allowed = ((bitmask.unsqueeze(-1) >> _BITS) & 1).view(rows, -1)[:, :vocab]
+    bits = _BITS.get(str(bitmask.device))
+    if bits is None:
+        bits = _BITS.setdefault(str(bitmask.device), _BITS["cpu"].to(bitmask.device))
+    allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).view(rows, -1)[:, :vocab]
     logits.masked_fill_(allowed == 0, float("-inf"))

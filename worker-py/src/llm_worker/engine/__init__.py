@@ -18,11 +18,14 @@ def engine_name(requested: str, device: str) -> str:
 
 
 def create_engine(name: str, model, *, eos_token_ids: set[int], max_batch: int, context_length: int,
-                  num_threads: Optional[int] = None, kv_token_budget: Optional[int] = None) -> Engine:
+                  num_threads: Optional[int] = None, kv_token_budget: Optional[int] = None,
+                  cuda_allow_any_transformers: bool = False, cuda_structured_outputs: bool = True) -> Engine:
     if name == "cuda-cb":
-        from .cuda_cb import CudaContinuousBatchingEngine  # written separately; imported only when asked for
+        from .cuda import CudaCBConfig, CudaContinuousBatchingEngine  # imported only when asked for (Transformers CB)
 
-        return CudaContinuousBatchingEngine(model, eos_token_ids=eos_token_ids, max_batch=max_batch,
+        config = CudaCBConfig(allow_any_transformers=cuda_allow_any_transformers,
+                              structured_outputs=cuda_structured_outputs)
+        return CudaContinuousBatchingEngine(model, config, eos_token_ids=eos_token_ids, max_batch=max_batch,
                                             context_length=context_length)
     if name == "standin":
         from .standin import StandInEngine  # benchmark only: no model runs (see its docstring)

@@ -3,7 +3,7 @@
 The engine knows nothing of Redis, BullMQ, JSON or text: the transport (``llm_worker.transport``) turns jobs into
 ``GenerationRequest`` objects and turns the token ids it gets back into text (detokenizer, stop strings). Two engines
 implement this interface: ``cpu_batch.CpuBatchEngine`` (our own continuous batching over a padded KV cache, for CPU) and
-``cuda_cb.CudaContinuousBatchingEngine`` (Transformers' continuous-batching manager with a paged cache, for GPU).
+``cuda.CudaContinuousBatchingEngine`` (Transformers' continuous-batching manager with a paged cache, for GPU).
 """
 
 from __future__ import annotations
