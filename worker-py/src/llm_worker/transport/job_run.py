@@ -125,7 +125,11 @@ class JobRun:
             try:
                 check(params)
             except ValueError as exc:
-                raise JobError("invalid_request", str(exc), getattr(exc, "param", None)) from exc
+                param = getattr(exc, "param", None)
+                fmt = d.params.response_format
+                if param == "response_format" and fmt is not None and fmt.param:
+                    param = fmt.param  # the grammar of a forced tool call: the client asked for it with "tools"
+                raise JobError("invalid_request", str(exc), param) from exc
         for i in range(params.n):
             self._choices[i] = _Choice(StreamDetokenizer(ctx.tokenizer, prompt_ids), StopMatcher(d.params.stop),
                                        logprobs=AlignedLogprobs() if params.logprobs else None)
