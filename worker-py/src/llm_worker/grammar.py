@@ -199,6 +199,12 @@ def allocate_masks(rows: int, vocab_size: int) -> torch.Tensor:
     return torch.full((rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
 
 
+def fill_masks(matchers: list[RowMatcher], bitmask: torch.Tensor) -> None:
+    """Row j of ``bitmask`` [len(matchers), ceil(V/32)] gets the tokens ``matchers[j]`` allows next."""
+    for j, m in enumerate(matchers):
+        m.fill(bitmask, j)
+
+
 def apply_masks(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     """Set the logits of disallowed tokens to -inf, in place: ``logits`` [R, V], ``bitmask`` [R, ceil(V/32)]."""
     rows, vocab = logits.shape
