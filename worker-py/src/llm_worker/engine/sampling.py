@@ -127,9 +127,7 @@ def _apply_grammars(logits: torch.Tensor, samplers: list[ChoiceSampler]) -> None
         return
     masks = allocate_masks(len(constrained), logits.shape[-1])
     fill_masks([samplers[i].matcher for i in constrained], masks)
-    rows = logits[constrained]
-    apply_masks(rows, masks)
-    logits[constrained] = rows
+    apply_masks(logits, masks, constrained)
 
 
 def sample(logits: torch.Tensor, samplers: list[ChoiceSampler]) -> list[tuple[int, Optional[TokenLogprob]]]:
