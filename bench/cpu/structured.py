@@ -388,7 +388,7 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="default: the worker's DTYPE=auto on this CPU")
     ap.add_argument("--threads", type=int, default=None, help="the engine's torch threads (default: as the worker)")
     ap.add_argument("--legacy", action="store_true",
-                    help="also run (b) with the mask path before 1261f11 (legacy_mask_path), alternated: before/after")
+                    help="also run (b) with the mask path of 1261f11 (legacy_mask_path), alternated: before/after")
     ap.add_argument("--no-replay", action="store_true", help="skip (d)'s per-schema generation and replay")
     ap.add_argument("--big-tokenizer", default=None,
                     help="a tokenizer.json of ~150k tokens for the 152k figures (default: the first one found; "
@@ -498,7 +498,7 @@ def main() -> None:
     say("|---|---|---|---|---|---|---|---|")
     labels = {"free": f"(a) {a.streams} free",
               "mix": f"(b) {a.constrained} constrained + {a.streams - a.constrained} free",
-              "legacy": "(b) with the mask path before 1261f11 (--legacy)"}
+              "legacy": "(b) with the mask path of 1261f11 (--legacy)"}
     for mode in modes:
         rs = runs[mode]
         st = {k: med([r["steps"][k] for r in rs]) for k in rs[0]["steps"]}

@@ -192,19 +192,37 @@ def _describe(error: str) -> str:
 
 
 # ---- batched mask application (engine side) -------------------------------------------------------------------------
+# Below this many usable CPUs the rows are filled one call each, on the engine thread: on the 2-core CI machine
+# llguidance's pool cost as much (8 rows: 0.26 ms either way) or more (0.58 against 0.38 ms with other processes on the
+# cores: the hand-off to its thread waits for a core) — bench/cpu/structured.py, bench/RESULTS.md. With more cores the
+# rows are computed side by side; not measured here.
+_POOL_MIN_CPUS = 4
 _executor = None
+_pool_pays: Optional[bool] = None
 _executor_lock = threading.Lock()
 
 
 def _llg_executor():
-    """llguidance's thread pool (Rust threads; default 80 % of the CPUs, at most 32), made on first use."""
+    """llguidance's thread pool (Rust threads), one per process, as many threads as this process may use (its own
+    default, 80 % of ``os.cpu_count()``, counts a container's whole node)."""
     global _executor
     with _executor_lock:
         if _executor is None:
             import llguidance
 
-            _executor = llguidance.LLExecutor()
+            from .engine.cpus import usable_cpus
+
+            _executor = llguidance.LLExecutor(min(usable_cpus(), 32))
         return _executor
+
+
+def _use_pool() -> bool:
+    global _pool_pays
+    if _pool_pays is None:
+        from .engine.cpus import usable_cpus
+
+        _pool_pays = usable_cpus() >= _POOL_MIN_CPUS
+    return _pool_pays
 
 
 def allocate_masks(rows: int, vocab_size: int) -> torch.Tensor:
@@ -212,16 +230,17 @@ def allocate_masks(rows: int, vocab_size: int) -> torch.Tensor:
     return torch.full((rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
 
 
-def fill_masks(matchers: list[RowMatcher], bitmask: torch.Tensor) -> None:
+def fill_masks(matchers: list[RowMatcher], bitmask: torch.Tensor, pool: Optional[bool] = None) -> None:
     """Row j of ``bitmask`` (from ``allocate_masks``) gets the tokens ``matchers[j]`` allows next.
 
-    Several rows go to llguidance in one call (``LLExecutor``, as ``llguidance.torch.fill_next_token_bitmask_par``):
-    one crossing into Rust instead of one per row, the rows computed on its threads with the GIL released. On the
-    2-core CI machine both ways take ~0.03 ms a row (bench/cpu/structured.py); the pool pays where rows are costly
-    (a 152k vocabulary, long strings) and cores are many.
+    ``pool`` (default: where at least ``_POOL_MIN_CPUS`` CPUs are usable): all rows in one call to llguidance's
+    ``LLExecutor`` (as ``llguidance.torch.fill_next_token_bitmask_par``), computed on its threads with the GIL released.
     """
-    if len(matchers) == 1:
-        matchers[0].fill(bitmask, 0)
+    if pool is None:
+        pool = len(matchers) > 1 and _use_pool()
+    if not pool:
+        for j, m in enumerate(matchers):
+            m.fill(bitmask, j)
         return
     assert bitmask.is_contiguous() and bitmask.dtype == torch.int32 and bitmask.device.type == "cpu"
     rows, words = bitmask.shape
@@ -230,16 +249,17 @@ def fill_masks(matchers: list[RowMatcher], bitmask: torch.Tensor) -> None:
 
 
 def apply_masks(logits: torch.Tensor, bitmask: torch.Tensor, rows: Optional[list[int]] = None) -> None:
-    """Set the logits of disallowed tokens to -inf, in place: row ``rows[j]`` of ``logits`` [B, V] (row j when
-    ``rows`` is None) by ``bitmask[j]`` [R, ceil(V/32)].
+    """Set the logits of disallowed tokens to -inf, in place: row ``rows[j]`` of ``logits`` [B, V] (a CPU float32
+    tensor; row j when ``rows`` is None) by ``bitmask[j]`` [R, ceil(V/32)].
 
-    The bits are unpacked by numpy (one C pass; llguidance's layout is token t = bit t % 32 of word t // 32, i.e.
-    bit t % 8 of byte t // 8 on a little-endian host, numpy's ``bitorder="little"``) and each row is filled where it
-    lies: the shift-and-compare over [R, words, 32] int32 and the gather/scatter of the constrained rows it replaced
-    took ~1.2 ms of a ~45 ms decode step for 8 rows of the bundled model's 49k vocabulary (bench/RESULTS.md).
+    numpy, one C pass per step: the bits unpacked (llguidance's layout is token t = bit t % 32 of word t // 32, i.e.
+    bit t % 8 of byte t // 8 on a little-endian host, numpy's ``bitorder="little"``), then each constrained row
+    written where it lies. 8 rows of the bundled model's 49k vocabulary: 0.15 ms, where torch's shift-and-compare over
+    [R, words, 32] int32 with a gather and scatter of the rows took 0.4-0.7 ms alone and ~1.7 ms in the engine beside
+    other processes (bench/RESULTS.md): torch ops on 49k-element rows mostly pay the engine's OpenMP team starting.
     """
     vocab = logits.shape[-1]
-    forbidden = np.unpackbits(~bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")
-    forbidden = torch.from_numpy(forbidden).view(torch.bool)[:, :vocab]
+    forbidden = np.unpackbits(~bitmask.numpy().view(np.uint8), axis=-1, bitorder="little").view(bool)[:, :vocab]
+    out = logits.numpy()
     for j, i in enumerate(range(len(bitmask)) if rows is None else rows):
-        logits[i].masked_fill_(forbidden[j], float("-inf"))
+        np.copyto(out[i], -np.inf, where=forbidden[j])
