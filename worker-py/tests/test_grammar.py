@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 
 from llm_worker.engine.base import GenerationRequest, SamplingParams
-from llm_worker.grammar import GrammarCompiler, GrammarError, GrammarSpec, allocate_masks, apply_masks
+from llm_worker.grammar import GrammarCompiler, GrammarError, GrammarSpec, allocate_masks, apply_masks, fill_masks
 
 from conftest import chat_ids
 from engine_util import run_requests
@@ -136,3 +136,42 @@ def test_masks_forbid_exactly_the_cleared_bits():
     apply_masks(logits, masks)
     assert torch.isinf(logits[0, :32]).sum() == 30 and logits[0, 0] == 0 and logits[0, 2] == 0
     assert torch.isinf(logits[1, 64:]).all() and not torch.isinf(logits[1, :64]).any()
+
+
+def test_masks_apply_to_the_named_rows_only():
+    import torch
+
+    logits = torch.zeros(3, 70)
+    masks = allocate_masks(2, 70)
+    masks[0, 1] = 0  # → logits row 2: tokens 32..63 forbidden
+    masks[1, 0] = 1  # → logits row 0: only token 0 of the first word
+    apply_masks(logits, masks, [2, 0])
+    assert torch.isinf(logits[2, 32:64]).all() and torch.isinf(logits[2]).sum() == 32
+    assert torch.isinf(logits[0, 1:32]).all() and torch.isinf(logits[0]).sum() == 31
+    assert not torch.isinf(logits[1]).any()  # a free row beside them
+
+
+def test_one_batched_fill_gives_each_row_its_own_mask(tokenizer, grammars):
+    """fill_masks, through llguidance's pool (all rows in one call) or row by row: each row gets exactly the mask its
+    own matcher computes alone, whatever state the others are in."""
+    import torch
+
+    grammar = grammars.compile(GrammarSpec.json_schema(PERSON))
+    text = ('{"name":"Ann","age":41,"role":"doctor","address":{"city":"Lyon","zip":"69001"},"skills":["x"],'
+            '"active":true}')
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    prefixes = [0, 1, 3, 7, len(ids) // 2, len(ids) - 1]
+    together, alone = [grammar.matcher() for _ in prefixes], [grammar.matcher() for _ in prefixes]
+    for n, a, b in zip(prefixes, together, alone):
+        for token in ids[:n]:
+            a.consume(token)
+            b.consume(token)
+    pooled = allocate_masks(len(prefixes), grammars.vocab_size)
+    looped = allocate_masks(len(prefixes), grammars.vocab_size)
+    fill_masks(together, pooled, pool=True)  # llguidance's thread pool (where 4+ CPUs are usable)
+    fill_masks(alone, looped, pool=False)  # one call per row (this 2-core machine's default)
+    for j, m in enumerate(alone):
+        one = allocate_masks(1, grammars.vocab_size)
+        m.fill(one, 0)
+        assert torch.equal(pooled[j], one[0]) and torch.equal(looped[j], one[0]), f"row {j} (after {prefixes[j]})"
+    assert len({tuple(r.tolist()) for r in pooled}) > 3  # the rows were in different states

@@ -1,11 +1,12 @@
 """Structured outputs: JSON schemas (and later tool-call grammars) compiled to per-choice token masks with llguidance.
 
-Why llguidance (issue 10 compares it with xgrammar and outlines-core): it builds the token trie of a 49k or 152k
-vocabulary in well under a second, compiles a typical schema in ~1 ms (so no schema needs to be precompiled), computes
-a mask lazily in ~0.1-0.5 ms per row per step with a hard per-step budget (``step_lexer_fuel``), drops the GIL while
-it works, names the schema keywords it does not implement (``Unimplemented keys: ["not"]``) instead of ignoring them,
+Why llguidance (issue 10 compares it with xgrammar and outlines-core): its tokenizer is ready once per process in
+~0.5 s for the bundled 49k vocabulary and ~2 s for Qwen's 152k, compiles a typical schema in ~1 ms with either (so no
+schema needs to be precompiled), computes a mask lazily in ~0.01 ms per row per step (median; p90 ~0.15 ms) with a
+hard per-step budget (``step_lexer_fuel``) (the 2-core CI machine, bench/cpu/structured.py), drops the GIL while it
+works, names the schema keywords it does not implement (``Unimplemented keys: ["not"]``) instead of ignoring them,
 and ships as one small Rust wheel without a torch.compile step (its own ``apply_token_bitmask_inplace`` needs
-torch.compile, which on CPU needs a C++ toolchain; ``apply_masks`` below does the same with plain tensor ops).
+torch.compile, which on CPU needs a C++ toolchain; ``apply_masks`` below does the same without it).
 
 The engine sees only ``CompiledGrammar.matcher()`` and the functions at the bottom of this module: one ``RowMatcher``
 per choice (its own parser state, so a constrained row never waits for another row) and a batched mask application
@@ -23,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 log = logging.getLogger("llm_worker.grammar")
@@ -202,17 +204,87 @@ def _describe(error: str) -> str:
 # ---- batched mask application (engine side) -------------------------------------------------------------------------
 _BITS = {"cpu": torch.arange(32, dtype=torch.int32)}  # per device: the CUDA engine masks rows on the GPU
 
+# Below this many usable CPUs the rows are filled one call each, on the engine thread: on the 2-core CI machine
+# llguidance's pool cost as much (8 rows: 0.26 ms either way) or more (0.58 against 0.38 ms with other processes on the
+# cores: the hand-off to its thread waits for a core) — bench/cpu/structured.py, bench/RESULTS.md. With more cores the
+# rows are computed side by side; not measured here.
+_POOL_MIN_CPUS = 4
+_executor = None
+_pool_pays: Optional[bool] = None
+_executor_lock = threading.Lock()
+
+
+def _llg_executor():
+    """llguidance's thread pool (Rust threads), one per process, as many threads as this process may use (its own
+    default, 80 % of ``os.cpu_count()``, counts a container's whole node)."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            import llguidance
+
+            from .engine.cpus import usable_cpus
+
+            _executor = llguidance.LLExecutor(min(usable_cpus(), 32))
+        return _executor
+
+
+def _use_pool() -> bool:
+    global _pool_pays
+    if _pool_pays is None:
+        from .engine.cpus import usable_cpus
+
+        _pool_pays = usable_cpus() >= _POOL_MIN_CPUS
+    return _pool_pays
+
 
 def allocate_masks(rows: int, vocab_size: int) -> torch.Tensor:
-    """An int32 bitmask [rows, ceil(vocab/32)], all tokens allowed (llguidance's layout)."""
+    """An int32 bitmask [rows, ceil(vocab/32)], all tokens allowed (llguidance's layout), contiguous."""
     return torch.full((rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
 
 
-def apply_masks(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Set the logits of disallowed tokens to -inf, in place: ``logits`` [R, V], ``bitmask`` [R, ceil(V/32)]."""
-    rows, vocab = logits.shape
+def fill_masks(matchers: list[RowMatcher], bitmask: torch.Tensor, pool: Optional[bool] = None) -> None:
+    """Row j of ``bitmask`` (from ``allocate_masks``) gets the tokens ``matchers[j]`` allows next.
+
+    ``pool`` (default: where at least ``_POOL_MIN_CPUS`` CPUs are usable): all rows in one call to llguidance's
+    ``LLExecutor`` (as ``llguidance.torch.fill_next_token_bitmask_par``), computed on its threads with the GIL released.
+    """
+    if pool is None:
+        pool = len(matchers) > 1 and _use_pool()
+    if not pool:
+        for j, m in enumerate(matchers):
+            m.fill(bitmask, j)
+        return
+    assert bitmask.is_contiguous() and bitmask.dtype == torch.int32 and bitmask.device.type == "cpu"
+    rows, words = bitmask.shape
+    _llg_executor().unsafe_compute_mask_ptr([(m._m, j) for j, m in enumerate(matchers)], bitmask.data_ptr(),
+                                            words * 4, rows)
+
+
+def apply_masks(logits: torch.Tensor, bitmask: torch.Tensor, rows: Optional[list[int]] = None) -> None:
+    """Set the logits of disallowed tokens to -inf, in place: row ``rows[j]`` of ``logits`` [B, V] (row j when ``rows``
+    is None) by ``bitmask[j]`` [R, ceil(V/32)], on the logits' device (``bitmask`` on the same device).
+
+    CPU float32 (the CPU engine): numpy, one C pass per step: the bits unpacked (llguidance's layout is token t = bit
+    t % 32 of word t // 32, i.e. bit t % 8 of byte t // 8 on a little-endian host, numpy's ``bitorder="little"``), then
+    each constrained row written where it lies. 8 rows of the bundled model's 49k vocabulary: 0.15 ms, where torch's
+    shift-and-compare over [R, words, 32] int32 with a gather and scatter of the rows took 0.4-0.7 ms alone and ~1.7 ms
+    in the engine beside other processes (bench/RESULTS.md): torch ops on 49k-element rows mostly pay the engine's
+    OpenMP team starting. Elsewhere (the CUDA engine's scores on the GPU): the torch shift-and-compare.
+    """
+    vocab = logits.shape[-1]
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and bitmask.device.type == "cpu":
+        forbidden = np.unpackbits(~bitmask.numpy().view(np.uint8), axis=-1, bitorder="little").view(bool)[:, :vocab]
+        out = logits.numpy()
+        for j, i in enumerate(range(len(bitmask)) if rows is None else rows):
+            np.copyto(out[i], -np.inf, where=forbidden[j])
+        return
     bits = _BITS.get(str(bitmask.device))
     if bits is None:
         bits = _BITS.setdefault(str(bitmask.device), _BITS["cpu"].to(bitmask.device))
-    allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).view(rows, -1)[:, :vocab]
-    logits.masked_fill_(allowed == 0, float("-inf"))
+    allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).view(len(bitmask), -1)[:, :vocab]
+    if rows is None:
+        logits[: len(bitmask)].masked_fill_(allowed == 0, float("-inf"))
+    else:
+        index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        picked = logits.index_select(0, index).masked_fill_(allowed == 0, float("-inf"))
+        logits.index_copy_(0, index, picked)

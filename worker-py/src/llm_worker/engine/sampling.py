@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..grammar import allocate_masks, apply_masks
+from ..grammar import allocate_masks, apply_masks, fill_masks
 from .base import SamplingParams, TokenLogprob
 
 # Below this a temperature is treated as greedy: dividing by it would overflow to inf/nan.
@@ -120,19 +120,22 @@ def _top_p_threshold(probs: torch.Tensor, top_p: torch.Tensor, rows: torch.Tenso
     return out
 
 
+def _apply_grammars(logits: torch.Tensor, samplers: list[ChoiceSampler]) -> None:
+    """Step 3b: each constrained row's grammar mask, on those rows only (free rows pay nothing)."""
+    constrained = [i for i, s in enumerate(samplers) if s.matcher is not None]
+    if not constrained:
+        return
+    masks = allocate_masks(len(constrained), logits.shape[-1])
+    fill_masks([samplers[i].matcher for i in constrained], masks)
+    apply_masks(logits, masks, constrained)
+
+
 def sample(logits: torch.Tensor, samplers: list[ChoiceSampler]) -> list[tuple[int, Optional[TokenLogprob]]]:
     """Pick one token per row of ``logits`` [B, V] (fp32, modified in place). Returns (token, logprob info)."""
     for i, s in enumerate(samplers):
         if s.needs_adjust:
             s.adjust(logits[i])
-    constrained = [i for i, s in enumerate(samplers) if s.matcher is not None]
-    if constrained:
-        masks = allocate_masks(len(constrained), logits.shape[-1])
-        for j, i in enumerate(constrained):
-            samplers[i].matcher.fill(masks, j)
-        rows = logits[constrained]
-        apply_masks(rows, masks)
-        logits[constrained] = rows
+    _apply_grammars(logits, samplers)
     tokens: list[int] = [0] * len(samplers)
     greedy_rows = [i for i, s in enumerate(samplers) if s.greedy]
     if greedy_rows:
