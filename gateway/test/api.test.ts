@@ -105,8 +105,10 @@ describe('error shapes', () => {
     const res = await chat({ ...hello, temperature: 9 });
     expect(res.status).toBe(400);
     expect(res.body.error).toMatchObject({ type: 'invalid_request_error', param: 'temperature' });
-    const tools = await chat({ ...hello, tools: [{ type: 'function', function: { name: 'f' } }] });
-    expect(tools.body.error).toMatchObject({ param: 'tools', code: 'unsupported_parameter' });
+    const tools = await chat({ ...hello, tools: [{ type: 'function', function: { name: 'f', parameters: { type: 'obj' } } }] });
+    expect(tools.body.error).toMatchObject({ param: 'tools[0].function.parameters', code: 'invalid_value' });
+    const functions = await chat({ ...hello, functions: [{ name: 'f' }] });
+    expect(functions.body.error).toMatchObject({ param: 'functions', code: 'unsupported_parameter' });
   });
 
   it('unknown model → 404 model_not_found', async () => {

@@ -178,10 +178,10 @@ describe("errors as a user of the SDK sees them", () => {
     expect(e1.param).toBe("temperature");
     expect(e1.type).toBe("invalid_request_error");
     const e2 = await openai.chat.completions
-      .create({ model: stack.model, messages: PROMPT, tools: [{ type: "function", function: { name: "f" } }], stream: true })
+      .create({ model: stack.model, messages: PROMPT, tools: [{ type: "function", function: { name: "f", parameters: { type: "obj" } } }], stream: true })
       .catch((e) => e);
     expect(e2).toBeInstanceOf(OpenAI.BadRequestError);
-    expect(e2.param).toBe("tools");
+    expect(e2.param).toBe("tools[0].function.parameters");
     const long = "hello ".repeat(9000);
     const e3 = await openai.chat.completions
       .create({ model: stack.model, messages: [{ role: "user", content: long }], stream: true })
