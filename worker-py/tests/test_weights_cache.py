@@ -4,6 +4,7 @@ corrupted or foreign entry is rebuilt instead of loaded, and the worker's own lo
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -15,11 +16,24 @@ from llm_worker.config import load_config
 from conftest import chat_ids
 
 
+@pytest.fixture(scope="module")
+def first_start(tmp_path_factory):
+    """A worker's first start with an empty cache (GGUF read, dequantised, stored). Not the session's shared model:
+    the CPU engine repacks that one's linear layers in place, so its weights are no longer what a start stores."""
+    root = tmp_path_factory.mktemp("converted")
+    cfg = load_config({"DTYPE": "float32", "WEIGHTS_CACHE_DIR": str(root)})
+    loaded = model_mod.load(cfg)
+    (entry,) = list(root.iterdir())
+    _, key = model_mod._cache_entry(cfg, *model_mod.resolve_source(cfg)[:2], torch.float32, None)
+    return cfg, loaded, entry, key
+
+
 @pytest.fixture()
-def entry(tmp_path, loaded):
-    path, key = weights_cache.entry_dir(tmp_path, model_mod.bundled_gguf_path(), torch.float32)
-    weights_cache.store(path, key, loaded.tokenizer, loaded.model)
-    return path, key
+def entry_copy(first_start, tmp_path):
+    _, _, entry, key = first_start
+    copy = tmp_path / entry.name
+    shutil.copytree(entry, copy)
+    return copy, key
 
 
 def _logits(model, ids):
@@ -27,8 +41,8 @@ def _logits(model, ids):
         return model(torch.tensor([ids])).logits[0, -1].float()
 
 
-def test_an_entry_reloads_to_the_same_tokenizer_and_logits(entry, loaded):
-    path, key = entry
+def test_an_entry_reloads_to_the_same_tokenizer_and_logits(first_start):
+    _, loaded, path, key = first_start
     manifest = json.loads((path / weights_cache.MANIFEST).read_text())
     assert manifest["key"] == key and "model.safetensors" in manifest["files"] and "tokenizer.json" in manifest["files"]
     tokenizer, model = weights_cache.load(path, key, torch.float32, {})
@@ -39,8 +53,8 @@ def test_an_entry_reloads_to_the_same_tokenizer_and_logits(entry, loaded):
     assert torch.equal(_logits(model, ids), _logits(loaded.model, ids))
 
 
-def test_a_corrupted_entry_is_removed_not_loaded(entry):
-    path, key = entry
+def test_a_corrupted_entry_is_removed_not_loaded(entry_copy):
+    path, key = entry_copy
     weights = path / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -49,8 +63,8 @@ def test_a_corrupted_entry_is_removed_not_loaded(entry):
     assert not path.exists()
 
 
-def test_an_entry_of_another_key_is_not_loaded(entry):
-    path, key = entry
+def test_an_entry_of_another_key_is_not_loaded(entry_copy):
+    path, key = entry_copy
     assert weights_cache.load(path, {**key, "dtype": "bfloat16"}, torch.float32, {}) is None
 
 
@@ -60,11 +74,8 @@ def test_an_incomplete_entry_is_ignored(tmp_path):
     assert weights_cache.load(tmp_path / "partial", {}, torch.float32, {}) is None
 
 
-def test_the_worker_load_uses_an_entry(tmp_path, loaded, caplog):
-    # The entry a first start would have written (the same store() call), then a start as the worker does it.
-    cfg = load_config({"DTYPE": "float32", "WEIGHTS_CACHE_DIR": str(tmp_path)})
-    path, key = model_mod._cache_entry(cfg, *model_mod.resolve_source(cfg)[:2], torch.float32, None)
-    weights_cache.store(path, key, loaded.tokenizer, loaded.model)
+def test_a_second_start_loads_the_entry(first_start, caplog):
+    cfg, loaded, _, _ = first_start
     with caplog.at_level("INFO", logger="llm_worker.weights_cache"):
         second = model_mod.load(cfg)
     assert any("loaded converted weights from the cache" in r.message for r in caplog.records)
