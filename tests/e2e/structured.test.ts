@@ -8,12 +8,13 @@ import { client, collectStream, stack } from "./helpers";
 
 jest.setTimeout(180_000);
 
+// Bounded strings and list: a sampled 135M model can otherwise repeat list items or run on inside a string until
+// max_tokens (finish_reason "length", which parse() refuses).
 const City = z.object({
-  city: z.string(),
-  country: z.string(),
+  city: z.string().max(40),
+  country: z.string().max(40),
   population: z.number().int(),
-  // Bounded: a 135M model repeats list items until max_tokens otherwise (finish_reason "length", which parse() refuses).
-  landmarks: z.array(z.string()).max(3),
+  landmarks: z.array(z.string().max(40)).max(3),
   climate: z.enum(["hot", "mild", "cold"]),
 });
 
