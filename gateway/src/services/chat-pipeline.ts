@@ -8,17 +8,25 @@
  *            live job and a cached one
  *   finish — the accounting (Admitted.finish), always, with the result when there is one.
  * Each step only calls down into the next; nothing below calls back up.
+ *
+ * A /v1 stream is resumable (README "Resumable streams"): its events carry ids (streaming/event-ids.ts), its record
+ * (resume/stream-record.ts) says who started it and how it renders, and `resume` renders it again on any replica from
+ * the job's stored events (ChatService.attach), through the same renderers, sending only what the client lacks.
  */
 import type { Response } from 'express';
+import type { Principal } from '../auth/api-keys';
 import type { Config } from '../config';
 import { toApiError } from '../errors';
-import type { OutputFilter } from '../filter/output-filter';
+import type { OutputFilter, StreamFilter } from '../filter/output-filter';
 import { GenerationTimer } from '../metrics';
-import type { JobResult } from '../protocol/job';
+import type { JobResult, TokenLogprob } from '../protocol/job';
+import type { FinalChoice } from '../queue/job-run';
+import { type CachedChoice, type StreamRecord, type StreamRecords } from '../resume/stream-record';
+import { EventCursor, parseLastEventId } from '../streaming/event-ids';
 import { SseWriter } from '../streaming/sse';
 import type { Admitted, ChatAdmission, GovernOptions } from './chat-admission';
 import { toChatCompletion } from './chat-format';
-import type { ChatService, RequestContext } from './chat-service';
+import { type ChatService, completionNotFound, type RequestContext } from './chat-service';
 import { ChatStream, CompletionStream, type StreamRenderer, TextStream } from './chat-stream';
 import { type CompletionRender, mergeResults, toTextCompletion } from './completion-format';
 import { parseCompletion } from './completion-params';
@@ -28,10 +36,79 @@ export interface ChatPipelineDeps {
   admission: ChatAdmission;
   chat: ChatService;
   filter: OutputFilter;
+  records: StreamRecords;
 }
 
 /** Which event shape a stream renders (see services/chat-stream.ts). */
 export type StreamShape = 'chat' | 'text';
+
+/** The route a resumable stream belongs to (its record says which; a resume on the other route is a 404). */
+export type ResumableShape = StreamRecord['shape'];
+
+/**
+ * One job of a stream, as the pipeline renders it: a job it runs or a cached answer (an admitted request), or a job
+ * it follows (a resumed stream). `play` renders its events and resolves with its result.
+ */
+interface StreamPart {
+  play(into: PartRenderer, open: () => void, ctx: RequestContext): Promise<JobResult>;
+  finish(result: JobResult | null, err?: unknown): Promise<void>;
+}
+
+interface StreamOptions {
+  /** The tutorial's text stream: errors after the headers as `event: <name>`. */
+  errorEvent?: string;
+  /** Event ids (a /v1 stream), and what a resume skips. */
+  cursor?: EventCursor;
+}
+
+/**
+ * Renders one job's events into a stream, its choices moved to `base`, through the streaming output filter: the same
+ * for a live job, a cached answer (its two events) and a resumed job, so that a resume renders the same events. Each
+ * event is positioned at the worker event it comes from (its id names it).
+ */
+class PartRenderer {
+  private readonly filter: StreamFilter;
+  private seq = 0;
+
+  constructor(
+    private readonly sse: SseWriter,
+    private readonly out: StreamRenderer,
+    private readonly part: number,
+    private readonly base: number,
+    filter: OutputFilter,
+  ) {
+    this.filter = filter.stream();
+  }
+
+  /** Text of one choice from delta `seq`; returns what went out (the filter may hold some back). */
+  delta(seq: number, index: number, raw: string, logprobs: TokenLogprob[] | null): string {
+    this.at(seq);
+    const text = this.filter.push(index, raw);
+    this.out.content(this.base + index, text, logprobs);
+    return text;
+  }
+
+  /** The job's end (its `done` is event `seq`): the text not given as deltas, then what the filter held back. */
+  end(seq: number, rest: readonly FinalChoice[], result: JobResult): void {
+    this.at(seq);
+    const { filter, out, base } = this;
+    for (const c of rest) out.content(base + c.index, filter.push(c.index, c.rest) + filter.flush(c.index), c.restLogprobs);
+    for (const c of result.choices) {
+      const held = filter.flush(c.index); // choices whose text all came as deltas
+      if (held) out.content(base + c.index, held, null);
+    }
+  }
+
+  /** Back at this job's last event: the stream's closing events (finish chunks, usage, [DONE]) go with it. */
+  reposition(): void {
+    this.sse.position(this.part, this.seq);
+  }
+
+  private at(seq: number): void {
+    this.seq = seq;
+    this.sse.position(this.part, seq);
+  }
+}
 
 export class ChatPipeline {
   constructor(private readonly deps: ChatPipelineDeps) {}
@@ -40,8 +117,12 @@ export class ChatPipeline {
   async completions(body: unknown, res: Response, ctx: RequestContext, opts: GovernOptions): Promise<void> {
     const a = await this.deps.admission.admit(body, res, ctx, opts);
     const p = a.prepared;
-    if (p.stream) await this.stream(a, res, ctx, 'chat');
-    else res.json(toChatCompletion(p.meta, await this.result(a, ctx), p.wantLogprobs, p.parseToolCalls));
+    if (!p.stream) {
+      res.json(toChatCompletion(p.meta, await this.result(a, ctx), p.wantLogprobs, p.parseToolCalls));
+      return;
+    }
+    const record = this.record(opts.principal, 'chat', [a], p.data.params.n, { tools: p.parseToolCalls });
+    await this.streamResumable(record, [a], res, ctx, (sse) => new ChatStream(sse, p.meta, p.includeUsage, p.parseToolCalls));
   }
 
   /** An admitted request's whole result, filtered: from the cache or a job. */
@@ -73,18 +154,100 @@ export class ChatPipeline {
     const first = parts[0].prepared;
     const n = c.params.n;
     const render: CompletionRender = { meta: first.meta, prompts: c.prompts, n, echo: c.echo, logprobs: c.logprobs, includeUsage: first.includeUsage };
-    if (first.stream) await this.streamParts(parts, n, res, ctx, (sse) => new CompletionStream(sse, render));
-    else res.json(toTextCompletion(render, mergeResults(await this.results(parts, ctx), n)));
+    if (!first.stream) {
+      res.json(toTextCompletion(render, mergeResults(await this.results(parts, ctx), n)));
+      return;
+    }
+    // The prompts are kept only when they are echoed: the renderer needs nothing else of them.
+    const completion = { prompts: c.echo ? c.prompts : c.prompts.map(() => ''), echo: c.echo, logprobs: c.logprobs };
+    const record = this.record(opts.principal, 'completion', parts, n, { completion });
+    await this.streamResumable(record, parts, res, ctx, (sse) => new CompletionStream(sse, render));
   }
 
   /**
-   * An admitted request as server-sent events: a cached result replayed whole, or a job's deltas as they arrive
-   * (through the streaming filter). Errors before the job is queued are thrown (plain HTTP errors); after the
-   * headers they go into the stream. A reader too slow for SSE_MAX_BUFFER_BYTES ends its stream and cancels the job.
+   * GET /v1/chat/completions/{id}/stream, GET /v1/completions/{id}/stream: the stream `id` again, for the caller who
+   * started it, rendered from its jobs' stored events by the renderer it had, then live until its end; the events up
+   * to `lastEventId` (the client's Last-Event-ID header) are not sent again. A resume generates nothing: it draws one
+   * request from the caller's RPM budget and no tokens (docs/GOVERNANCE.md).
+   */
+  async resume(id: string, shape: ResumableShape, lastEventId: string | undefined, res: Response, ctx: RequestContext, principal: Principal): Promise<void> {
+    const record = await this.deps.records.read(id);
+    // Another caller's stream is answered as one that does not exist, as OpenAI answers ids it does not know.
+    if (!record || record.owner !== principal.keyId || record.shape !== shape) throw completionNotFound(id);
+    const seen = parseLastEventId(lastEventId, id, record.jobs.length);
+    await this.deps.admission.admitResume(res, principal);
+    const { meta } = record;
+    const parts = record.jobs.map(
+      (job): StreamPart => ({
+        play: async (into, open, sub) => {
+          const target = { jobId: job.id, model: meta.model, deadline_ms: job.deadline_ms, start_deadline_ms: job.start_deadline_ms };
+          const outcome = await this.deps.chat.attach(target, sub, { onDelta: (index, raw, lp, seq) => into.delta(seq, index, raw, lp), onEnqueued: open });
+          into.end(outcome.seq, outcome.rest, outcome.result);
+          return outcome.result;
+        },
+        finish: async () => undefined, // the request that started the job accounts for it
+      }),
+    );
+    const render =
+      record.shape === 'chat'
+        ? (sse: SseWriter) => new ChatStream(sse, meta, record.include_usage, record.tools)
+        : (sse: SseWriter) => {
+            const c = record.completion ?? { prompts: record.jobs.map(() => ''), echo: false, logprobs: null };
+            return new CompletionStream(sse, { meta, prompts: c.prompts, n: record.n, echo: c.echo, logprobs: c.logprobs, includeUsage: record.include_usage });
+          };
+    ctx.log.info('stream resumed', { jobId: id, lastEventId: lastEventId ?? null });
+    await this.streamParts(parts, record.n, res, ctx, render, { cursor: new EventCursor(id, record.jobs.length, seen) });
+  }
+
+  /**
+   * An admitted request as server-sent events, not resumable (the tutorial's /chat/stream): a cached result replayed
+   * whole, or a job's deltas as they arrive (through the streaming filter). Errors before the job is queued are thrown
+   * (plain HTTP errors); after the headers they go into the stream. A reader too slow for SSE_MAX_BUFFER_BYTES ends
+   * its stream and cancels the job.
    */
   stream(a: Admitted, res: Response, ctx: RequestContext, shape: StreamShape): Promise<void> {
     const p = a.prepared;
-    return this.streamParts([a], p.data.params.n, res, ctx, (sse) => (shape === 'text' ? new TextStream(sse) : new ChatStream(sse, p.meta, p.includeUsage, p.parseToolCalls)), shape === 'text' ? 'error' : undefined);
+    const render = (sse: SseWriter) => (shape === 'text' ? new TextStream(sse) : new ChatStream(sse, p.meta, p.includeUsage, p.parseToolCalls));
+    return this.streamParts(this.admittedParts([a], false), p.data.params.n, res, ctx, render, { errorEvent: shape === 'text' ? 'error' : undefined });
+  }
+
+  /**
+   * A /v1 stream: ids on its events, its record written (unless RESUME_EVENTS_MAX_BYTES is 0: no stream is
+   * resumable then), its jobs asked to store their events, and the record shortened to the events' TTL at the end.
+   */
+  private async streamResumable(record: StreamRecord, parts: readonly Admitted[], res: Response, ctx: RequestContext, render: (sse: SseWriter) => StreamRenderer): Promise<void> {
+    const { records, config } = this.deps;
+    const id = record.meta.id;
+    const resumable = config.RESUME_EVENTS_MAX_BYTES > 0;
+    const warn = (what: string) => (err: unknown) => ctx.log.warn(`${what} failed: the stream cannot be resumed`, { jobId: id, err: String(err) });
+    // Not awaited: sent before the jobs' Queue.add on the same connection (resume/stream-record.ts).
+    if (resumable) records.write(record).catch(warn('writing the stream record'));
+    try {
+      await this.streamParts(this.admittedParts(parts, resumable), record.n, res, ctx, render, { cursor: new EventCursor(id, parts.length) });
+    } finally {
+      if (resumable) records.ended(id).catch(warn('shortening the stream record'));
+    }
+  }
+
+  /** The record of a /v1 stream about to start. */
+  private record(principal: Principal, shape: ResumableShape, parts: readonly Admitted[], n: number, extra: { tools?: boolean; completion?: StreamRecord['completion'] }): StreamRecord {
+    const first = parts[0].prepared;
+    return {
+      v: 1,
+      owner: principal.keyId,
+      shape,
+      meta: first.meta,
+      jobs: parts.map((a) => ({ id: a.prepared.meta.id, deadline_ms: a.prepared.data.deadline_ms, start_deadline_ms: a.prepared.data.start_deadline_ms ?? null })),
+      n,
+      include_usage: first.includeUsage,
+      tools: extra.tools ?? false,
+      completion: extra.completion,
+    };
+  }
+
+  /** Admitted requests as stream parts: each runs its job (asking it to store its events when `resumable`) or replays its cached answer. */
+  private admittedParts(parts: readonly Admitted[], resumable: boolean): StreamPart[] {
+    return parts.map((a) => ({ play: (into, open, ctx) => this.streamPart(a, into, open, ctx, resumable), finish: (r, err) => a.finish(r, err) }));
   }
 
   /** Admits every body; when one is refused, the others are given back as requests turned away for that reason. */
@@ -111,7 +274,7 @@ export class ChatPipeline {
       parts.map((a) =>
         this.result(a, sub).catch((err: unknown) => {
           failure ??= { err };
-          stop.abort('client');
+          stop.abort('stopped');
           throw err;
         }),
       ),
@@ -121,17 +284,19 @@ export class ChatPipeline {
   }
 
   /**
-   * Admitted requests as one stream, their choices at `part × n + index`. Every part runs at once; the headers go out
-   * with the first one queued (or cached); the first failure cancels the others and ends the stream with its error.
+   * Parts as one stream, their choices at `part × n + index`. Every part plays at once; the headers go out with the
+   * first one queued (or cached, or attached); the first failure stops the others (their jobs are cancelled at once)
+   * and ends the stream with its error.
    */
-  private async streamParts(parts: readonly Admitted[], n: number, res: Response, ctx: RequestContext, render: (sse: SseWriter) => StreamRenderer, errorEvent?: string): Promise<void> {
+  private async streamParts(parts: readonly StreamPart[], n: number, res: Response, ctx: RequestContext, render: (sse: SseWriter) => StreamRenderer, opts: StreamOptions = {}): Promise<void> {
     const { config } = this.deps;
     const stop = new AbortController();
     const sse = new SseWriter(res, {
       keepAliveMs: config.SSE_KEEPALIVE_MS,
       maxBufferedBytes: config.SSE_MAX_BUFFER_BYTES,
-      onOverflow: () => stop.abort('client'),
-      errorEvent,
+      onOverflow: () => stop.abort('stopped'),
+      errorEvent: opts.errorEvent,
+      cursor: opts.cursor,
     });
     const out = render(sse);
     let opened = false;
@@ -140,27 +305,32 @@ export class ChatPipeline {
       opened = true;
       out.open();
     };
+    // 'stopped' (a failed part, an overflowed stream) cancels jobs at once; the client's own leaving ('client') may not.
     const sub = { ...ctx, signal: AbortSignal.any([ctx.signal, stop.signal]) };
+    const renderers = parts.map((_, i) => new PartRenderer(sse, out, i, i * n, this.deps.filter));
     let failure: { err: unknown } | null = null;
     const settled = await Promise.allSettled(
-      parts.map((a, i) =>
-        this.streamPart(a, i * n, out, open, sub).catch((err: unknown) => {
+      parts.map((part, i) =>
+        part.play(renderers[i], open, sub).catch((err: unknown) => {
           failure ??= { err };
-          stop.abort('client');
+          stop.abort('stopped');
           throw err;
         }),
       ),
     );
     const results = settled.map((s) => (s.status === 'fulfilled' ? s.value : null));
     try {
-      if (!failure) out.finish(mergeResults(results as JobResult[], n));
-      await Promise.all(parts.map((a, i) => a.finish(results[i], settled[i].status === 'rejected' ? (settled[i] as PromiseRejectedResult).reason : undefined)));
+      if (!failure) {
+        renderers[renderers.length - 1].reposition();
+        out.finish(mergeResults(results as JobResult[], n));
+      }
+      await Promise.all(parts.map((part, i) => part.finish(results[i], settled[i].status === 'rejected' ? (settled[i] as PromiseRejectedResult).reason : undefined)));
       if (!failure) return;
       const { err } = failure as { err: unknown };
       if (!opened) throw err;
       const apiErr = toApiError(err);
       // Retryable conditions (busy, shutting down) are expected under load: info; anything else 5xx is a fault.
-      const jobId = parts[0].prepared.meta.id;
+      const jobId = opts.cursor?.completionId;
       if (apiErr.status >= 500 && apiErr.retryAfterMs === undefined) {
         ctx.log.error('stream failed', { jobId, code: apiErr.code, err: apiErr.cause ?? apiErr });
       } else ctx.log.info('stream ended early', { jobId, code: apiErr.code });
@@ -170,42 +340,50 @@ export class ChatPipeline {
     }
   }
 
-  /** One admitted request's output into a stream, its choices shifted by `base`: replayed from the cache, or live. */
-  private async streamPart(a: Admitted, base: number, out: StreamRenderer, open: () => void, ctx: RequestContext): Promise<JobResult> {
+  /**
+   * One admitted request's output into a stream: its cached answer, rendered from the two events a worker would have
+   * sent (and stored as such, so that it resumes like a job), or its job, live.
+   */
+  private async streamPart(a: Admitted, into: PartRenderer, open: () => void, ctx: RequestContext, resumable: boolean): Promise<JobResult> {
     const p = a.prepared;
     if (a.cached) {
-      // A whole stored result, rendered as a live job's stream would have been.
-      const r = this.filtered(a.cached);
+      const r = a.cached;
+      const choices: CachedChoice[] = [...r.choices]
+        .sort((x, y) => x.index - y.index)
+        .map((c) => ({ index: c.index, text: c.text, logprobs: p.wantLogprobs ? (c.logprobs ?? []) : null }));
+      if (resumable) this.deps.records.writeCachedEvents(p.meta.id, choices, r).catch((err) => ctx.log.warn('storing a cached stream failed: it cannot be resumed', { jobId: p.meta.id, err: String(err) }));
       open();
-      for (const c of [...r.choices].sort((x, y) => x.index - y.index)) out.content(base + c.index, c.text, p.wantLogprobs ? (c.logprobs ?? []) : null);
+      for (const c of choices) into.delta(1, c.index, c.text, c.logprobs);
+      into.end(2, [], r);
       return r;
     }
     const stamps = ctx.stamps;
-    const filter = this.deps.filter.stream();
     const timer = new GenerationTimer(p.meta.model, p.data.enqueued_at_ms, true);
-    const outcome = await this.deps.chat.run(p, ctx, {
-      // A fast worker can send its first delta before the enqueue's reply, i.e. before the headers went out:
-      // SseWriter holds such events until open().
-      onDelta: (index, raw, logprobs) => {
-        if (raw.length > 0) stamps?.mark('delta');
-        const text = filter.push(index, raw);
-        if (text.length > 0) timer.text();
-        out.content(base + index, text, logprobs);
-        if (text.length > 0) stamps?.mark('written');
+    const outcome = await this.deps.chat.run(
+      p,
+      ctx,
+      {
+        // A fast worker can send its first delta before the enqueue's reply, i.e. before the headers went out:
+        // SseWriter holds such events until open().
+        onDelta: (index, raw, logprobs, seq) => {
+          if (raw.length > 0) stamps?.mark('delta');
+          const text = into.delta(seq, index, raw, logprobs);
+          if (text.length > 0) {
+            timer.text();
+            stamps?.mark('written');
+          }
+        },
+        onStarted: () => stamps?.mark('started'),
+        onEnqueued: () => {
+          stamps?.mark('enqueued');
+          open();
+          stamps?.mark('opened');
+        },
       },
-      onStarted: () => stamps?.mark('started'),
-      onEnqueued: () => {
-        stamps?.mark('enqueued');
-        open();
-        stamps?.mark('opened');
-      },
-    });
+      { resumable },
+    );
     const { result } = outcome;
-    for (const c of outcome.rest) out.content(base + c.index, filter.push(c.index, c.rest) + filter.flush(c.index), c.restLogprobs);
-    for (const c of result.choices) {
-      const held = filter.flush(c.index); // choices whose text all came as deltas
-      if (held) out.content(base + c.index, held, null);
-    }
+    into.end(outcome.seq, outcome.rest, result);
     timer.finish(result.usage, result.choices.length, result.timing);
     return result;
   }
