@@ -336,7 +336,8 @@ export class ChatPipeline {
       } else ctx.log.info('stream ended early', { jobId, code: apiErr.code });
       out.fail(apiErr);
     } finally {
-      out.end();
+      // Not opened: the error is thrown to the error middleware, which writes it as a plain HTTP status.
+      if (opened) out.end();
     }
   }
 
