@@ -142,6 +142,16 @@ describe('resuming', () => {
     expect(w.cancelled.size).toBe(0); // resumed within the grace: never cancelled
   });
 
+  it('resumed on the same gateway while its run still follows the job (inside the grace): both follow it, nothing lost', async () => {
+    const w = await fake({ reply, pieceChars: 2, delayMs: 60 });
+    const before = await dropAfter(gwA, '/v1/chat/completions', ask(w.model, { stream_options: { include_usage: true } }), 3);
+    const resumed = await resume(gwA, chatPath(before[0].data.id), before.at(-1)!.id!);
+    const all = [...before, ...events(resumed.text)];
+    expect(textOf(all)).toBe(REPLY);
+    expect(all.at(-2)!.data.usage.completion_tokens).toBeGreaterThan(0);
+    expect(w.cancelled.size).toBe(0);
+  });
+
   it('a resume attached within the grace keeps the job alive past it; without one, the job is cancelled once the grace is over', async () => {
     // ~2.2 s of generation, far longer than the 400 ms grace.
     const w = await fake({ reply, pieceChars: 2, delayMs: 100 });
