@@ -10,7 +10,7 @@ import { OutputFilter } from './filter/output-filter';
 import { ConcurrencyLimiter } from './limits/admission';
 import { RateLimiter } from './limits/rate-limiter';
 import { QueueBacklog } from './queue/backlog';
-import { StreamRecords } from './resume/stream-record';
+import { storedEventsMaxBytes, StreamRecords } from './resume/stream-record';
 import type { Logger } from './logger';
 import type { ChatService } from './services/chat-service';
 import { ChatAdmission } from './services/chat-admission';
@@ -42,7 +42,7 @@ export function buildGovernance(config: Config, redis: Redis, chat: ChatService,
   const records = new StreamRecords(redis, {
     requestTimeoutMs: config.REQUEST_TIMEOUT_MS,
     eventsTtlMs: config.RESUME_EVENTS_TTL_MS,
-    eventsMaxBytes: config.RESUME_EVENTS_MAX_BYTES,
+    eventsMaxBytes: storedEventsMaxBytes(config),
   });
   const pipeline = new ChatPipeline({ config, admission, chat, filter, records });
   return { admission, pipeline, tutorial: new TutorialService(config, pipeline, admission), keys: new KeyStore(redis) };

@@ -9,9 +9,18 @@
  */
 import type Redis from 'ioredis';
 import { z } from 'zod';
+import type { Config } from '../config';
 import { eventsKey, type JobResult, type TokenLogprob, TRUNCATED_EVENT } from '../protocol/job';
 
 export const streamKey = (completionId: string): string => `llm:stream:${completionId}`;
+
+/**
+ * Bytes of events stored per job: RESUME_EVENTS_MAX_BYTES, but at most a quarter of SSE_MAX_BUFFER_BYTES. A resume
+ * writes the stored events out at once, before its client can read any, and their chunks take up to about twice
+ * their size: a larger list would overflow the resumed stream's buffer (stream_buffer_full) by construction.
+ */
+export const storedEventsMaxBytes = (c: Pick<Config, 'RESUME_EVENTS_MAX_BYTES' | 'SSE_MAX_BUFFER_BYTES'>): number =>
+  Math.min(c.RESUME_EVENTS_MAX_BYTES, Math.floor(c.SSE_MAX_BUFFER_BYTES / 4));
 
 export const streamRecordSchema = z.object({
   v: z.literal(1),

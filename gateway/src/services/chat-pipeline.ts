@@ -19,7 +19,7 @@ import type { Config } from '../config';
 import type { OutputFilter } from '../filter/output-filter';
 import { GenerationTimer } from '../metrics';
 import type { JobResult } from '../protocol/job';
-import type { CachedChoice, StreamRecord, StreamRecords } from '../resume/stream-record';
+import { type CachedChoice, type StreamRecord, type StreamRecords, storedEventsMaxBytes } from '../resume/stream-record';
 import { EventCursor, parseLastEventId } from '../streaming/event-ids';
 import type { SseWriter } from '../streaming/sse';
 import type { Admitted, ChatAdmission, GovernOptions } from './chat-admission';
@@ -152,7 +152,7 @@ export class ChatPipeline {
   private async streamResumable(record: StreamRecord, parts: readonly Admitted[], res: Response, ctx: RequestContext, render: (sse: SseWriter) => StreamRenderer): Promise<void> {
     const { records, config } = this.deps;
     const id = record.meta.id;
-    const resumable = config.RESUME_EVENTS_MAX_BYTES > 0;
+    const resumable = storedEventsMaxBytes(config) > 0;
     const warn = (what: string) => (err: unknown) => ctx.log.warn(`${what} failed: the stream cannot be resumed`, { jobId: id, err: String(err) });
     // Not awaited: sent before the jobs' Queue.add on the same connection (resume/stream-record.ts).
     if (resumable) records.write(record).catch(warn('writing the stream record'));

@@ -23,6 +23,7 @@ import type { JobPlacement } from '../queue/job-queue';
 import { JobRun, type RunDeps, type RunOutcome } from '../queue/job-run';
 import { isReady } from '../queue/redis';
 import type { StreamAttachments } from '../resume/attachments';
+import { storedEventsMaxBytes } from '../resume/stream-record';
 import type { CompletionMeta } from './chat-format';
 import { planTools } from '../tools/plan';
 import { normaliseMessages, requestedMaxTokens, toJobParams } from './chat-params';
@@ -246,8 +247,9 @@ export class ChatService {
    */
   async run(p: PreparedChat, ctx: RequestContext, hooks: RunHooks = {}, opts: { resumable?: boolean } = {}): Promise<RunOutcome> {
     const { config } = this.deps;
-    const resumable = opts.resumable === true && config.RESUME_EVENTS_MAX_BYTES > 0;
-    const data: JobData = resumable ? { ...p.data, store_events: { ttl_ms: config.RESUME_EVENTS_TTL_MS, max_bytes: config.RESUME_EVENTS_MAX_BYTES } } : p.data;
+    const maxBytes = storedEventsMaxBytes(config);
+    const resumable = opts.resumable === true && maxBytes > 0;
+    const data: JobData = resumable ? { ...p.data, store_events: { ttl_ms: config.RESUME_EVENTS_TTL_MS, max_bytes: maxBytes } } : p.data;
     const run = new JobRun(this.runDeps(), p.meta.id, data, { onDelta: hooks.onDelta, onStarted: hooks.onStarted, placement: p.placement });
     await run.start(data);
     hooks.onEnqueued?.();
