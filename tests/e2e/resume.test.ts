@@ -147,3 +147,32 @@ test("nobody resumes: the job keeps generating through the grace, then it is can
   expect(endedAfterMs).toBeGreaterThanOrEqual(GRACE_MS - 50);
   console.log(`job cancelled ${endedAfterMs} ms after its client left (RESUME_GRACE_MS ${GRACE_MS})`);
 });
+
+test("the gateway process is killed (SIGKILL) mid-stream: the client resumes through the other one and gets the whole answer", async () => {
+  // Last: it kills the second gateway. Nobody is left to cancel the job (no grace runs on a dead process): it goes on.
+  const resp = await fetch(`${gw.url}/v1/chat/completions`, {
+    method: "POST", headers: headers(), body: JSON.stringify({ model: stack.model, messages: PROMPT, ...greedy, stream: true }),
+  });
+  const reader = resp.body!.getReader();
+  const decoder = new TextDecoder();
+  let text = "";
+  let killed = false;
+  const lost = await (async () => {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return false;
+      text += decoder.decode(value, { stream: true });
+      if (!killed && content(events(text)).length >= 10) {
+        killed = true;
+        process.kill(-gw.proc.child.pid!, "SIGKILL"); // the process group: tsx runs the gateway in a child
+      }
+    }
+  })().catch(() => true);
+  expect(killed).toBe(true);
+  const before = events(text); // what the client has: the complete events that arrived before the process died
+  const received = content(before);
+  expect(lost || received.length < uninterrupted.length).toBe(true);
+  const r = await resume(stack.baseUrl, before[0].data.id, before.at(-1)!.id!);
+  expect(r.status).toBe(200);
+  expect(received + content(events(r.body))).toBe(uninterrupted);
+});
