@@ -51,8 +51,12 @@ const apiKey = devKey();
 const workerMetricsPort = await freePort();
 const worker = startWorker({ redisUrl, env: { MAX_BATCH: "16", METRICS_PORT: String(workerMetricsPort) } });
 // The suites send many deliberate 401s from one address within a minute; the per-address limit on failed
-// authentication has tests of its own (gateway/test/tenancy.test.ts), so here it is set out of their way.
-const gateway = startGateway({ redisUrl, port: gatewayPort, apiKeys: apiKey, env: { LOG_LEVEL: "warn", AUTH_FAILURE_LIMIT: "100000" } });
+// authentication has tests of its own (gateway/test/tenancy.test.ts), so here it is set out of their way. A dropped
+// stream's job goes on for RESUME_GRACE_MS before it is cancelled (README "Resumable streams"): 1 s here, so that the
+// suites that drop streams on purpose do not leave the one worker busy for the default 30 s.
+const gateway = startGateway({
+  redisUrl, port: gatewayPort, apiKeys: apiKey, env: { LOG_LEVEL: "warn", AUTH_FAILURE_LIMIT: "100000", RESUME_GRACE_MS: "1000" },
+});
 let stackOk = true;
 try {
   await waitReady(gatewayPort, 10 * 60_000, [worker, gateway]);

@@ -55,6 +55,16 @@ export const configSchema = z.object({
   WORKER_REFRESH_MS: int(50).default(1_000),
   /** With no event for this long, a job's state is read from BullMQ (backstop for lost messages). */
   JOB_POLL_MS: int(100).default(2_000),
+  /**
+   * Resumable streams (README "Resumable streams"): a streaming client that disconnects does not cancel its job at
+   * once; the job goes on this long, and is cancelled then unless a client has resumed the stream on any replica.
+   * 0: cancelled at once.
+   */
+  RESUME_GRACE_MS: int(0, 3_600_000).default(30_000),
+  /** How long a stream's stored events (LIST llm:events:{id}) outlive its last event: it stays resumable that long. */
+  RESUME_EVENTS_TTL_MS: int(1000).default(600_000),
+  /** Bytes of events stored per job; past it the stream can no longer be resumed (410). 0: none stored, no resume. */
+  RESUME_EVENTS_MAX_BYTES: int(0).default(1024 * 1024),
   /** SIGTERM: how long open requests may run before they are cut. */
   SHUTDOWN_GRACE_MS: int(0).default(30_000),
   LOG_LEVEL: z.enum(['error', 'warn', 'info', 'debug']).default('info'),

@@ -23,6 +23,12 @@ export const ERROR_TABLE = {
   context_length_exceeded: { status: 400, type: 'invalid_request_error' },
   invalid_api_key: { status: 401, type: 'invalid_request_error' },
   model_not_found: { status: 404, type: 'invalid_request_error' },
+  // A resumed stream (GET …/{id}/stream): no such stream of this caller (or its events expired).
+  completion_not_found: { status: 404, type: 'invalid_request_error' },
+  // The stream exists but its events were not stored (a worker that does not keep them): it cannot be resumed.
+  stream_not_resumable: { status: 409, type: 'invalid_request_error' },
+  // Its events passed RESUME_EVENTS_MAX_BYTES and were cut: it can no longer be resumed.
+  stream_truncated: { status: 410, type: 'invalid_request_error' },
   unknown_url: { status: 404, type: 'invalid_request_error' },
   request_too_large: { status: 413, type: 'invalid_request_error' },
   request_header_too_large: { status: 431, type: 'invalid_request_error' },

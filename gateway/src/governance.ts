@@ -10,6 +10,7 @@ import { OutputFilter } from './filter/output-filter';
 import { ConcurrencyLimiter } from './limits/admission';
 import { RateLimiter } from './limits/rate-limiter';
 import { QueueBacklog } from './queue/backlog';
+import { storedEventsMaxBytes, StreamRecords } from './resume/stream-record';
 import type { Logger } from './logger';
 import type { ChatService } from './services/chat-service';
 import { ChatAdmission } from './services/chat-admission';
@@ -38,6 +39,11 @@ export function buildGovernance(config: Config, redis: Redis, chat: ChatService,
     cache: new ResponseCache(config, redis, logger.child({ module: 'cache' })),
     filterActive: filter.active,
   });
-  const pipeline = new ChatPipeline({ config, admission, chat, filter });
+  const records = new StreamRecords(redis, {
+    requestTimeoutMs: config.REQUEST_TIMEOUT_MS,
+    eventsTtlMs: config.RESUME_EVENTS_TTL_MS,
+    eventsMaxBytes: storedEventsMaxBytes(config),
+  });
+  const pipeline = new ChatPipeline({ config, admission, chat, filter, records });
   return { admission, pipeline, tutorial: new TutorialService(config, pipeline, admission), keys: new KeyStore(redis) };
 }

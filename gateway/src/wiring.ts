@@ -15,6 +15,7 @@ import { attachGaugeSource } from './metrics';
 import { JobEventBus } from './queue/job-events';
 import { JobQueues } from './queue/job-queue';
 import { createRedis } from './queue/redis';
+import { StreamAttachments } from './resume/attachments';
 import { ChatService } from './services/chat-service';
 import { TokenizerCache } from './services/tokenizer';
 import { WorkerRegistry } from './services/worker-registry';
@@ -42,7 +43,8 @@ export function buildGateway(config: Config, logger: Logger, keys: readonly stri
   registry.start();
   const queues = new JobQueues(redis, config.REDIS_URL, logger.child({ module: 'queue' }));
   const bus = new JobEventBus(sub, logger.child({ module: 'events' }));
-  const chat = new ChatService({ config, redis, registry, tokenizers, queues, bus, logger: logger.child({ module: 'chat' }) });
+  const attachments = new StreamAttachments(redis, config.RESUME_GRACE_MS, logger.child({ module: 'resume' }));
+  const chat = new ChatService({ config, redis, registry, tokenizers, queues, bus, attachments, logger: logger.child({ module: 'chat' }) });
   const lifecycle = new Lifecycle();
   const governance = buildGovernance(config, redis, chat, logger);
   // /metrics reads queue depths and live workers of this gateway at scrape time.
@@ -73,6 +75,8 @@ export function buildGateway(config: Config, logger: Logger, keys: readonly stri
       registry.stop();
       await detachMetrics();
       await tokenizers.close();
+      // Jobs still in their resume grace are cancelled now unless resumed elsewhere (this gateway will not be there).
+      await attachments.close();
       await queues.close();
       await Promise.allSettled([redis.quit(), sub.quit()]);
       redis.disconnect();

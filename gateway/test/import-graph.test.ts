@@ -93,7 +93,7 @@ describe('gateway/src import graph', () => {
     const layers = [
       ['routes/chat.ts', 'routes/completions.ts', 'tutorial/routes.ts'],
       ['tutorial/tutorial-service.ts'],
-      ['services/chat-pipeline.ts'],
+      ['services/chat-pipeline.ts', 'services/stream-parts.ts'],
       ['services/chat-admission.ts'],
       ['services/chat-service.ts'],
       ['queue/job-run.ts'],

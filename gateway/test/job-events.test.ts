@@ -1,7 +1,7 @@
 /**
  * JobEventBus against real Redis: a reservation (SUBSCRIBE started early, while the gateway still reads the cache and
- * the queue depth) is taken over by `subscribe` with nothing lost and nothing reordered, and a dropped reservation
- * leaves no subscription behind.
+ * the queue depth) is taken over by `subscribe` with nothing lost and nothing reordered, a dropped reservation
+ * leaves no subscription behind, and two followers of one job share its channel.
  */
 import Redis from 'ioredis';
 import { silentLogger } from '../src/logger';
@@ -58,7 +58,7 @@ it('subscribe right after reserve waits for the acknowledgement (subscribe-befor
   await unsubscribe();
 });
 
-it('release drops a reservation that no run took, and a second subscribe of a taken channel is refused', async () => {
+it('release drops a reservation that no run took, but not a channel a run has taken', async () => {
   bus.reserve('job-c');
   await subscribed('job-c', 1);
   bus.release('job-c');
@@ -67,7 +67,26 @@ it('release drops a reservation that no run took, and a second subscribe of a ta
 
   const unsubscribe = await bus.subscribe('job-d', () => undefined);
   bus.release('job-d'); // not a reservation any more: no effect
-  await expect(bus.subscribe('job-d', () => undefined)).rejects.toThrow(/already subscribed/);
   expect(await subscribers('job-d')).toBe(1);
   await unsubscribe();
+});
+
+it('a second follower of a job (a resumed stream beside the run) shares its channel: both hear every message', async () => {
+  const run: string[] = [];
+  const resumed: string[] = [];
+  const leaveRun = await bus.subscribe('job-e', (m) => run.push(m));
+  await pub.publish(jobChannel('job-e'), 'one');
+  await delivered();
+  const leaveResumed = await bus.subscribe('job-e', (m) => resumed.push(m));
+  await pub.publish(jobChannel('job-e'), 'two');
+  await delivered();
+  expect({ run, resumed }).toEqual({ run: ['one', 'two'], resumed: ['two'] }); // from its subscribe on
+  expect(await subscribers('job-e')).toBe(1); // one SUBSCRIBE for both
+  await leaveRun();
+  await pub.publish(jobChannel('job-e'), 'three');
+  await delivered();
+  expect(resumed).toEqual(['two', 'three']); // the channel stays while a follower is left
+  await leaveResumed();
+  expect(await subscribers('job-e')).toBe(0);
+  expect(bus.size).toBe(0);
 });

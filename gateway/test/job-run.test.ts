@@ -69,10 +69,11 @@ it('a lost `done` with deaf QueueEvents: the poll reads the stored result, and t
   // "abcdefghij" in 2 deltas of 5, `done` is seq 3 and is dropped.
   const { model, queues } = await setup({ reply: () => 'abcdefghij', pieceChars: 5, dropSeqs: [3] }, DeafQueues);
   const seen: string[] = [];
-  const run = new JobRun({ bus, queues, liveness: alive, logger: silentLogger, timings }, `chatcmpl-${randomUUID()}`, jobData(model, 30_000), {
+  const data = jobData(model, 30_000);
+  const run = new JobRun({ bus, queues, liveness: alive, logger: silentLogger, timings }, `chatcmpl-${randomUUID()}`, data, {
     onDelta: (_i, text) => seen.push(text),
   });
-  await run.start();
+  await run.start(data);
   const { result, rest } = await run.outcome;
   expect(seen.join('')).toBe('abcdefghij');
   expect(rest).toEqual([{ index: 0, rest: '', restLogprobs: null }]);
@@ -82,10 +83,11 @@ it('a lost `done` with deaf QueueEvents: the poll reads the stored result, and t
 it('a gap plus a lost `done`: the poll hands back exactly the text not yet forwarded', async () => {
   const { model, queues } = await setup({ reply: () => 'abcdefghijklmno', pieceChars: 5, dropSeqs: [2, 4] }, DeafQueues);
   const seen: string[] = [];
-  const run = new JobRun({ bus, queues, liveness: alive, logger: silentLogger, timings }, `chatcmpl-${randomUUID()}`, jobData(model, 30_000), {
+  const data = jobData(model, 30_000);
+  const run = new JobRun({ bus, queues, liveness: alive, logger: silentLogger, timings }, `chatcmpl-${randomUUID()}`, data, {
     onDelta: (_i, text) => seen.push(text),
   });
-  await run.start();
+  await run.start(data);
   const { rest } = await run.outcome;
   expect(seen).toEqual(['abcde']); // seq 2 lost: forwarding stops for good, seq 3 is not forwarded
   expect(rest[0].rest).toBe('fghijklmno');
@@ -95,9 +97,10 @@ it('a worker that goes silent past the deadline: request_timeout, and the job is
   // One delta, then silence until the job is cancelled.
   const { model, queues, worker } = await setup({ reply: () => 'abcdefghij', pieceChars: 5, holdAfterDeltas: 1 });
   const jobId = `chatcmpl-${randomUUID()}`;
-  const run = new JobRun({ bus, queues, liveness: alive, logger: silentLogger, timings }, jobId, jobData(model, 300));
+  const data = jobData(model, 300);
+  const run = new JobRun({ bus, queues, liveness: alive, logger: silentLogger, timings }, jobId, data);
   const t0 = Date.now();
-  await run.start();
+  await run.start(data);
   const err = await run.outcome.catch((e) => e);
   expect(err).toBeInstanceOf(ApiError);
   expect(err.code).toBe('request_timeout');

@@ -19,7 +19,8 @@ let gwQ: TestGateway;
 const workers: FakeWorker[] = [];
 
 beforeAll(async () => {
-  const env = { SSE_KEEPALIVE_MS: '100', JOB_POLL_MS: '300' };
+  // A short resume grace: a streaming client's disconnect cancels its job once the grace has passed.
+  const env = { SSE_KEEPALIVE_MS: '100', JOB_POLL_MS: '300', RESUME_GRACE_MS: '300' };
   gw = await startGateway(redis.url, { ...env, QUEUE_TIMEOUT_MS: '30000' });
   gwQ = await startGateway(redis.url, { ...env, QUEUE_TIMEOUT_MS: '600' });
 });
@@ -197,20 +198,22 @@ describe('queueing', () => {
 });
 
 describe('client disconnect cancels the job', () => {
-  it('streaming: the worker is told (llm:cancel and the llm:cancelled key)', async () => {
+  it('streaming, once the resume grace (300 ms here) has passed: the worker is told (llm:cancel and the llm:cancelled key)', async () => {
     // The worker holds after its first delta until it is cancelled: the job is still running when the client goes.
     const w = await fake({ reply, pieceChars: 2, holdAfterDeltas: 1 });
     const stream = await openStream(`${gw.url}/v1/chat/completions`, ask(w.model, { stream: true }), { authorization: `Bearer ${TEST_KEY}` });
     await waitFor(() => streamText(completeEvents(stream.received())).text.length > 0, undefined, 'the first generated text');
     stream.abort();
+    const leftAt = Date.now();
     expect(w.jobs.length).toBe(1);
     await waitFor(() => w.cancelled.size === 1, undefined, 'cancel message');
+    expect(Date.now() - leftAt).toBeGreaterThanOrEqual(290); // not before the grace
     const [jobId] = [...w.cancelled];
     expect(await redis.client.get(cancelledKey(jobId))).toBe('1');
     expect(await redis.client.ttl(cancelledKey(jobId))).toBeGreaterThan(500);
   });
 
-  it('non-stream, still queued: the job is removed from the queue', async () => {
+  it('non-stream (not resumable, no grace), still queued: the job is removed from the queue', async () => {
     const w = await fake({}, { consume: false });
     const ctrl = new AbortController();
     const resp = fetch(`${gw.url}/v1/chat/completions`, {

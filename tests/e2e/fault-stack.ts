@@ -67,6 +67,27 @@ export interface FaultGateway {
   proc: Proc;
 }
 
+/** A gateway process (its own entry point, main.ts) on `redisUrl`, on a free port; `env` adds to or overrides the defaults. */
+export async function spawnGateway(name: string, redisUrl: string, env: Record<string, string>): Promise<FaultGateway> {
+  const port = await freePort();
+  const proc = launch(`gateway-${name}`, process.execPath, [path.join(ROOT, 'node_modules/tsx/dist/cli.mjs'), 'gateway/src/main.ts'], {
+    REDIS_URL: redisUrl, PORT: String(port), LOG_LEVEL: 'info', AUTH_FAILURE_LIMIT: '100000', ...env,
+  });
+  return { url: `http://127.0.0.1:${port}`, proc };
+}
+
+export async function waitGatewayUp(gw: FaultGateway, timeoutMs: number): Promise<number> {
+  return waitFor(async () => {
+    if (!alive(gw.proc)) throw new Error(`gateway exited; see ${gw.proc.logFile}`);
+    return (await fetch(`${gw.url}/health`).catch(() => null))?.status === 200;
+  }, timeoutMs, `gateway ${gw.url}`);
+}
+
+/** SIGTERM (then SIGKILL after a grace) to a gateway started with spawnGateway, and what it started. */
+export async function stopGateway(gw: FaultGateway): Promise<void> {
+  await terminate(gw.proc);
+}
+
 /** The stack of one test file. `redis` answers test-side inspection; it reconnects by itself after a Redis restart. */
 export class FaultStack {
   readonly apiKey = `sk-faults-${Math.random().toString(36).slice(2)}`;
@@ -142,20 +163,14 @@ export class FaultStack {
   }
 
   async startGateway(name: string, env: Record<string, string> = {}): Promise<FaultGateway> {
-    const port = await freePort();
-    const proc = launch(`gateway-${name}`, process.execPath, [path.join(ROOT, 'node_modules/tsx/dist/cli.mjs'), 'gateway/src/main.ts'], {
-      REDIS_URL: this.redisUrl, PORT: String(port), API_KEYS: this.apiKey, LOG_LEVEL: 'info', AUTH_FAILURE_LIMIT: '100000', ...env,
-    });
-    const gw = { url: `http://127.0.0.1:${port}`, proc };
+    // A short resume grace: these tests free the workers by dropping their streams, and wait for the jobs to end.
+    const gw = await spawnGateway(name, this.redisUrl, { API_KEYS: this.apiKey, RESUME_GRACE_MS: '1000', ...env });
     this.gateways.push(gw);
     return gw;
   }
 
   async waitGatewayUp(gw: FaultGateway, timeoutMs: number): Promise<number> {
-    return waitFor(async () => {
-      if (!alive(gw.proc)) throw new Error(`gateway exited; see ${gw.proc.logFile}`);
-      return (await fetch(`${gw.url}/health`).catch(() => null))?.status === 200;
-    }, timeoutMs, `gateway ${gw.url}`);
+    return waitGatewayUp(gw, timeoutMs);
   }
 
   async stop(): Promise<void> {

@@ -262,3 +262,70 @@ def test_messages_survive_a_connection_the_server_closed(redis_url):
     got = asyncio.run(body())
     assert sorted(got) == [("llm:job:closed-0", "started"), ("llm:job:closed-1", "started"),
                            ("llm:job:closed-2", "started"), ("llm:job:closed-single", "started")]
+
+
+def test_stored_events_are_the_published_ones_in_order(redis_url):
+    """store_events: each message is also in LIST llm:events:{id}, byte for byte and in order, with the list's TTL."""
+    import redis.asyncio as aioredis
+
+    from llm_worker.protocol import StoreEvents, events_key
+
+    async def body():
+        r = aioredis.from_url(redis_url, decode_responses=True)
+        listener = aioredis.from_url(redis_url, decode_responses=True)
+        pubsub = listener.pubsub()
+        await pubsub.subscribe("llm:job:stored-1")
+        await wait_subscribed(pubsub, 1)
+        plain = JobStream(r, "stored-plain", flush_ms=0)  # no store_events: published only
+        s = JobStream(r, "stored-1", flush_ms=0, store=StoreEvents(ttl_ms=60_000, max_bytes=1 << 20))
+        await s.publish_started("w1", 3)
+        await plain.publish_started("w1", 3)
+        for piece in ["Hel", "lo", " there"]:
+            s.add(0, piece, 1, None)
+            await asyncio.sleep(0.005)
+        await s.finish({"type": "done", "result": {"ok": True}})
+        heard = []
+        while not heard or json.loads(heard[-1])["type"] != "done":
+            m = await pubsub.get_message(ignore_subscribe_messages=True, timeout=60)
+            assert m is not None, heard
+            heard.append(m["data"])
+        stored = await r.lrange(events_key("stored-1"), 0, -1)
+        ttl = await r.pttl(events_key("stored-1"))
+        plain_exists = await r.exists(events_key("stored-plain"))
+        await pubsub.aclose()
+        await listener.aclose()
+        await r.aclose()
+        return heard, stored, ttl, plain_exists
+
+    heard, stored, ttl, plain_exists = asyncio.run(body())
+    assert stored == heard  # the same text: a resuming gateway drops what it both reads and hears by equality
+    assert [json.loads(m)["type"] for m in stored][0] == "started" and json.loads(stored[-1])["type"] == "done"
+    assert 50_000 < ttl <= 60_000
+    assert plain_exists == 0
+
+
+def test_stored_events_stop_at_their_bound_with_a_marker(redis_url):
+    """Past max_bytes the list ends with {"type": "truncated"} and grows no more; every event is still published."""
+    import redis.asyncio as aioredis
+
+    from llm_worker.protocol import TRUNCATED_MARKER, StoreEvents, events_key
+
+    async def body():
+        r = aioredis.from_url(redis_url, decode_responses=True)
+        s = JobStream(r, "stored-bound", flush_ms=0, store=StoreEvents(ttl_ms=60_000, max_bytes=400))
+        await s.publish_started("w1", 3)
+        for i in range(20):
+            s.add(0, f"piece {i} ", 1, None)
+            await asyncio.sleep(0.002)
+        await s.finish({"type": "done", "result": {"ok": True}})
+        stored = await r.lrange(events_key("stored-bound"), 0, -1)
+        await r.aclose()
+        return stored, s.seq
+
+    stored, last_seq = asyncio.run(body())
+    assert stored[-1] == TRUNCATED_MARKER
+    kept = stored[:-1]
+    assert sum(len(m.encode()) for m in kept) <= 400 and len(kept) >= 2
+    # Nothing after the marker, and what was kept is the prefix: started, then seq 1, 2, … without a gap.
+    assert [json.loads(m).get("seq") for m in kept] == [None, *range(1, len(kept))]
+    assert last_seq > len(kept)  # the stream went on (published) past the bound

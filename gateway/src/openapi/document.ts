@@ -50,8 +50,34 @@ const GEN_ERRORS: ErrorCode[] = [
 ];
 
 const sseNote =
-  'With `stream: true`: `text/event-stream`, one `data: <chunk JSON>` per event, then `data: [DONE]`. An error after ' +
-  'the headers is sent as `data: {"error":{…}}` then `data: [DONE]`.';
+  'With `stream: true`: `text/event-stream`, one `data: <chunk JSON>` per event, then `data: [DONE]`, each with an ' +
+  '`id:` (`<completion id>/<seq>.<k>`) to resume the stream from (`GET …/{id}/stream`). An error after the headers is ' +
+  'sent as `data: {"error":{…}}` then `data: [DONE]` (without ids).';
+
+const RESUME_ERRORS: ErrorCode[] = ['invalid_value', 'completion_not_found', 'stream_not_resumable', 'stream_truncated', 'rate_limit_exceeded', 'redis_unavailable'];
+
+/** GET …/{id}/stream of one route: `chunk` is the schema of its events. */
+function resumePath(operationId: string, route: string, chunk: z.ZodType): ZodOpenApiOperationObject {
+  return {
+    operationId,
+    summary: `Resume a stream of ${route}`,
+    description:
+      `The stream \`id\` (the \`id\` of its chunks) again, for the caller who started it (another caller gets a 404): ` +
+      'the events after `Last-Event-ID` (none: from the start), then the rest live, then `data: [DONE]`. Resumable ' +
+      'until its stored events expire (`RESUME_EVENTS_TTL_MS` after the last one); 409 when they were not stored, 410 ' +
+      'when they passed `RESUME_EVENTS_MAX_BYTES`. It draws one request from the RPM budget and no tokens.',
+    tags: ['OpenAI'],
+    security: [{ bearerAuth: [] }],
+    requestParams: {
+      path: z.object({ id: z.string().meta({ description: 'The completion id (`chatcmpl-…` or `cmpl-…`)' }) }),
+      header: z.object({ 'last-event-id': z.string().optional().meta({ description: 'The `id:` of the last event received' }) }),
+    },
+    responses: {
+      '200': { description: 'The events not yet received, as server-sent events', content: { 'text/event-stream': { schema: chunk } } },
+      ...errors(...AUTH_ERRORS, ...RESUME_ERRORS),
+    },
+  };
+}
 
 function chatPaths(): ZodOpenApiPathsObject {
   return {
@@ -92,6 +118,8 @@ function chatPaths(): ZodOpenApiPathsObject {
         },
       },
     },
+    '/v1/chat/completions/{id}/stream': { get: resumePath('resumeChatCompletionStream', '/v1/chat/completions', chatCompletionChunkSchema) },
+    '/v1/completions/{id}/stream': { get: resumePath('resumeCompletionStream', '/v1/completions', textCompletionChunkSchema) },
     '/v1/models': {
       get: {
         operationId: 'listModels',

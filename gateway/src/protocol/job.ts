@@ -16,6 +16,10 @@ export const workerKey = (workerId: string): string => `llm:worker:${workerId}`;
 export const tokenizerKey = (model: string): string => `llm:tokenizer:${model}`;
 export const jobChannel = (jobId: string): string => `llm:job:${jobId}`;
 export const cancelledKey = (jobId: string): string => `llm:cancelled:${jobId}`;
+/** LIST of every event published for a job whose data asks for it (`store_events`): what a resumed stream replays. */
+export const eventsKey = (jobId: string): string => `llm:events:${jobId}`;
+/** The last element of an events list that reached its `max_bytes`: the list is incomplete, nothing follows it. */
+export const TRUNCATED_EVENT = '{"type":"truncated"}';
 /** BullMQ names must not contain ':'; the worker applies the same mapping. */
 export const queueName = (model: string): string => `gen.${model.replace(/[^A-Za-z0-9._-]/g, '_')}`;
 
@@ -87,6 +91,18 @@ export const jobParamsSchema = z.object({
 });
 export type JobParams = z.infer<typeof jobParamsSchema>;
 
+/**
+ * Keep the job's events in LIST llm:events:{jobId} as well as publishing them (docs/PROTOCOL.md, Stored events): set
+ * for streams that can be resumed. A worker that does not know the field only publishes.
+ */
+export const storeEventsSchema = z.object({
+  /** The list's expiry, set again with every append. */
+  ttl_ms: z.number().int().min(1000),
+  /** Bytes of events the list may hold; the event that would pass it is replaced by TRUNCATED_EVENT, then nothing. */
+  max_bytes: z.number().int().positive(),
+});
+export type StoreEvents = z.infer<typeof storeEventsSchema>;
+
 export const jobDataSchema = z.object({
   v: z.literal(PROTOCOL_VERSION),
   request_id: z.string(),
@@ -106,6 +122,8 @@ export const jobDataSchema = z.object({
    * for room in its batch; past it the worker fails the job with queue_timeout. Absent: no such limit.
    */
   start_deadline_ms: z.number().nullable().optional(),
+  /** Absent: the events are only published. */
+  store_events: storeEventsSchema.optional(),
 }).refine((d) => (d.messages === undefined) !== (d.prompt === undefined), {
   message: 'exactly one of messages and prompt must be set',
 });

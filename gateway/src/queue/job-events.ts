@@ -8,6 +8,10 @@
  * later `subscribe` (JobRun, right before Queue.add) then only waits for the acknowledgement if it has not arrived,
  * and takes over whatever the channel received meanwhile, in order. A reservation nobody takes is dropped by
  * `release`, or after RESERVATION_MS in case a caller forgot.
+ *
+ * Several followers of one job on one gateway share its channel: the run that started the job and a resumed stream of
+ * it (a client reconnecting to the same replica while the run still follows the job). Each gets every message from its
+ * `subscribe` on; the channel is unsubscribed when the last one leaves.
  */
 import type Redis from 'ioredis';
 import type { Logger } from '../logger';
@@ -19,8 +23,10 @@ export type RawEventHandler = (message: string) => void;
 const RESERVATION_MS = 60_000;
 
 interface Entry {
-  /** null while reserved: messages are buffered until `subscribe` takes the channel. */
-  handler: RawEventHandler | null;
+  /** Empty while reserved: messages are buffered until `subscribe` takes the channel. */
+  handlers: Set<RawEventHandler>;
+  /** false until the first subscriber has taken what was buffered. */
+  live: boolean;
   buffered: string[];
   /** The SUBSCRIBE's acknowledgement. */
   ready: Promise<void>;
@@ -38,15 +44,11 @@ export class JobEventBus {
     sub.on('message', (channel: string, message: string) => {
       const entry = this.entries.get(channel);
       if (!entry) return;
-      if (!entry.handler) {
+      if (!entry.live) {
         entry.buffered.push(message);
         return;
       }
-      try {
-        entry.handler(message);
-      } catch (err) {
-        this.logger.error('job event handler threw', { channel, err });
-      }
+      this.dispatch(channel, entry, message);
     });
   }
 
@@ -58,7 +60,7 @@ export class JobEventBus {
     ready.catch(() => undefined); // reported by `subscribe`, which awaits it
     const timer = setTimeout(() => this.release(jobId), RESERVATION_MS);
     timer.unref();
-    this.entries.set(channel, { handler: null, buffered: [], ready, claimed: false, timer });
+    this.entries.set(channel, { handlers: new Set(), live: false, buffered: [], ready, claimed: false, timer });
   }
 
   /** Drops a reservation that no `subscribe` took (the request ended before its job was enqueued). */
@@ -71,16 +73,25 @@ export class JobEventBus {
     void entry.ready.then(() => this.unsubscribeIfUnused(channel), () => undefined);
   }
 
-  /** Subscribes to a job's channel (or takes over its reservation); returns the function that unsubscribes. */
+  /**
+   * Subscribes to a job's channel (or takes over its reservation, or joins the followers it already has); resolves
+   * once Redis has acknowledged the subscription, with the function that leaves it.
+   */
   async subscribe(jobId: string, handler: RawEventHandler): Promise<() => Promise<void>> {
     const channel = jobChannel(jobId);
-    const reserved = this.entries.get(channel);
-    if (reserved && (reserved.claimed || reserved.handler)) throw new Error(`already subscribed to ${channel}`);
-    const entry: Entry = reserved ?? { handler: null, buffered: [], ready: Promise.resolve(), claimed: true, timer: null };
+    const existing = this.entries.get(channel);
+    if (existing?.claimed) {
+      // Another follower of the job on this gateway: share its subscription.
+      await existing.ready;
+      if (this.entries.get(channel) !== existing) return this.subscribe(jobId, handler); // it left meanwhile
+      existing.handlers.add(handler);
+      return this.leave(channel, existing, handler);
+    }
+    const entry: Entry = existing ?? { handlers: new Set(), live: false, buffered: [], ready: Promise.resolve(), claimed: true, timer: null };
     entry.claimed = true;
     if (entry.timer) clearTimeout(entry.timer);
     entry.timer = null;
-    if (!reserved) {
+    if (!existing) {
       this.entries.set(channel, entry);
       entry.ready = this.sub.subscribe(channel).then(() => undefined);
     }
@@ -91,20 +102,29 @@ export class JobEventBus {
       throw err;
     }
     // Whatever arrived before now, in order, then live: one synchronous step, so nothing can come in between.
-    for (const message of entry.buffered.splice(0)) {
+    entry.handlers.add(handler);
+    for (const message of entry.buffered.splice(0)) this.dispatch(channel, entry, message);
+    entry.live = true;
+    return this.leave(channel, entry, handler);
+  }
+
+  private leave(channel: string, entry: Entry, handler: RawEventHandler): () => Promise<void> {
+    return async () => {
+      if (!entry.handlers.delete(handler) || entry.handlers.size > 0 || this.entries.get(channel) !== entry) return;
+      this.entries.delete(channel);
+      // Best effort: after a reconnect ioredis re-subscribes only to channels still wanted.
+      await this.sub.unsubscribe(channel).catch(() => undefined);
+    };
+  }
+
+  private dispatch(channel: string, entry: Entry, message: string): void {
+    for (const handler of [...entry.handlers]) {
       try {
         handler(message);
       } catch (err) {
         this.logger.error('job event handler threw', { channel, err });
       }
     }
-    entry.handler = handler;
-    return async () => {
-      if (this.entries.get(channel) !== entry) return;
-      this.entries.delete(channel);
-      // Best effort: after a reconnect ioredis re-subscribes only to channels still wanted.
-      await this.sub.unsubscribe(channel).catch(() => undefined);
-    };
   }
 
   private async unsubscribeIfUnused(channel: string): Promise<void> {

@@ -53,7 +53,8 @@ interface ModelQueue {
 
 export class JobQueues {
   private readonly queues = new Map<string, ModelQueue>();
-  private readonly settleHandlers = new Map<string, SettleHandler>();
+  /** Per job, its followers on this gateway (the run that started it, and any resumed stream of it). */
+  private readonly settleHandlers = new Map<string, Set<SettleHandler>>();
 
   constructor(
     private readonly redis: Redis,
@@ -85,15 +86,18 @@ export class JobQueues {
   }
 
   private settle(jobId: string, s: Settlement): void {
-    const handler = this.settleHandlers.get(jobId);
-    if (handler) handler(s);
+    for (const handler of [...(this.settleHandlers.get(jobId) ?? [])]) handler(s);
   }
 
-  /** Registers the completion/failure handler of a job; returns the function that removes it. */
+  /** Registers a completion/failure handler of a job; returns the function that removes it. */
   onSettled(jobId: string, handler: SettleHandler): () => void {
-    this.settleHandlers.set(jobId, handler);
+    let handlers = this.settleHandlers.get(jobId);
+    if (!handlers) this.settleHandlers.set(jobId, (handlers = new Set()));
+    handlers.add(handler);
     return () => {
-      if (this.settleHandlers.get(jobId) === handler) this.settleHandlers.delete(jobId);
+      const set = this.settleHandlers.get(jobId);
+      if (!set?.delete(handler) || set.size > 0) return;
+      this.settleHandlers.delete(jobId);
     };
   }
 

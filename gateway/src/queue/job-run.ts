@@ -5,17 +5,23 @@
  * carries `seq`; on a gap the run stops forwarding deltas and, when the job ends, hands the caller the unsent tail of
  * the stored result. The end itself is learnt from whichever comes first: the `done`/`error` event, BullMQ's
  * QueueEvents (a Redis stream, so not lost), or a poll of the job when nothing has been heard for a while.
+ *
+ * A run either starts its job (`start`: subscribe, then Queue.add) or follows one that another request started
+ * (`attach`, a resumed stream: subscribe, then read the job's stored events, then hear the rest live).
  */
 import { ApiError } from '../errors';
 import type { Logger } from '../logger';
-import { type JobData, type JobEvent, jobEventSchema, type JobResult, jobResultSchema, type TokenLogprob } from '../protocol/job';
+import { type JobData, type JobEvent, jobEventSchema, type JobResult, jobResultSchema, type TokenLogprob, TRUNCATED_EVENT } from '../protocol/job';
 import type { JobEventBus } from './job-events';
 import type { JobPlacement, JobQueues, Settlement } from './job-queue';
 import { failedReasonToApiError, safeJson, workerErrorToApiError } from './worker-errors';
 
 export interface RunHooks {
-  /** Text of one choice in order; not called after a gap (the rest arrives with the final result). */
-  onDelta?(index: number, text: string, logprobs: TokenLogprob[] | null): void;
+  /**
+   * Text of one choice in order, with the `seq` of the delta that carried it; not called after a gap (the rest
+   * arrives with the final result).
+   */
+  onDelta?(index: number, text: string, logprobs: TokenLogprob[] | null, seq: number): void;
   onStarted?(workerId: string): void;
   /** Where the job goes in its BullMQ queue (the caller's tier); absent = FIFO. Not a hook, but set with them. */
   placement?: JobPlacement;
@@ -55,7 +61,12 @@ export interface FinalChoice {
 export interface RunOutcome {
   result: JobResult;
   rest: FinalChoice[];
+  /** The `seq` of the job's `done` event (the one it would have had, when the end came from BullMQ instead). */
+  seq: number;
 }
+
+/** What following a job needs to know of it: the whole JobData when the run starts the job, less when it attaches. */
+export type RunTarget = Pick<JobData, 'model' | 'request_id' | 'deadline_ms'> & Partial<Pick<JobData, 'prompt_tokens' | 'start_deadline_ms'>>;
 
 export class JobRun {
   readonly outcome: Promise<RunOutcome>;
@@ -77,12 +88,14 @@ export class JobRun {
   private polling = false;
   /** Set while the queue timeout removes the job, so the poll does not read its absence as a lost job. */
   private removing = false;
+  /** Following a job another request started (attach): events missing at its start cannot be made up for. */
+  private attached = false;
   private readonly log: Logger;
 
   constructor(
     private readonly deps: RunDeps,
     readonly jobId: string,
-    private readonly data: JobData,
+    private readonly data: RunTarget,
     private readonly hooks: RunHooks = {},
   ) {
     this.log = deps.logger.child({ jobId, requestId: data.request_id, model: data.model });
@@ -94,19 +107,76 @@ export class JobRun {
     this.outcome.catch(() => undefined); // callers may attach later; never an unhandled rejection
   }
 
-  /** Subscribes, then enqueues. Throws (before any response header) when Redis refuses either. */
-  async start(): Promise<void> {
+  /** Subscribes, then enqueues `job` (this run's own). Throws (before any response header) when Redis refuses either. */
+  async start(job: JobData): Promise<void> {
     this.unsubscribe = await this.deps.bus.subscribe(this.jobId, (raw) => this.onMessage(raw));
     this.offSettled = this.deps.queues.onSettled(this.jobId, (s) => this.onSettlement(s));
     try {
-      await this.deps.queues.add(this.data.model, this.jobId, this.data, this.hooks.placement);
+      await this.deps.queues.add(this.data.model, this.jobId, job, this.hooks.placement);
     } catch (err) {
       this.settled = true;
       await this.cleanup();
       throw err;
     }
+    this.startTimers(this.deps.timings.queueTimeoutMs);
+  }
+
+  /**
+   * Follows a job that is already queued, running or done: subscribes to its channel first, then reads its stored
+   * events (`read`, LIST llm:events:{id}), replays them, then goes on with what it hears live. Every event is in what
+   * it read, in what it heard, or in both: the worker appends before it publishes, so the events heard that were also
+   * read are the first ones heard, and they are dropped by their text (each carries its own seq and time stamp).
+   * Resolves with what was read, once replayed. Throws when the stored events were cut at their bound (`stream_truncated`).
+   */
+  async attach(read: () => Promise<string[]>): Promise<string[]> {
+    this.attached = true;
+    let heard: string[] | null = []; // buffered until the stored events are replayed
+    let overlap: Set<string> | null = null;
+    this.unsubscribe = await this.deps.bus.subscribe(this.jobId, (raw) => {
+      if (heard) return void heard.push(raw);
+      if (overlap?.has(raw)) return;
+      overlap = null; // past the overlap: everything from here on is new
+      this.onMessage(raw);
+    });
+    this.offSettled = this.deps.queues.onSettled(this.jobId, (s) => this.onSettlement(s));
+    let stored: string[];
+    try {
+      stored = await read();
+      if (stored.includes(TRUNCATED_EVENT)) {
+        throw new ApiError('stream_truncated', 'This stream produced more events than the server keeps (RESUME_EVENTS_MAX_BYTES), so it cannot be resumed.');
+      }
+    } catch (err) {
+      this.settled = true;
+      await this.cleanup();
+      throw err;
+    }
+    overlap = new Set(stored);
+    for (const raw of [...overlap]) this.onMessage(raw); // a Set: a retried append stored twice is replayed once
+    const live = heard;
+    heard = null;
+    for (const raw of live) {
+      if (overlap?.has(raw)) continue;
+      overlap = null;
+      this.onMessage(raw);
+    }
+    if (!this.settled) {
+      const start = this.data.start_deadline_ms;
+      this.startTimers(this.workerId === null && start != null ? Math.max(0, start - Date.now()) : null);
+    }
+    return stored;
+  }
+
+  /** Stops following without telling the worker anything (a resume refused after its events were read). */
+  async detach(): Promise<void> {
+    if (this.settled) return;
+    this.settled = true;
+    await this.cleanup();
+  }
+
+  /** `queueTimeoutMs`: when the job must have started (null: no such check, it has already). */
+  private startTimers(queueTimeoutMs: number | null): void {
     const t = this.deps.timings;
-    this.queueTimer = setTimeout(() => void this.onQueueTimeout(), t.queueTimeoutMs);
+    if (queueTimeoutMs !== null) this.queueTimer = setTimeout(() => void this.onQueueTimeout(), queueTimeoutMs);
     const untilDeadline = this.data.deadline_ms === null ? t.requestTimeoutMs : this.data.deadline_ms - Date.now();
     const hardStop = Math.max(0, untilDeadline) + t.deadlineGraceMs;
     this.timers.push(setTimeout(() => this.abandon('request_timeout', 'The request timed out.'), hardStop));
@@ -142,17 +212,17 @@ export class JobRun {
     }
     switch (event.type) {
       case 'started':
-        if (event.prompt_tokens !== undefined && event.prompt_tokens !== this.data.prompt_tokens) {
+        if (event.prompt_tokens !== undefined && this.data.prompt_tokens !== undefined && event.prompt_tokens !== this.data.prompt_tokens) {
           // The gateway's count decides context errors; a mismatch means its tokenizer or template differs.
           this.log.warn('prompt token counts differ', { gateway: this.data.prompt_tokens, worker: event.prompt_tokens });
         }
         return this.onStarted(event.worker_id);
       case 'delta':
         if (!this.checkSeq(event.seq)) return;
-        for (const c of event.choices) this.forward(c.index, c.text, c.logprobs ?? null);
+        for (const c of event.choices) this.forward(c.index, c.text, c.logprobs ?? null, event.seq);
         return;
       case 'done':
-        return this.finish(event.result);
+        return this.finish(event.result, event.seq);
       case 'error':
         return this.fail(workerErrorToApiError(event.error));
     }
@@ -173,23 +243,32 @@ export class JobRun {
     this.hooks.onStarted?.(workerId);
   }
 
-  /** True when `seq` is the next expected; on a gap, forwarding stops for good and the final result fills in. */
+  /**
+   * True when `seq` is the next expected. A seq already seen is a repeat (a publish the worker's client retried):
+   * ignored. On a gap, forwarding stops for good and the final result fills in; a run that attached to a job whose
+   * first events it never got (a worker that does not store them) cannot fill in what its client never had: it fails.
+   */
   private checkSeq(seq: number): boolean {
+    if (seq < this.expectedSeq) return false;
     if (seq !== this.expectedSeq && !this.gap) {
+      if (this.attached && this.forwarded.size === 0) {
+        this.fail(new ApiError('stream_not_resumable', 'The events of this stream are not stored (the worker that runs it does not keep them), so it cannot be resumed.'));
+        return false;
+      }
       this.gap = true;
       this.log.warn('job event gap: finishing from the stored result', { expected: this.expectedSeq, got: seq });
     }
-    this.expectedSeq = Math.max(this.expectedSeq, seq + 1);
+    this.expectedSeq = seq + 1;
     return !this.gap;
   }
 
-  private forward(index: number, text: string, logprobs: TokenLogprob[] | null): void {
+  private forward(index: number, text: string, logprobs: TokenLogprob[] | null, seq: number): void {
     if (!this.hooks.onDelta) return;
     const f = this.forwarded.get(index) ?? { chars: 0, logprobs: 0 };
     f.chars += text.length;
     f.logprobs += logprobs?.length ?? 0;
     this.forwarded.set(index, f);
-    this.hooks.onDelta(index, text, logprobs);
+    this.hooks.onDelta(index, text, logprobs, seq);
   }
 
   private onSettlement(s: Settlement): void {
@@ -204,7 +283,7 @@ export class JobRun {
       this.log.error('stored job result does not match the protocol', { err: parsed.error.message });
       return this.fail(new ApiError('internal_error', 'The worker returned a malformed result.'));
     }
-    this.finish(parsed.data);
+    this.finish(parsed.data, this.expectedSeq);
   }
 
   // ---- timers -----------------------------------------------------------------------------------------------------
@@ -261,7 +340,7 @@ export class JobRun {
   }
 
   // ---- settling ---------------------------------------------------------------------------------------------------
-  private finish(result: JobResult): void {
+  private finish(result: JobResult, seq: number): void {
     if (this.settled) return;
     this.settled = true;
     const rest = [...result.choices]
@@ -271,7 +350,7 @@ export class JobRun {
         return { index: c.index, rest: c.text.slice(f.chars), restLogprobs: c.logprobs?.slice(f.logprobs) ?? null };
       });
     void this.cleanup();
-    this.resolve({ result, rest });
+    this.resolve({ result, rest, seq });
   }
 
   private fail(err: ApiError): void {

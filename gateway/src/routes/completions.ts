@@ -1,5 +1,6 @@
 /** POST /v1/completions (OpenAI's legacy text completions): the request's context → ChatPipeline.textCompletions, the
- * same admit, source, filter, render and finish steps as chat. Errors go to the error middleware (Express 5 forwards). */
+ * same admit, source, filter, render and finish steps as chat; GET /v1/completions/{id}/stream → ChatPipeline.resume.
+ * Errors go to the error middleware (Express 5 forwards). */
 import { Router } from 'express';
 import type { ChatPipeline } from '../services/chat-pipeline';
 import type { RequestContext } from '../services/chat-service';
@@ -13,6 +14,11 @@ export function completionRoutes(pipeline: ChatPipeline): Router {
     const ctx: RequestContext = { requestId: res.locals.requestId, log: res.locals.log, signal: res.locals.signal, stamps };
     const noStore = /\bno-store\b/i.test(req.get('cache-control') ?? '');
     await pipeline.textCompletions(req.body, res, ctx, { principal: res.locals.principal, noStore });
+  });
+  // A resumed stream (README "Resumable streams"): the events after Last-Event-ID (none: all of them), then live.
+  router.get('/v1/completions/:id/stream', async (req, res) => {
+    const ctx: RequestContext = { requestId: res.locals.requestId, log: res.locals.log, signal: res.locals.signal };
+    await pipeline.resume(req.params.id, 'completion', req.get('last-event-id'), res, ctx, res.locals.principal);
   });
   return router;
 }

@@ -92,6 +92,23 @@ export class ChatAdmission {
     return a.states;
   }
 
+  /**
+   * A resumed stream (ChatPipeline.resume): one request from the caller's RPM budget, no tokens (the tokens were
+   * charged when the stream started; a resume generates nothing), no concurrency slot (its job holds the one it took).
+   * It is still a request the gateway serves: without the RPM draw, resumes would be a free way to poll.
+   */
+  async admitResume(res: HeaderTarget, principal: Principal): Promise<void> {
+    const { config, limiter } = this.deps;
+    const buckets = bucketsFor(config, principal, effectiveLimits(config, principal), false);
+    if (buckets.length === 0) return;
+    const a = await limiter.admit(buckets, 0);
+    setRateLimitHeaders(res, a.states);
+    if (!a.admitted) {
+      rateLimitRejections.inc();
+      throw rateLimitError(res, a, 0, limiter.windowMs);
+    }
+  }
+
   /** `endpoint`: which request the body is (a chat, or one prompt of /v1/completions): only parsing differs. */
   async admit(body: unknown, res: HeaderTarget, ctx: RequestContext, opts: GovernOptions, endpoint: Endpoint = 'chat'): Promise<Admitted> {
     try {
@@ -365,11 +382,14 @@ function modelDenied(model: string): ApiError {
 
 /** The /v1 routes whose requests go through admission (which sets x-ratelimit-* itself). */
 const ADMITTING_PATHS = new Set(['/chat/completions', '/completions']);
+/** A resumed stream (admitResume sets them). */
+const RESUME_PATH = /^\/(chat\/)?completions\/[^/]+\/stream$/;
 
 /** x-ratelimit-* on authenticated responses that admit nothing (GET /v1/models …); chat requests set their own. */
 export function rateLimitHeaders(admission: ChatAdmission): RequestHandler {
   return async (req, res, next) => {
-    if (!(req.method === 'POST' && ADMITTING_PATHS.has(req.path)) && res.locals.principal) {
+    const admits = (req.method === 'POST' && ADMITTING_PATHS.has(req.path)) || (req.method === 'GET' && RESUME_PATH.test(req.path));
+    if (!admits && res.locals.principal) {
       await admission.peekHeaders(res, res.locals.principal).catch(() => undefined);
     }
     next();

@@ -1,6 +1,6 @@
 /** Builds the exact OpenAI response objects (ChatCompletion, ChatCompletionChunk) from the worker's results. */
 import type { ChatCompletion, ChatCompletionChunk, FinishReason, ToolCallDelta, Usage } from '../protocol/chat';
-import { parseToolOutput } from '../tools/parser';
+import { parseToolOutput, toolCallId } from '../tools/parser';
 import type { JobResult, TokenLogprob } from '../protocol/job';
 
 export interface CompletionMeta {
@@ -55,7 +55,7 @@ export function toChatCompletion(meta: CompletionMeta, result: JobResult, wantLo
             finish_reason: finishReason(c.finish_reason),
           };
         }
-        const parsed = parseToolOutput(c.text);
+        const parsed = parseToolOutput(c.text, (call) => toolCallId(meta.id, c.index, call));
         const message: ChatCompletion['choices'][number]['message'] = { role: 'assistant', content: parsed.content, refusal: null, annotations: [] };
         if (parsed.calls.length > 0) {
           message.tool_calls = parsed.calls.map((t) => ({ id: t.id, type: 'function', function: { name: t.name, arguments: t.arguments } }));

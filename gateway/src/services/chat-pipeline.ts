@@ -8,30 +8,41 @@
  *            live job and a cached one
  *   finish — the accounting (Admitted.finish), always, with the result when there is one.
  * Each step only calls down into the next; nothing below calls back up.
+ *
+ * A /v1 stream is resumable (README "Resumable streams"): its events carry ids (streaming/event-ids.ts), its record
+ * (resume/stream-record.ts) says who started it and how it renders, and `resume` renders it again on any replica from
+ * the job's stored events (ChatService.attach), through the same renderers, sending only what the client lacks.
  */
 import type { Response } from 'express';
+import type { Principal } from '../auth/api-keys';
 import type { Config } from '../config';
-import { toApiError } from '../errors';
 import type { OutputFilter } from '../filter/output-filter';
 import { GenerationTimer } from '../metrics';
 import type { JobResult } from '../protocol/job';
-import { SseWriter } from '../streaming/sse';
+import { type CachedChoice, type StreamRecord, type StreamRecords, storedEventsMaxBytes } from '../resume/stream-record';
+import { EventCursor, parseLastEventId } from '../streaming/event-ids';
+import type { SseWriter } from '../streaming/sse';
 import type { Admitted, ChatAdmission, GovernOptions } from './chat-admission';
 import { toChatCompletion } from './chat-format';
-import type { ChatService, RequestContext } from './chat-service';
+import { type ChatService, completionNotFound, type RequestContext } from './chat-service';
 import { ChatStream, CompletionStream, type StreamRenderer, TextStream } from './chat-stream';
 import { type CompletionRender, mergeResults, toTextCompletion } from './completion-format';
 import { parseCompletion } from './completion-params';
+import { type PartRenderer, playParts, type StreamPart } from './stream-parts';
 
 export interface ChatPipelineDeps {
   config: Config;
   admission: ChatAdmission;
   chat: ChatService;
   filter: OutputFilter;
+  records: StreamRecords;
 }
 
 /** Which event shape a stream renders (see services/chat-stream.ts). */
 export type StreamShape = 'chat' | 'text';
+
+/** The route a resumable stream belongs to (its record says which; a resume on the other route is a 404). */
+export type ResumableShape = StreamRecord['shape'];
 
 export class ChatPipeline {
   constructor(private readonly deps: ChatPipelineDeps) {}
@@ -40,8 +51,12 @@ export class ChatPipeline {
   async completions(body: unknown, res: Response, ctx: RequestContext, opts: GovernOptions): Promise<void> {
     const a = await this.deps.admission.admit(body, res, ctx, opts);
     const p = a.prepared;
-    if (p.stream) await this.stream(a, res, ctx, 'chat');
-    else res.json(toChatCompletion(p.meta, await this.result(a, ctx), p.wantLogprobs, p.parseToolCalls));
+    if (!p.stream) {
+      res.json(toChatCompletion(p.meta, await this.result(a, ctx), p.wantLogprobs, p.parseToolCalls));
+      return;
+    }
+    const record = this.record(opts.principal, 'chat', [a], p.data.params.n, { tools: p.parseToolCalls });
+    await this.streamResumable(record, [a], res, ctx, (sse) => new ChatStream(sse, p.meta, p.includeUsage, p.parseToolCalls));
   }
 
   /** An admitted request's whole result, filtered: from the cache or a job. */
@@ -73,18 +88,100 @@ export class ChatPipeline {
     const first = parts[0].prepared;
     const n = c.params.n;
     const render: CompletionRender = { meta: first.meta, prompts: c.prompts, n, echo: c.echo, logprobs: c.logprobs, includeUsage: first.includeUsage };
-    if (first.stream) await this.streamParts(parts, n, res, ctx, (sse) => new CompletionStream(sse, render));
-    else res.json(toTextCompletion(render, mergeResults(await this.results(parts, ctx), n)));
+    if (!first.stream) {
+      res.json(toTextCompletion(render, mergeResults(await this.results(parts, ctx), n)));
+      return;
+    }
+    // The prompts are kept only when they are echoed: the renderer needs nothing else of them.
+    const completion = { prompts: c.echo ? c.prompts : c.prompts.map(() => ''), echo: c.echo, logprobs: c.logprobs };
+    const record = this.record(opts.principal, 'completion', parts, n, { completion });
+    await this.streamResumable(record, parts, res, ctx, (sse) => new CompletionStream(sse, render));
   }
 
   /**
-   * An admitted request as server-sent events: a cached result replayed whole, or a job's deltas as they arrive
-   * (through the streaming filter). Errors before the job is queued are thrown (plain HTTP errors); after the
-   * headers they go into the stream. A reader too slow for SSE_MAX_BUFFER_BYTES ends its stream and cancels the job.
+   * GET /v1/chat/completions/{id}/stream, GET /v1/completions/{id}/stream: the stream `id` again, for the caller who
+   * started it, rendered from its jobs' stored events by the renderer it had, then live until its end; the events up
+   * to `lastEventId` (the client's Last-Event-ID header) are not sent again. A resume generates nothing: it draws one
+   * request from the caller's RPM budget and no tokens (docs/GOVERNANCE.md).
+   */
+  async resume(id: string, shape: ResumableShape, lastEventId: string | undefined, res: Response, ctx: RequestContext, principal: Principal): Promise<void> {
+    const record = await this.deps.records.read(id);
+    // Another caller's stream is answered as one that does not exist, as OpenAI answers ids it does not know.
+    if (!record || record.owner !== principal.keyId || record.shape !== shape) throw completionNotFound(id);
+    const seen = parseLastEventId(lastEventId, id, record.jobs.length);
+    await this.deps.admission.admitResume(res, principal);
+    const { meta } = record;
+    const parts = record.jobs.map(
+      (job): StreamPart => ({
+        play: async (into, open, sub) => {
+          const target = { jobId: job.id, model: meta.model, deadline_ms: job.deadline_ms, start_deadline_ms: job.start_deadline_ms };
+          const outcome = await this.deps.chat.attach(target, sub, { onDelta: (index, raw, lp, seq) => into.delta(seq, index, raw, lp), onEnqueued: open });
+          into.end(outcome.seq, outcome.rest, outcome.result);
+          return outcome.result;
+        },
+        finish: async () => undefined, // the request that started the job accounts for it
+      }),
+    );
+    const render =
+      record.shape === 'chat'
+        ? (sse: SseWriter) => new ChatStream(sse, meta, record.include_usage, record.tools)
+        : (sse: SseWriter) => {
+            const c = record.completion ?? { prompts: record.jobs.map(() => ''), echo: false, logprobs: null };
+            return new CompletionStream(sse, { meta, prompts: c.prompts, n: record.n, echo: c.echo, logprobs: c.logprobs, includeUsage: record.include_usage });
+          };
+    ctx.log.info('stream resumed', { jobId: id, lastEventId: lastEventId ?? null });
+    await playParts(this.deps, parts, record.n, res, ctx, render, { jobId: id, cursor: new EventCursor(id, record.jobs.length, seen) });
+  }
+
+  /**
+   * An admitted request as server-sent events, not resumable (the tutorial's /chat/stream): a cached result replayed
+   * whole, or a job's deltas as they arrive (through the streaming filter). Errors before the job is queued are thrown
+   * (plain HTTP errors); after the headers they go into the stream. A reader too slow for SSE_MAX_BUFFER_BYTES ends
+   * its stream and cancels the job.
    */
   stream(a: Admitted, res: Response, ctx: RequestContext, shape: StreamShape): Promise<void> {
     const p = a.prepared;
-    return this.streamParts([a], p.data.params.n, res, ctx, (sse) => (shape === 'text' ? new TextStream(sse) : new ChatStream(sse, p.meta, p.includeUsage, p.parseToolCalls)), shape === 'text' ? 'error' : undefined);
+    const render = (sse: SseWriter) => (shape === 'text' ? new TextStream(sse) : new ChatStream(sse, p.meta, p.includeUsage, p.parseToolCalls));
+    return playParts(this.deps, this.admittedParts([a], false), p.data.params.n, res, ctx, render, { jobId: p.meta.id, errorEvent: shape === 'text' ? 'error' : undefined });
+  }
+
+  /**
+   * A /v1 stream: ids on its events, its record written (unless RESUME_EVENTS_MAX_BYTES is 0: no stream is
+   * resumable then), its jobs asked to store their events, and the record shortened to the events' TTL at the end.
+   */
+  private async streamResumable(record: StreamRecord, parts: readonly Admitted[], res: Response, ctx: RequestContext, render: (sse: SseWriter) => StreamRenderer): Promise<void> {
+    const { records, config } = this.deps;
+    const id = record.meta.id;
+    const resumable = storedEventsMaxBytes(config) > 0;
+    const warn = (what: string) => (err: unknown) => ctx.log.warn(`${what} failed: the stream cannot be resumed`, { jobId: id, err: String(err) });
+    // Not awaited: sent before the jobs' Queue.add on the same connection (resume/stream-record.ts).
+    if (resumable) records.write(record).catch(warn('writing the stream record'));
+    try {
+      await playParts(this.deps, this.admittedParts(parts, resumable), record.n, res, ctx, render, { jobId: id, cursor: new EventCursor(id, parts.length) });
+    } finally {
+      if (resumable) records.ended(id).catch(warn('shortening the stream record'));
+    }
+  }
+
+  /** The record of a /v1 stream about to start. */
+  private record(principal: Principal, shape: ResumableShape, parts: readonly Admitted[], n: number, extra: { tools?: boolean; completion?: StreamRecord['completion'] }): StreamRecord {
+    const first = parts[0].prepared;
+    return {
+      v: 1,
+      owner: principal.keyId,
+      shape,
+      meta: first.meta,
+      jobs: parts.map((a) => ({ id: a.prepared.meta.id, deadline_ms: a.prepared.data.deadline_ms, start_deadline_ms: a.prepared.data.start_deadline_ms ?? null })),
+      n,
+      include_usage: first.includeUsage,
+      tools: extra.tools ?? false,
+      completion: extra.completion,
+    };
+  }
+
+  /** Admitted requests as stream parts: each runs its job (asking it to store its events when `resumable`) or replays its cached answer. */
+  private admittedParts(parts: readonly Admitted[], resumable: boolean): StreamPart[] {
+    return parts.map((a) => ({ play: (into, open, ctx) => this.streamPart(a, into, open, ctx, resumable), finish: (r, err) => a.finish(r, err) }));
   }
 
   /** Admits every body; when one is refused, the others are given back as requests turned away for that reason. */
@@ -111,7 +208,7 @@ export class ChatPipeline {
       parts.map((a) =>
         this.result(a, sub).catch((err: unknown) => {
           failure ??= { err };
-          stop.abort('client');
+          stop.abort('stopped');
           throw err;
         }),
       ),
@@ -121,91 +218,49 @@ export class ChatPipeline {
   }
 
   /**
-   * Admitted requests as one stream, their choices at `part × n + index`. Every part runs at once; the headers go out
-   * with the first one queued (or cached); the first failure cancels the others and ends the stream with its error.
+   * One admitted request's output into a stream: its cached answer, rendered from the two events a worker would have
+   * sent (and stored as such, so that it resumes like a job), or its job, live.
    */
-  private async streamParts(parts: readonly Admitted[], n: number, res: Response, ctx: RequestContext, render: (sse: SseWriter) => StreamRenderer, errorEvent?: string): Promise<void> {
-    const { config } = this.deps;
-    const stop = new AbortController();
-    const sse = new SseWriter(res, {
-      keepAliveMs: config.SSE_KEEPALIVE_MS,
-      maxBufferedBytes: config.SSE_MAX_BUFFER_BYTES,
-      onOverflow: () => stop.abort('client'),
-      errorEvent,
-    });
-    const out = render(sse);
-    let opened = false;
-    const open = () => {
-      if (opened) return;
-      opened = true;
-      out.open();
-    };
-    const sub = { ...ctx, signal: AbortSignal.any([ctx.signal, stop.signal]) };
-    let failure: { err: unknown } | null = null;
-    const settled = await Promise.allSettled(
-      parts.map((a, i) =>
-        this.streamPart(a, i * n, out, open, sub).catch((err: unknown) => {
-          failure ??= { err };
-          stop.abort('client');
-          throw err;
-        }),
-      ),
-    );
-    const results = settled.map((s) => (s.status === 'fulfilled' ? s.value : null));
-    try {
-      if (!failure) out.finish(mergeResults(results as JobResult[], n));
-      await Promise.all(parts.map((a, i) => a.finish(results[i], settled[i].status === 'rejected' ? (settled[i] as PromiseRejectedResult).reason : undefined)));
-      if (!failure) return;
-      const { err } = failure as { err: unknown };
-      if (!opened) throw err;
-      const apiErr = toApiError(err);
-      // Retryable conditions (busy, shutting down) are expected under load: info; anything else 5xx is a fault.
-      const jobId = parts[0].prepared.meta.id;
-      if (apiErr.status >= 500 && apiErr.retryAfterMs === undefined) {
-        ctx.log.error('stream failed', { jobId, code: apiErr.code, err: apiErr.cause ?? apiErr });
-      } else ctx.log.info('stream ended early', { jobId, code: apiErr.code });
-      out.fail(apiErr);
-    } finally {
-      out.end();
-    }
-  }
-
-  /** One admitted request's output into a stream, its choices shifted by `base`: replayed from the cache, or live. */
-  private async streamPart(a: Admitted, base: number, out: StreamRenderer, open: () => void, ctx: RequestContext): Promise<JobResult> {
+  private async streamPart(a: Admitted, into: PartRenderer, open: () => void, ctx: RequestContext, resumable: boolean): Promise<JobResult> {
     const p = a.prepared;
     if (a.cached) {
-      // A whole stored result, rendered as a live job's stream would have been.
-      const r = this.filtered(a.cached);
+      const r = a.cached;
+      const choices: CachedChoice[] = [...r.choices]
+        .sort((x, y) => x.index - y.index)
+        .map((c) => ({ index: c.index, text: c.text, logprobs: p.wantLogprobs ? (c.logprobs ?? []) : null }));
+      if (resumable) this.deps.records.writeCachedEvents(p.meta.id, choices, r).catch((err) => ctx.log.warn('storing a cached stream failed: it cannot be resumed', { jobId: p.meta.id, err: String(err) }));
       open();
-      for (const c of [...r.choices].sort((x, y) => x.index - y.index)) out.content(base + c.index, c.text, p.wantLogprobs ? (c.logprobs ?? []) : null);
+      for (const c of choices) into.delta(1, c.index, c.text, c.logprobs);
+      into.end(2, [], r);
       return r;
     }
     const stamps = ctx.stamps;
-    const filter = this.deps.filter.stream();
     const timer = new GenerationTimer(p.meta.model, p.data.enqueued_at_ms, true);
-    const outcome = await this.deps.chat.run(p, ctx, {
-      // A fast worker can send its first delta before the enqueue's reply, i.e. before the headers went out:
-      // SseWriter holds such events until open().
-      onDelta: (index, raw, logprobs) => {
-        if (raw.length > 0) stamps?.mark('delta');
-        const text = filter.push(index, raw);
-        if (text.length > 0) timer.text();
-        out.content(base + index, text, logprobs);
-        if (text.length > 0) stamps?.mark('written');
+    const outcome = await this.deps.chat.run(
+      p,
+      ctx,
+      {
+        // A fast worker can send its first delta before the enqueue's reply, i.e. before the headers went out:
+        // SseWriter holds such events until open().
+        onDelta: (index, raw, logprobs, seq) => {
+          if (raw.length > 0) stamps?.mark('delta');
+          const text = into.delta(seq, index, raw, logprobs);
+          if (text.length > 0) {
+            timer.text();
+            stamps?.mark('written');
+          }
+        },
+        onStarted: () => stamps?.mark('started'),
+        onEnqueued: () => {
+          stamps?.mark('enqueued');
+          open();
+          stamps?.mark('opened');
+        },
       },
-      onStarted: () => stamps?.mark('started'),
-      onEnqueued: () => {
-        stamps?.mark('enqueued');
-        open();
-        stamps?.mark('opened');
-      },
-    });
+      { resumable },
+    );
     const { result } = outcome;
-    for (const c of outcome.rest) out.content(base + c.index, filter.push(c.index, c.rest) + filter.flush(c.index), c.restLogprobs);
-    for (const c of result.choices) {
-      const held = filter.flush(c.index); // choices whose text all came as deltas
-      if (held) out.content(base + c.index, held, null);
-    }
+    into.end(outcome.seq, outcome.rest, result);
     timer.finish(result.usage, result.choices.length, result.timing);
     return result;
   }

@@ -2,7 +2,12 @@
  * Two steps of the request path (services/chat-pipeline.ts drives them): `prepare` (a chat) and `prepareCompletion`
  * (one raw prompt of /v1/completions) parse a request and do everything that can fail before a job exists
  * (validation, live model, prompt tokens, context, KV budget), so those errors are plain HTTP statuses; `run` is the
- * source step for a request the cache did not answer (the job).
+ * source step for a request the cache did not answer (the job), `attach` the source of a resumed stream (following a
+ * job another request started).
+ *
+ * A resumable run (a /v1 stream) asks the worker to store its events and holds a lease on the job while its client
+ * is connected (resume/attachments.ts); when the client goes, the job is cancelled only after RESUME_GRACE_MS, and not
+ * at all if a client has resumed the stream by then. Any other run is cancelled at once when its client goes.
  */
 import { randomBytes } from 'node:crypto';
 import type Redis from 'ioredis';
@@ -11,12 +16,14 @@ import { ApiError, toApiError } from '../errors';
 import type { Logger } from '../logger';
 import { chatCompletionRequestSchema, KNOWN_REQUEST_FIELDS } from '../protocol/chat';
 import { KNOWN_COMPLETION_FIELDS } from '../protocol/completions';
-import { type JobData, type JobMessage, type JobParams, PROTOCOL_VERSION, type TokenLogprob, tokenizerKey } from '../protocol/job';
+import { eventsKey, type JobData, type JobMessage, type JobParams, PROTOCOL_VERSION, type TokenLogprob, tokenizerKey } from '../protocol/job';
 import type { JobEventBus } from '../queue/job-events';
 import type { JobQueues } from '../queue/job-queue';
 import type { JobPlacement } from '../queue/job-queue';
 import { JobRun, type RunDeps, type RunOutcome } from '../queue/job-run';
 import { isReady } from '../queue/redis';
+import type { StreamAttachments } from '../resume/attachments';
+import { storedEventsMaxBytes } from '../resume/stream-record';
 import type { CompletionMeta } from './chat-format';
 import { planTools } from '../tools/plan';
 import { normaliseMessages, requestedMaxTokens, toJobParams } from './chat-params';
@@ -36,9 +43,19 @@ export interface RequestContext {
 }
 
 export interface RunHooks {
-  onDelta?(index: number, text: string, logprobs: TokenLogprob[] | null): void;
+  /** `seq`: the worker event that carried the text (a stream's event ids name it). */
+  onDelta?(index: number, text: string, logprobs: TokenLogprob[] | null, seq: number): void;
   onStarted?(workerId: string): void;
+  /** The job is queued (run), or the resumed job's stored events are replayed (attach): the stream may open. */
   onEnqueued?(): void;
+}
+
+/** A job another request started, as a resumed stream follows it (from its stream record). */
+export interface AttachTarget {
+  jobId: string;
+  model: string;
+  deadline_ms: number | null;
+  start_deadline_ms?: number | null;
 }
 
 export interface PreparedChat {
@@ -79,6 +96,7 @@ export interface ChatServiceDeps {
   tokenizers: TokenizerCache;
   queues: JobQueues;
   bus: JobEventBus;
+  attachments: StreamAttachments;
   logger: Logger;
 }
 
@@ -224,24 +242,77 @@ export class ChatService {
   /**
    * The source step for a request that missed the cache: runs its job (queue/job-run.ts) and resolves with the result.
    * Deltas go to `hooks.onDelta` as they arrive; `onEnqueued` fires once the job is queued (a stream's headers go out
-   * then: anything that fails before is a plain HTTP error). The job is cancelled when `ctx.signal` aborts.
+   * then: anything that fails before is a plain HTTP error). The job is cancelled when `ctx.signal` aborts; for a
+   * `resumable` run (a /v1 stream) only after the resume grace, and only if no client is attached to it by then.
    */
-  async run(p: PreparedChat, ctx: RequestContext, hooks: RunHooks = {}): Promise<RunOutcome> {
-    const run = new JobRun(this.runDeps(), p.meta.id, p.data, { onDelta: hooks.onDelta, onStarted: hooks.onStarted, placement: p.placement });
-    await run.start();
+  async run(p: PreparedChat, ctx: RequestContext, hooks: RunHooks = {}, opts: { resumable?: boolean } = {}): Promise<RunOutcome> {
+    const { config } = this.deps;
+    const maxBytes = storedEventsMaxBytes(config);
+    const resumable = opts.resumable === true && maxBytes > 0;
+    const data: JobData = resumable ? { ...p.data, store_events: { ttl_ms: config.RESUME_EVENTS_TTL_MS, max_bytes: maxBytes } } : p.data;
+    const run = new JobRun(this.runDeps(), p.meta.id, data, { onDelta: hooks.onDelta, onStarted: hooks.onStarted, placement: p.placement });
+    await run.start(data);
     hooks.onEnqueued?.();
-    const onAbort = () => run.cancel();
-    ctx.signal.addEventListener('abort', onAbort, { once: true });
-    if (ctx.signal.aborted) run.cancel(); // the client left while we were preparing
     try {
-      const outcome = await run.outcome;
+      const outcome = await this.follow(run, ctx, resumable);
       const { result } = outcome;
       this.logDone(ctx, p, result.usage.completion_tokens, result.choices.map((c) => c.finish_reason), result);
       return outcome;
     } catch (err) {
       throw clientError(err, ctx.signal, p.promptParam);
+    }
+  }
+
+  /**
+   * The source of a resumed stream: follows a job another request started (JobRun.attach: its stored events, then
+   * live ones). Refused before `onEnqueued` (so as a plain HTTP status) when nothing can be replayed: 404 when the
+   * job is gone, 409 when it ran without storing its events, 410 when they were cut at their bound. A resumed stream
+   * holds a lease on its job and gives its job the same grace when its own client goes.
+   */
+  async attach(target: AttachTarget, ctx: RequestContext, hooks: RunHooks = {}): Promise<RunOutcome> {
+    const { redis, queues } = this.deps;
+    const run = new JobRun(this.runDeps(), target.jobId, { ...target, request_id: ctx.requestId }, { onDelta: hooks.onDelta, onStarted: hooks.onStarted });
+    const stored = await run.attach(() => redis.lrange(eventsKey(target.jobId), 0, -1));
+    if (stored.length === 0) {
+      // Nothing stored: right for a job still waiting for a worker (all its events will be heard), not for one that
+      // has ended (its worker stored nothing) or is gone. A running one is followed: if its first events were not
+      // stored, the run sees the gap and fails with stream_not_resumable.
+      const snap = await queues.snapshot(target.model, target.jobId).catch(() => undefined);
+      if (snap === null || snap?.state === 'completed' || snap?.state === 'failed') {
+        await run.detach();
+        if (snap === null) throw completionNotFound(target.jobId);
+        throw new ApiError('stream_not_resumable', 'The events of this stream were not stored (the worker that ran it does not keep them), so it cannot be resumed.');
+      }
+    }
+    hooks.onEnqueued?.();
+    try {
+      return await this.follow(run, ctx, true);
+    } catch (err) {
+      throw clientError(err, ctx.signal, 'messages');
+    }
+  }
+
+  /**
+   * Waits for the run's outcome. The client leaving cancels the job at once, or for a resumable run, ends the
+   * client's lease and cancels only after the grace when no client is attached then (resume/attachments.ts).
+   */
+  private async follow(run: JobRun, ctx: RequestContext, resumable: boolean): Promise<RunOutcome> {
+    const { attachments } = this.deps;
+    const endLease = resumable ? attachments.attach(run.jobId) : null;
+    let dropGrace: (() => void) | null = null;
+    const onAbort = () => {
+      endLease?.();
+      if (resumable && ctx.signal.reason === 'client') dropGrace = attachments.grace(run.jobId, () => run.cancel());
+      else run.cancel();
+    };
+    if (ctx.signal.aborted) onAbort(); // the client left while we were preparing
+    else ctx.signal.addEventListener('abort', onAbort, { once: true });
+    try {
+      return await run.outcome;
     } finally {
       ctx.signal.removeEventListener('abort', onAbort);
+      endLease?.();
+      (dropGrace as (() => void) | null)?.();
     }
   }
 
@@ -312,6 +383,10 @@ export class ChatService {
 function logUnknown(ctx: RequestContext, req: object, known: ReadonlySet<string>): void {
   const unknown = Object.keys(req).filter((k) => !known.has(k));
   if (unknown.length > 0) ctx.log.debug('ignoring fields OpenAI does not define', { fields: unknown });
+}
+
+export function completionNotFound(id: string): ApiError {
+  return new ApiError('completion_not_found', `No stream with id '${id}' was found: it does not exist, it is not yours, or it has expired.`);
 }
 
 function redisUnavailable(): ApiError {

@@ -12,7 +12,7 @@
 import type { ApiError } from '../errors';
 import type { JobResult, TokenLogprob } from '../protocol/job';
 import type { SseWriter } from '../streaming/sse';
-import { type ToolEvent, ToolCallParser } from '../tools/parser';
+import { type ToolEvent, ToolCallParser, toolCallId } from '../tools/parser';
 import { ChunkFactory, type CompletionMeta } from './chat-format';
 import { CompletionChunks, type CompletionRender, codePoints, legacyLogprobs, promptOf } from './completion-format';
 
@@ -36,7 +36,7 @@ export class ChatStream implements StreamRenderer {
 
   constructor(
     private readonly sse: SseWriter,
-    meta: CompletionMeta,
+    private readonly meta: CompletionMeta,
     private readonly includeUsage: boolean,
     parseToolCalls = false,
   ) {
@@ -58,7 +58,7 @@ export class ChatStream implements StreamRenderer {
       return;
     }
     let parser = this.tools.get(index);
-    if (!parser) this.tools.set(index, (parser = new ToolCallParser()));
+    if (!parser) this.tools.set(index, (parser = new ToolCallParser((call) => toolCallId(this.meta.id, index, call))));
     this.toolEvents(index, parser.push(text), logprobs ?? null);
   }
 
@@ -139,6 +139,7 @@ export class CompletionStream implements StreamRenderer {
     // The echo goes first, once per choice, before any generated text.
     for (let index = 0; index < this.r.prompts.length * this.r.n; index++) {
       const prompt = promptOf(this.r, index);
+      this.sse.position(Math.floor(index / this.r.n), 0); // before any event of that prompt's job
       this.offsets.set(index, codePoints(prompt));
       this.sse.data(this.chunks.text(index, prompt, null));
     }

@@ -5,6 +5,7 @@
  */
 import type { Response } from 'express';
 import { ApiError } from '../errors';
+import type { EventCursor } from './event-ids';
 
 export interface SseOptions {
   /** Send ": keep-alive" after this long without writing anything. */
@@ -21,6 +22,11 @@ export interface SseOptions {
    * data lines are plain text); unset, as a plain `data:` event (what the openai SDKs read).
    */
   errorEvent?: string;
+  /**
+   * Gives every data event and the final [DONE] an `id:` (streaming/event-ids.ts), and leaves out those the client
+   * already has (a resumed stream). Unset: no ids (the tutorial's /chat/stream).
+   */
+  cursor?: EventCursor;
 }
 
 /** How long an overflowed stream's last events may take to leave before the connection is dropped. */
@@ -71,7 +77,14 @@ export class SseWriter {
   }
 
   data(payload: unknown): void {
-    this.write(`data: ${JSON.stringify(payload)}\n\n`);
+    const id = this.nextId();
+    if (id === null) return;
+    this.write(`${id}data: ${JSON.stringify(payload)}\n\n`);
+  }
+
+  /** The events written from now on come from worker event `seq` of job `part` (their ids say so). */
+  position(part: number, seq: number): void {
+    this.opts.cursor?.at(part, seq);
   }
 
   /** Plain text as the tutorial's /chat/stream sends it: `data: <text>`; each newline in the text starts a `data:` line. */
@@ -82,14 +95,16 @@ export class SseWriter {
   /** `data: [DONE]` and the end of the response. */
   done(): void {
     if (!this.writable) return;
-    this.write('data: [DONE]\n\n');
+    const id = this.nextId();
+    if (id !== null) this.write(`${id}data: [DONE]\n\n`);
     this.end();
   }
 
-  /** An error after the headers: the OpenAI error object as an event, then [DONE]. */
+  /** An error after the headers: the OpenAI error object as an event, then [DONE]; neither has an id. */
   error(err: ApiError): void {
-    this.write(this.errorChunk(err));
-    this.done();
+    if (!this.writable) return;
+    this.write(`${this.errorChunk(err)}data: [DONE]\n\n`);
+    this.end();
   }
 
   end(): void {
@@ -122,6 +137,14 @@ export class SseWriter {
     const drop = setTimeout(() => this.res.destroy(), OVERFLOW_DRAIN_MS);
     drop.unref();
     this.res.once('finish', () => clearTimeout(drop));
+  }
+
+  /** `id: …\n` for the next event, '' without a cursor, null when the client already has that event. */
+  private nextId(): string | null {
+    const cursor = this.opts.cursor;
+    if (!cursor) return '';
+    const id = cursor.take();
+    return id === null ? null : `id: ${id}\n`;
   }
 
   private errorChunk(err: ApiError): string {

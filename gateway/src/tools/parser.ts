@@ -10,8 +10,11 @@
  * writes them, the final `}` of the call object (and anything after the last `}`) held back until the block closes.
  * Any other block is read whole when it closes; one that is not a call (not JSON, no name) is content, unchanged. A
  * block still open when the answer ends (max_tokens) is content too, unless its arguments were already streaming.
+ *
+ * Call ids are derived, not random (`toolCallId`): a resumed stream renders the same events again and must give the
+ * same ids the client already has (streaming/event-ids.ts).
  */
-import { randomBytes } from 'node:crypto';
+import { createHash } from 'node:crypto';
 
 const OPEN = '<tool_call>';
 const CLOSE = '</tool_call>';
@@ -22,7 +25,16 @@ export type ToolEvent =
   | { kind: 'call'; index: number; id: string; name: string }
   | { kind: 'arguments'; index: number; text: string };
 
-export const newCallId = (): string => `call_${randomBytes(12).toString('base64url')}`;
+/** Names the calls of one choice: its k-th call's id. */
+export type CallIds = (call: number) => string;
+
+/** `call_` + 16 characters of SHA-256 over (completion id, choice, call): unique per completion, the same every time. */
+export function toolCallId(completionId: string, choice: number, call: number): string {
+  return `call_${createHash('sha256').update(`${completionId}:${choice}:${call}`).digest('base64url').slice(0, 16)}`;
+}
+
+/** Ids for a parser used outside a completion (tests). */
+export const sequentialCallIds: CallIds = (call) => `call_${call}`;
 
 /** The longest suffix of `s` that is a proper prefix of `tag`. */
 function partialTag(s: string, tag: string): number {
@@ -36,6 +48,8 @@ export class ToolCallParser {
   /** Whitespace after a call, sent only if more text follows. */
   private gap = '';
   private calls = 0;
+
+  constructor(private readonly callId: CallIds = sequentialCallIds) {}
 
   get callCount(): number {
     return this.calls;
@@ -59,7 +73,7 @@ export class ToolCallParser {
       } else if (this.mode === 'block') {
         const head = CALL_HEAD.exec(this.buf);
         if (head) {
-          out.push({ kind: 'call', index: this.calls, id: newCallId(), name: JSON.parse(head[1]) as string });
+          out.push({ kind: 'call', index: this.calls, id: this.callId(this.calls), name: JSON.parse(head[1]) as string });
           this.buf = this.buf.slice(head[0].length);
           this.mode = 'arguments';
           continue;
@@ -132,7 +146,7 @@ export class ToolCallParser {
       return;
     }
     const args = typeof call.arguments === 'string' ? call.arguments : JSON.stringify(call.arguments);
-    out.push({ kind: 'call', index: this.calls, id: newCallId(), name: call.name });
+    out.push({ kind: 'call', index: this.calls, id: this.callId(this.calls), name: call.name });
     this.args(out, args);
     this.endCall();
   }
@@ -144,8 +158,8 @@ export interface ParsedToolOutput {
 }
 
 /** A whole answer, read by the same parser a stream uses. */
-export function parseToolOutput(text: string): ParsedToolOutput {
-  const parser = new ToolCallParser();
+export function parseToolOutput(text: string, callId: CallIds = sequentialCallIds): ParsedToolOutput {
+  const parser = new ToolCallParser(callId);
   const events = [...parser.push(text), ...parser.flush()];
   return collect(events);
 }

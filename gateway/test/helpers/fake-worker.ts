@@ -9,12 +9,14 @@ import Redis from 'ioredis';
 import {
   CANCEL_CHANNEL,
   cancelledKey,
+  eventsKey,
   type JobData,
   jobDataSchema,
   jobChannel,
   type JobResult,
   queueName,
   tokenizerKey,
+  TRUNCATED_EVENT,
   WORKERS_ZSET,
   workerKey,
 } from '../../src/protocol/job';
@@ -73,6 +75,8 @@ export interface FakeWorkerOptions {
   consume?: boolean;
   /** Put the chat template in tokenizer_config_json (true) or in a separate chat_template hash field (false). */
   templateInConfig?: boolean;
+  /** false: ignore the job's store_events (as a worker older than resumable streams does). */
+  storeEvents?: boolean;
   script?: FakeScript;
 }
 
@@ -180,11 +184,25 @@ export class FakeWorker {
     if (s.startGate) await s.startGate;
     let seq = 0;
     const drop = new Set(s.dropSeqs ?? []);
+    // As the real worker (transport/publisher.py): with store_events, each event is appended to the job's list before
+    // it is published, until max_bytes (then the truncated marker, nothing more). A dropped message is lost on
+    // pub/sub only: it is still in the list.
+    const store = this.opts.storeEvents === false ? undefined : data.store_events;
+    let storedBytes = 0;
+    let storeFull = false;
     const publish = async (event: Record<string, unknown>) => {
       if (this.dead) return;
       if (event.type !== 'started') seq += 1;
-      if (event.type !== 'started' && drop.has(seq)) return;
-      await this.redis.publish(jobChannel(id), JSON.stringify({ ...event, ...(event.type !== 'started' ? { seq } : {}), ts_ms: Date.now() }));
+      const message = JSON.stringify({ ...event, ...(event.type !== 'started' ? { seq } : {}), ts_ms: Date.now() });
+      const pipe = this.redis.pipeline();
+      if (store && !storeFull) {
+        const size = Buffer.byteLength(message);
+        storeFull = storedBytes + size > store.max_bytes;
+        storedBytes += size;
+        pipe.rpush(eventsKey(id), storeFull ? TRUNCATED_EVENT : message).pexpire(eventsKey(id), store.ttl_ms);
+      }
+      if (event.type === 'started' || !drop.has(seq)) pipe.publish(jobChannel(id), message);
+      await pipe.exec();
     };
     await publish({ type: 'started', worker_id: this.workerId, prompt_tokens: data.prompt_tokens });
     const replies = Array.from({ length: data.params.n }, (_, i) => (s.reply ?? defaultReply)(data, i));

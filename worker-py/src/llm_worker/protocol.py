@@ -42,6 +42,15 @@ def cancelled_key(job_id: str) -> str:
     return f"llm:cancelled:{job_id}"
 
 
+def events_key(job_id: str) -> str:
+    """job.ts `eventsKey`: the LIST of the job's published events, kept so that a dropped stream can be resumed."""
+    return f"llm:events:{job_id}"
+
+
+# job.ts `TRUNCATED_EVENT`: the last element of an events list that reached its byte bound; nothing follows it.
+TRUNCATED_MARKER = '{"type":"truncated"}'
+
+
 class _Wire(BaseModel):
     # Unknown fields are ignored (a newer gateway may add optional ones); known ones are type-checked.
     model_config = ConfigDict(extra="ignore")
@@ -115,6 +124,16 @@ class JobParams(_Wire):
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos)
 
 
+class StoreEvents(_Wire):
+    """job.ts `StoreEvents`: keep every event published for the job in LIST llm:events:{jobId} (PROTOCOL.md)."""
+
+    # The list's expiry, set again with every append: it outlives the job's last event by this long.
+    ttl_ms: int = Field(ge=1000)
+    # Bytes of events the list may hold; the event that would pass it is replaced by TRUNCATED_MARKER and nothing more
+    # is appended (the events are still published).
+    max_bytes: int = Field(ge=1)
+
+
 class JobData(_Wire):
     """job.ts `JobData`: the BullMQ job's data (job name "chat", job id = completion id)."""
 
@@ -132,6 +151,8 @@ class JobData(_Wire):
     deadline_ms: Optional[int] = None
     # By then generation must have started, also while waiting inside this worker for room in the batch (job.ts).
     start_deadline_ms: Optional[int] = None
+    # Absent: the events are only published (a gateway that does not resume streams, or a request that is not one).
+    store_events: Optional[StoreEvents] = None
 
     @model_validator(mode="after")
     def _one_input(self) -> "JobData":

@@ -70,7 +70,7 @@ class JobRun:
 
     async def execute(self) -> dict[str, Any]:
         """Return the JobResult; raise JobError (after publishing the error event) when the job fails."""
-        stream = JobStream(self.redis, self.job_id, self.ctx.flush_ms)
+        stream = JobStream(self.redis, self.job_id, self.ctx.flush_ms, self.data.store_events)
         try:
             result = await self._generate(stream)
         except JobError as err:
@@ -86,7 +86,7 @@ class JobRun:
         return result
 
     async def publish_error(self, err: JobError, stream: Optional[JobStream] = None) -> None:
-        stream = stream or JobStream(self.redis, self.job_id, self.ctx.flush_ms)
+        stream = stream or JobStream(self.redis, self.job_id, self.ctx.flush_ms, self.data.store_events)
         await stream.finish({"type": "error", "error": err.to_event()})
         self.events_sent = True
 
