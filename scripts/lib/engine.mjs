@@ -1,0 +1,185 @@
+// A container engine and the compose CLI for `npm run test:compose`: the ones already there when they answer, otherwise
+// installed and started here (root on Debian/Ubuntu: apt's docker.io, dockerd started by hand since such machines often
+// have no systemd; compose v2 built from the Go module proxy and cached). Only what this module started is stopped.
+import { spawn, spawnSync } from "node:child_process";
+import { copyFileSync, cpSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import http from "node:http";
+import os from "node:os";
+import path from "node:path";
+import { log, waitFor } from "./stack.mjs";
+
+/** Reusable downloads and builds (the compose binary, stand-in inputs): survive `git clean` and other checkouts. */
+export const CACHE_DIR = path.join(process.env.XDG_CACHE_HOME ?? path.join(os.homedir(), ".cache"), "llm-gateway");
+/** Checked with this project (FACTS.md): profiles, service_healthy, merge keys and `up --wait`. */
+export const COMPOSE_VERSION = "v5.6.0";
+const COMPOSE_MODULE = "github.com/docker/compose/v5";
+const DOCKER_SOCKET = "/var/run/docker.sock";
+
+export const isRoot = () => process.getuid?.() === 0;
+export const which = (cmd) => spawnSync("sh", ["-c", `command -v ${cmd}`], { encoding: "utf8" }).stdout.trim();
+
+/** Runs a command to completion; throws with its output's tail on failure unless `check` is false. */
+export function sh(cmd, args, { check = true, quiet = true, env = {}, input, cwd, encoding = "utf8" } = {}) {
+  const r = spawnSync(cmd, args, {
+    encoding, input, cwd, maxBuffer: 256 * 1024 * 1024,
+    stdio: [input === undefined ? "ignore" : "pipe", quiet ? "pipe" : "inherit", quiet ? "pipe" : "inherit"],
+    env: { ...process.env, ...env },
+  });
+  if (check && r.status !== 0) {
+    const tail = `${r.stdout ?? ""}${r.stderr ?? ""}`.trim().split("\n").slice(-25).join("\n");
+    throw new Error(`${cmd} ${args.join(" ")} exited with ${r.status ?? r.signal}${tail ? `:\n${tail}` : ""}`);
+  }
+  return r;
+}
+
+function ping(socketPath) {
+  return new Promise((resolve) => {
+    const req = http.get({ socketPath, path: "/_ping", timeout: 2000 }, (res) => {
+      res.resume();
+      resolve(res.statusCode === 200);
+    });
+    req.on("error", () => resolve(false));
+    req.on("timeout", () => req.destroy());
+  });
+}
+
+const engineAnswers = () => which("docker") && sh("docker", ["info", "--format", "{{.ServerVersion}}"], { check: false }).status === 0;
+
+function aptInstall(packages) {
+  const missing = packages.filter((p) => sh("dpkg", ["-s", p], { check: false }).status !== 0);
+  if (missing.length === 0) return;
+  log(`installing ${missing.join(", ")} with apt-get…`);
+  const env = { DEBIAN_FRONTEND: "noninteractive" };
+  sh("apt-get", ["update", "-qq"], { env });
+  sh("apt-get", ["install", "-y", "-qq", "--no-install-recommends", ...missing], { env });
+}
+
+/** Where this machine lets us install and start things ourselves. */
+export const canInstall = () => isRoot() && Boolean(which("apt-get")) && Boolean(which("dpkg"));
+
+/**
+ * Makes `docker` answer. Returns {how, version, stop}: `stop` ends dockerd if (and only if) this call started it.
+ * Throws `EngineUnavailable` when there is no engine and none can be started here (the caller decides to skip).
+ */
+export async function ensureEngine({ logDir }) {
+  if (engineAnswers()) return { how: "already running", version: serverVersion(), stop: async () => {} };
+  if (!canInstall()) {
+    const why = !which("docker") ? "no docker CLI" : "the docker CLI finds no engine (docker info fails)";
+    throw new EngineUnavailable(`${why}, and installing one needs root and apt-get (this is ${isRoot() ? "root without apt-get" : "not root"})`);
+  }
+  aptInstall(["docker.io", "iptables", "ca-certificates"]);
+  if (existsSync(DOCKER_SOCKET) && (await ping(DOCKER_SOCKET))) {
+    return { how: "already running (found after install)", version: serverVersion(), stop: async () => {} };
+  }
+  const dockerd = which("dockerd") || "/usr/sbin/dockerd";
+  mkdirSync(logDir, { recursive: true });
+  const logFile = path.join(logDir, "dockerd.log");
+  const fd = openSync(logFile, "w");
+  // Its own session (detached): a Ctrl-C meant for this script reaches dockerd only through stop().
+  const child = spawn(dockerd, ["--data-root", "/var/lib/docker"], { detached: true, stdio: ["ignore", fd, fd] });
+  const exited = new Promise((resolve) => child.on("exit", (code, signal) => resolve(code ?? signal)));
+  let gone = null;
+  exited.then((v) => (gone = v));
+  try {
+    await waitFor(async () => {
+      if (gone !== null) throw new Error(`dockerd exited (${gone}); see ${logFile}`);
+      return ping(DOCKER_SOCKET);
+    }, 60_000, "dockerd");
+  } catch (err) {
+    try { process.kill(child.pid, "SIGKILL"); } catch {}
+    throw err;
+  }
+  const stop = async () => {
+    if (gone !== null) return;
+    log(`stopping the dockerd this run started (pid ${child.pid})…`);
+    process.kill(child.pid, "SIGTERM");
+    const done = await Promise.race([exited.then(() => true), new Promise((r) => setTimeout(() => r(false), 30_000))]);
+    if (!done) {
+      process.kill(child.pid, "SIGKILL");
+      await exited;
+    }
+  };
+  return { how: `started here (pid ${child.pid}, log ${logFile})`, version: serverVersion(), stop };
+}
+
+export class EngineUnavailable extends Error {}
+
+function serverVersion() {
+  return sh("docker", ["version", "--format", "{{.Server.Version}} (API {{.Server.APIVersion}})"], { check: false }).stdout.trim();
+}
+
+/**
+ * The compose v2 CLI as an argv prefix: `docker compose` when the plugin is installed, else our cached build of
+ * COMPOSE_VERSION (a compose plugin binary also runs on its own), built with Go from the module proxy when missing.
+ */
+export function ensureCompose() {
+  if (sh("docker", ["compose", "version", "--short"], { check: false }).status === 0) {
+    return { argv: ["docker", "compose"], how: `docker compose plugin ${sh("docker", ["compose", "version", "--short"]).stdout.trim()}` };
+  }
+  const bin = path.join(CACHE_DIR, `docker-compose-${COMPOSE_VERSION}`);
+  if (existsSync(bin) && statSync(bin).size > 0) return { argv: [bin], how: `cached ${bin}` };
+  const go = which("go") || (existsSync("/usr/local/go/bin/go") ? "/usr/local/go/bin/go" : "");
+  if (!go) {
+    throw new EngineUnavailable(
+      "no compose v2 CLI (`docker compose`), and no Go toolchain to build one: install the docker-compose-plugin package",
+    );
+  }
+  log(`building compose ${COMPOSE_VERSION} from the Go module proxy (a few minutes, once: cached as ${bin})…`);
+  const t = Date.now();
+  // `go install …@version` is refused (its go.mod has exclude directives): download the module, build in a copy.
+  const mod = JSON.parse(sh(go, ["mod", "download", "-json", `${COMPOSE_MODULE}@${COMPOSE_VERSION}`]).stdout);
+  const work = mkdtempSync(path.join(os.tmpdir(), "compose-src-"));
+  try {
+    cpSync(mod.Dir, work, { recursive: true });
+    sh("chmod", ["-R", "u+w", work]);
+    mkdirSync(CACHE_DIR, { recursive: true });
+    const out = `${bin}.partial`;
+    sh(go, ["build", "-trimpath", "-ldflags", `-s -w -X ${COMPOSE_MODULE}/internal.Version=${COMPOSE_VERSION}`, "-o", out, "./cmd"],
+      { cwd: work, env: { GOFLAGS: "-buildvcs=false" } });
+    copyFileSync(out, bin);
+    rmSync(out);
+    sh("chmod", ["+x", bin]);
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
+  log(`compose built in ${((Date.now() - t) / 1000).toFixed(0)} s`);
+  return { argv: [bin], how: `built here from the Go module proxy, cached as ${bin}` };
+}
+
+/**
+ * One test:compose run at a time on a machine: runs share the engine (one may have started it and would stop it
+ * under the other) and the image names. A lock directory holding the owner's pid; a dead owner's lock is taken over.
+ */
+export async function takeLock() {
+  const dir = path.join(CACHE_DIR, "test-compose.lock");
+  mkdirSync(CACHE_DIR, { recursive: true });
+  let said = false;
+  await waitFor(() => {
+    try {
+      mkdirSync(dir);
+      writeFileSync(path.join(dir, "pid"), String(process.pid));
+      return true;
+    } catch {
+      const owner = Number(readFileSync(path.join(dir, "pid"), { encoding: "utf8", flag: "a+" }) || 0);
+      // No pid yet: its owner is between mkdir and write, unless that was long ago (a crash in between).
+      const stale = owner ? !alive(owner) : Date.now() - statSync(dir).mtimeMs > 10_000;
+      if (stale) {
+        rmSync(dir, { recursive: true, force: true });
+        return false;
+      }
+      if (!said && owner) log(`another test:compose run (pid ${owner}) holds ${dir}: waiting for it`);
+      said ||= Boolean(owner);
+      return false;
+    }
+  }, 60 * 60_000, "the test:compose lock");
+  return () => rmSync(dir, { recursive: true, force: true });
+}
+
+function alive(pid) {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return err.code === "EPERM";
+  }
+}
