@@ -6,7 +6,9 @@ import { copyFileSync, cpSync, existsSync, mkdirSync, mkdtempSync, openSync, rea
 import http from "node:http";
 import os from "node:os";
 import path from "node:path";
-import { log, waitFor } from "./stack.mjs";
+import { waitFor } from "./stack.mjs";
+
+export const log = (msg) => process.stdout.write(`[compose] ${msg}\n`);
 
 /** Reusable downloads and builds (the compose binary, stand-in inputs): survive `git clean` and other checkouts. */
 export const CACHE_DIR = path.join(process.env.XDG_CACHE_HOME ?? path.join(os.homedir(), ".cache"), "llm-gateway");

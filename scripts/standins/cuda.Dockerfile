@@ -3,7 +3,10 @@
 # apt repository (not reachable here); PyPI's torch brings its own CUDA runtime, so the build does not depend on them.
 ARG ROOTFS
 FROM ${ROOTFS}
-ENV NVIDIA_VISIBLE_DEVICES=all \
+# This machine's CA bundle (README.md), for pip in the build: the Dockerfile's apt-get uses the http mirror.
+COPY host-ca.crt /etc/ssl/certs/ca-certificates.crt
+ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+    NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     PATH=/usr/local/nvidia/bin:/usr/local/cuda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     LD_LIBRARY_PATH=/usr/local/nvidia/lib:/usr/local/nvidia/lib64

@@ -5,5 +5,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python-is-python3 ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && python --version
-ENV LANG=C.UTF-8
+# This machine's CA bundle, after ca-certificates (which rewrites it); pip reads PIP_CERT, not the system store.
+COPY host-ca.crt /etc/ssl/certs/ca-certificates.crt
+ENV LANG=C.UTF-8 PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 CMD ["python3"]
