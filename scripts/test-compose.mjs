@@ -188,6 +188,7 @@ if (ok) {
     await step("chat completion, non-stream and stream (openai SDK), answered by the worker container", c.answeredByWorker);
     await step("tutorial route POST /chat", c.tutorialChat);
     await step("/metrics of gateway and worker, scraped inside the compose network", c.metrics);
+    await step("non-root users, init as PID 1, the gateway's read-only root", c.processes);
     await step("docker compose restart worker-cpu under a running stream (graceful: the worker drains)", () => c.restartUnderStream({ graceful: true }));
     await step("docker compose restart -t 0 worker-cpu under a running stream (killed: a clean error)", () => c.restartUnderStream({ graceful: false }));
   }

@@ -98,6 +98,24 @@ export function checks(ctx) {
   }
 
   /**
+   * What the k8s manifests' securityContext also asks: our images run as their numeric non-root USER, under an init
+   * as PID 1 (`init: true`: signals forwarded, children reaped), and the gateway on a read-only root with a writable /tmp.
+   */
+  async function processes() {
+    const probe = "printf '%s %s ' \"$(id -u)\" \"$(cat /proc/1/comm)\"; touch /tmp/w && echo tmp-rw; touch /app/w 2>/dev/null && echo root-rw || echo root-ro";
+    const seen = {};
+    for (const [service, uid] of [["gateway", "1000"], ["worker-cpu", "10001"]]) {
+      const [got, init, tmp, root] = (await compose("exec", "-T", service, "sh", "-c", probe)).trim().split(/\s+/);
+      assert.equal(got, uid, `${service} runs as uid ${got}, not ${uid}`);
+      assert.equal(init, "docker-init", `${service}: PID 1 is ${init}, not the init of \`init: true\``);
+      assert.equal(tmp, "tmp-rw", `${service}: /tmp is not writable`);
+      if (service === "gateway") assert.equal(root, "root-ro", "gateway: the root file system is writable (read_only: true)");
+      seen[service] = `uid ${got}, PID 1 ${init}${service === "gateway" ? `, ${root}` : ""}`;
+    }
+    return Object.entries(seen).map(([k, v]) => `${k}: ${v}`).join("; ");
+  }
+
+  /**
    * `docker compose restart worker-cpu` while a stream runs. `graceful` (the default stop timeout): the worker drains,
    * so the stream must finish. Forced (`-t 0`: SIGKILL at once): the gateway must end the stream with an error the SDK
    * raises (worker_lost), never a silent close. Then the restarted worker must make the stack ready and serving again.
@@ -145,7 +163,7 @@ export function checks(ctx) {
     return `${outcome}; ready again after ${((Date.now() - t) / 1000).toFixed(1)} s; then ${again}`;
   }
 
-  return { ready, chat, stream, answeredByWorker, tutorialChat, metrics, restartUnderStream };
+  return { ready, chat, stream, answeredByWorker, tutorialChat, metrics, processes, restartUnderStream };
 }
 
 /** The sum of a Prometheus counter's samples whose labels include `labels`. */

@@ -3,9 +3,10 @@
 # apt repository (not reachable here); PyPI's torch brings its own CUDA runtime, so the build does not depend on them.
 ARG ROOTFS
 FROM ${ROOTFS}
-# This machine's CA bundle (README.md), for pip in the build: the Dockerfile's apt-get uses the http mirror.
-COPY host-ca.crt /etc/ssl/certs/ca-certificates.crt
-ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+# This machine's CA bundle (README.md), for pip in the build (apart from the system bundle, which the build's apt-get
+# rewrites when it installs ca-certificates).
+COPY host-ca.crt /etc/ssl/host-ca-bundle.crt
+ENV PIP_CERT=/etc/ssl/host-ca-bundle.crt \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     PATH=/usr/local/nvidia/bin:/usr/local/cuda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \

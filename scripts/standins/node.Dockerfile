@@ -4,8 +4,8 @@ ARG ROOTFS
 FROM ${ROOTFS}
 COPY node/bin/node /usr/local/bin/node
 # This machine's CA bundle (see README.md: a TLS-intercepting proxy may sit between this machine and the registries).
-COPY host-ca.crt /etc/ssl/certs/ca-certificates.crt
-ENV NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt
+COPY host-ca.crt /etc/ssl/host-ca-bundle.crt
+ENV NODE_EXTRA_CA_CERTS=/etc/ssl/host-ca-bundle.crt
 COPY npm/ /usr/local/lib/node_modules/npm/
 RUN ln -s ../lib/node_modules/npm/bin/npm-cli.js /usr/local/bin/npm \
     && ln -s ../lib/node_modules/npm/bin/npx-cli.js /usr/local/bin/npx \
