@@ -112,7 +112,10 @@ export function checks(ctx) {
       if (service === "gateway") assert.equal(root, "root-ro", "gateway: the root file system is writable (read_only: true)");
       seen[service] = `uid ${got}, PID 1 ${init}${service === "gateway" ? `, ${root}` : ""}`;
     }
-    return Object.entries(seen).map(([k, v]) => `${k}: ${v}`).join("; ");
+    // Printed, not asserted: what the k8s manifests' memory limits (gateway 1Gi, worker 4Gi on CPU) must hold.
+    const ids = (await compose("ps", "-q")).trim().split("\n").filter(Boolean);
+    const { stdout: mem } = await execFileP("docker", ["stats", "--no-stream", "--format", "{{.Name}} {{.MemUsage}}", ...ids]);
+    return `${Object.entries(seen).map(([k, v]) => `${k}: ${v}`).join("; ")}; memory: ${mem.trim().split("\n").map((l) => l.replace(/ \/ .*/, "")).join(", ")}`;
   }
 
   /**

@@ -78,7 +78,9 @@ export async function ensureEngine({ logDir }) {
   const logFile = path.join(logDir, "dockerd.log");
   const fd = openSync(logFile, "w");
   // Its own session (detached): a Ctrl-C meant for this script reaches dockerd only through stop().
-  const child = spawn(dockerd, ["--data-root", "/var/lib/docker"], { detached: true, stdio: ["ignore", fd, fd] });
+  // DOCKERD_DATA_ROOT: another image store, e.g. to measure a cold run without losing the cached layers.
+  const dataRoot = process.env.DOCKERD_DATA_ROOT || "/var/lib/docker";
+  const child = spawn(dockerd, ["--data-root", dataRoot], { detached: true, stdio: ["ignore", fd, fd] });
   const exited = new Promise((resolve) => child.on("exit", (code, signal) => resolve(code ?? signal)));
   let gone = null;
   exited.then((v) => (gone = v));
@@ -101,7 +103,7 @@ export async function ensureEngine({ logDir }) {
       await exited;
     }
   };
-  return { how: `started here (pid ${child.pid}, log ${logFile})`, version: serverVersion(), stop };
+  return { how: `started here (pid ${child.pid}, data root ${dataRoot}, log ${logFile})`, version: serverVersion(), stop };
 }
 
 export class EngineUnavailable extends Error {}
