@@ -48,7 +48,9 @@ function ping(socketPath) {
 const engineAnswers = () => which("docker") && sh("docker", ["info", "--format", "{{.ServerVersion}}"], { check: false }).status === 0;
 
 function aptInstall(packages) {
-  const missing = packages.filter((p) => sh("dpkg", ["-s", p], { check: false }).status !== 0);
+  // Installed, not merely known to dpkg (a removed package keeps its config files and a status).
+  const installed = (p) => sh("dpkg-query", ["-W", "-f", "${Status}", p], { check: false }).stdout.trim() === "install ok installed";
+  const missing = packages.filter((p) => !installed(p));
   if (missing.length === 0) return;
   log(`installing ${missing.join(", ")} with apt-get…`);
   const env = { DEBIAN_FRONTEND: "noninteractive" };
@@ -81,7 +83,10 @@ export async function ensureEngine({ logDir }) {
   // DOCKERD_DATA_ROOT: another image store, e.g. to measure a cold run without losing the cached layers.
   const dataRoot = process.env.DOCKERD_DATA_ROOT || "/var/lib/docker";
   const child = spawn(dockerd, ["--data-root", dataRoot], { detached: true, stdio: ["ignore", fd, fd] });
-  const exited = new Promise((resolve) => child.on("exit", (code, signal) => resolve(code ?? signal)));
+  const exited = new Promise((resolve) => {
+    child.on("exit", (code, signal) => resolve(code ?? signal));
+    child.on("error", (err) => resolve(err.message));
+  });
   let gone = null;
   exited.then((v) => (gone = v));
   try {
