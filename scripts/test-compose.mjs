@@ -11,7 +11,7 @@ import { closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writ
 import os from "node:os";
 import path from "node:path";
 import { checks } from "./lib/compose-checks.mjs";
-import { EngineUnavailable, ensureCompose, ensureEngine, log, sh, takeLock } from "./lib/engine.mjs";
+import { EngineUnavailable, ensureCompose, ensureEngine, log, sh, takeLock, whyNoEngine } from "./lib/engine.mjs";
 import { dockerBuildEnv, ensureBaseImages, human, imageSize } from "./lib/standins.mjs";
 import { ROOT, RUN_DIR, devKey, freePort, waitFor } from "./lib/stack.mjs";
 
@@ -75,6 +75,15 @@ function argDefault(dockerfile, name) {
   return m[1];
 }
 
+function skip(why) {
+  log(`SKIPPED: no container engine can be started here: ${why}.`);
+  log("To run it: as root on Debian/Ubuntu (it installs docker.io), or with a running Docker this user may use.");
+  process.exit(3);
+}
+
+// Decided before anything is written (a user without an engine may not be able to write the cache either).
+const noEngine = whyNoEngine();
+if (noEngine) skip(noEngine);
 mkdirSync(RUN_DIR, { recursive: true });
 const release = await takeLock();
 cleanups.push(async () => release());
@@ -84,10 +93,8 @@ try {
   engine = await ensureEngine({ logDir: RUN_DIR });
 } catch (err) {
   if (!(err instanceof EngineUnavailable)) throw err;
-  log(`SKIPPED: no container engine can be started here: ${err.message}.`);
-  log("To run it: as root on Debian/Ubuntu (it installs docker.io), or with a running Docker this user may use.");
   release();
-  process.exit(3);
+  skip(err.message);
 }
 cleanups.push(() => engine.stop());
 log(`engine: Docker ${engine.version}, ${engine.how}`);

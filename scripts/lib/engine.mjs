@@ -61,16 +61,21 @@ function aptInstall(packages) {
 /** Where this machine lets us install and start things ourselves. */
 export const canInstall = () => isRoot() && Boolean(which("apt-get")) && Boolean(which("dpkg"));
 
+/** Why no engine can be had here (no running one this user may use, and no root + apt to install one), or null. */
+export function whyNoEngine() {
+  if (engineAnswers() || canInstall()) return null;
+  const why = !which("docker") ? "no docker CLI" : "the docker CLI finds no engine it may use (docker info fails)";
+  return `${why}, and installing one needs root and apt-get (this is ${isRoot() ? "root without apt-get" : "not root"})`;
+}
+
 /**
  * Makes `docker` answer. Returns {how, version, stop}: `stop` ends dockerd if (and only if) this call started it.
  * Throws `EngineUnavailable` when there is no engine and none can be started here (the caller decides to skip).
  */
 export async function ensureEngine({ logDir }) {
   if (engineAnswers()) return { how: "already running", version: serverVersion(), stop: async () => {} };
-  if (!canInstall()) {
-    const why = !which("docker") ? "no docker CLI" : "the docker CLI finds no engine (docker info fails)";
-    throw new EngineUnavailable(`${why}, and installing one needs root and apt-get (this is ${isRoot() ? "root without apt-get" : "not root"})`);
-  }
+  const why = whyNoEngine();
+  if (why) throw new EngineUnavailable(why);
   aptInstall(["docker.io", "iptables", "ca-certificates"]);
   if (existsSync(DOCKER_SOCKET) && (await ping(DOCKER_SOCKET))) {
     return { how: "already running (found after install)", version: serverVersion(), stop: async () => {} };
