@@ -89,6 +89,7 @@ const release = await takeLock();
 cleanups.push(async () => release());
 
 let engine;
+let t = Date.now();
 try {
   engine = await ensureEngine({ logDir: RUN_DIR });
 } catch (err) {
@@ -97,7 +98,8 @@ try {
   skip(err.message);
 }
 cleanups.push(() => engine.stop());
-log(`engine: Docker ${engine.version}, ${engine.how}`);
+log(`engine: Docker ${engine.version}, ${engine.how} (${secs(t)})`);
+t = Date.now();
 
 let compose;
 try {
@@ -108,7 +110,7 @@ try {
   for (const c of cleanups.reverse()) await c();
   process.exit(3);
 }
-log(`compose: ${compose.how}`);
+log(`compose: ${compose.how} (${secs(t)})`);
 
 // The run's own settings; an empty --env-file so that a user's .env (COMPOSE_PROFILES, API_KEYS, …) does not leak in.
 const envDir = mkdtempSync(path.join(os.tmpdir(), "test-compose-"));
