@@ -171,12 +171,13 @@ for (const img of ok ? images : []) {
 
 if (ok) {
   cleanups.push(async () => {
+    const t = Date.now();
     const r = dc("cpu", ["down", "-v", "--remove-orphans"], { check: false });
     if (r.status !== 0) throw new Error(`docker compose down -v failed: ${r.stderr.trim()}`);
     const left = sh("docker", ["ps", "-aq", "--filter", `label=com.docker.compose.project=${PROJECT}`]).stdout.trim();
     const vols = sh("docker", ["volume", "ls", "-q", "--filter", `label=com.docker.compose.project=${PROJECT}`]).stdout.trim();
     if (left || vols) throw new Error(`after down -v: containers [${left}] volumes [${vols}] remain`);
-    log("docker compose down -v: no container, volume or network of the project left");
+    log(`docker compose down -v (${secs(t)}): no container or volume of the project left`);
   });
   ok = await step("docker compose --profile cpu up -d --wait", () => {
     const r = dc("cpu", ["up", "-d", "--wait", "--wait-timeout", "900"], { check: false });
