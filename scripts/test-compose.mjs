@@ -174,10 +174,11 @@ if (ok) {
     const t = Date.now();
     const r = dc("cpu", ["down", "-v", "--remove-orphans"], { check: false });
     if (r.status !== 0) throw new Error(`docker compose down -v failed: ${r.stderr.trim()}`);
-    const left = sh("docker", ["ps", "-aq", "--filter", `label=com.docker.compose.project=${PROJECT}`]).stdout.trim();
-    const vols = sh("docker", ["volume", "ls", "-q", "--filter", `label=com.docker.compose.project=${PROJECT}`]).stdout.trim();
-    if (left || vols) throw new Error(`after down -v: containers [${left}] volumes [${vols}] remain`);
-    log(`docker compose down -v (${secs(t)}): no container or volume of the project left`);
+    const label = `label=com.docker.compose.project=${PROJECT}`;
+    const left = Object.fromEntries([["containers", ["ps", "-aq"]], ["volumes", ["volume", "ls", "-q"]], ["networks", ["network", "ls", "-q"]]]
+      .map(([what, cmd]) => [what, sh("docker", [...cmd, "--filter", label]).stdout.trim()]).filter(([, ids]) => ids));
+    if (Object.keys(left).length) throw new Error(`after down -v, still there: ${JSON.stringify(left)}`);
+    log(`docker compose down -v (${secs(t)}): no container, volume or network of the project left`);
   });
   ok = await step("docker compose --profile cpu up -d --wait", () => {
     const r = dc("cpu", ["up", "-d", "--wait", "--wait-timeout", "900"], { check: false });
