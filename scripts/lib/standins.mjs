@@ -99,7 +99,8 @@ function buildStandin(name, recipe) {
     sh("docker", ["build", "-q", "--build-arg", `ROOTFS=${rootfs}`, "--label", `${LABEL}=true`, "--label",
       `${LABEL}.of=${name}`, "-t", name, ctx], { env: dockerBuildEnv() });
     const after = sh("docker", ["image", "inspect", "--format", "{{.Id}}", name]).stdout.trim();
-    if (recipe.wants) {
+    // Checked when built: a reused image is the one checked then.
+    if (recipe.wants && before !== after) {
       const got = sh("docker", ["run", "--rm", "--entrypoint", recipe.wants[0], name, ...recipe.wants.slice(1)]).stdout.trim();
       const ver = /(\d+(?:\.\d+)*)/.exec(got)?.[1] ?? "";
       if (!(ver === recipe.version || ver.startsWith(`${recipe.version}.`))) {
