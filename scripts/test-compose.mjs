@@ -155,7 +155,8 @@ const images = [
   { service: "gateway", profile: "cpu", image: config.services.gateway.image },
   { service: "worker-cpu", profile: "cpu", image: config.services["worker-cpu"].image },
 ];
-if (CUDA) images.push({ service: "worker-gpu", profile: "gpu", image: "llm-worker-cuda:0.1.0" });
+const cudaImage = CUDA ? JSON.parse(dc("gpu", ["config", "--format", "json"]).stdout).services["worker-gpu"].image : null;
+if (CUDA) images.push({ service: "worker-gpu", profile: "gpu", image: cudaImage });
 if (!torchReachable) log(`${TORCH_CPU_INDEX} is not reachable: the worker images get PyPI's torch (the CUDA build, several GB)`);
 for (const img of ok ? images : []) {
   const logFile = path.join(RUN_DIR, `compose-build-${img.service}.log`);
@@ -167,6 +168,13 @@ for (const img of ok ? images : []) {
     if (r.status !== 0) throw new Error(`build failed:\n${readFileSync(logFile, "utf8").trim().split("\n").slice(-30).join("\n")}`);
     return human(imageSize(img.image));
   })) && ok;
+}
+
+if (ok && CUDA) {
+  // It cannot run without a GPU; its Python environment can still be shown to import (its base has another Python).
+  await step(`${cudaImage}: torch, transformers and the worker import (no GPU here)`, () => sh("docker", ["run", "--rm",
+    "--entrypoint", "python", cudaImage, "-c",
+    "import sys, torch, transformers, llm_worker.__main__; print(f'python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.version.cuda}')"]).stdout.trim());
 }
 
 if (ok) {
