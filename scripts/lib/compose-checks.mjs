@@ -89,6 +89,16 @@ export function checks(ctx) {
     return `${body.tokens_used} tokens in ${body.processing_time} s`;
   }
 
+  /** zod-openapi declares Node ≥ 22.14 (npm warns when the image installs it); the image runs Node 20: it must work. */
+  async function openapi() {
+    const r = await fetch(`${ctx.baseUrl}/openapi.json`);
+    assert.equal(r.status, 200);
+    const doc = await r.json();
+    assert.match(doc.openapi, /^3\.1/);
+    assert.ok(doc.paths["/v1/chat/completions"], "no /v1/chat/completions in the document");
+    return `OpenAPI ${doc.openapi}, ${Object.keys(doc.paths).length} paths`;
+  }
+
   async function metrics() {
     const g = await scrape.gateway();
     const w = await scrape.worker();
@@ -166,7 +176,7 @@ export function checks(ctx) {
     return `${outcome}; ready again after ${((Date.now() - t) / 1000).toFixed(1)} s; then ${again}`;
   }
 
-  return { ready, chat, stream, answeredByWorker, tutorialChat, metrics, processes, restartUnderStream };
+  return { ready, chat, stream, answeredByWorker, tutorialChat, openapi, metrics, processes, restartUnderStream };
 }
 
 /** The sum of a Prometheus counter's samples whose labels include `labels`. */
