@@ -16,6 +16,8 @@ export const CACHE_DIR = path.join(process.env.XDG_CACHE_HOME ?? path.join(os.ho
 export const COMPOSE_VERSION = "v5.6.0";
 const COMPOSE_MODULE = "github.com/docker/compose/v5";
 const DOCKER_SOCKET = "/var/run/docker.sock";
+/** The pid of a dockerd a run started, until that run stops it. */
+const DOCKERD_PIDFILE = path.join(CACHE_DIR, "dockerd.pid");
 
 export const isRoot = () => process.getuid?.() === 0;
 export const which = (cmd) => spawnSync("sh", ["-c", `command -v ${cmd}`], { encoding: "utf8" }).stdout.trim();
@@ -73,7 +75,14 @@ export function whyNoEngine() {
  * Throws `EngineUnavailable` when there is no engine and none can be started here (the caller decides to skip).
  */
 export async function ensureEngine({ logDir }) {
-  if (engineAnswers()) return { how: "already running", version: serverVersion(), stop: async () => {} };
+  if (engineAnswers()) {
+    // A dockerd an earlier run started and could not stop (it was killed): this run stops it, as that one would have.
+    const orphan = Number(existsSync(DOCKERD_PIDFILE) ? readFileSync(DOCKERD_PIDFILE, "utf8") : 0);
+    if (orphan && running(orphan) && readFileSync(`/proc/${orphan}/comm`, "utf8").trim() === "dockerd") {
+      return { how: `left running by an earlier run (pid ${orphan}): stopped at the end`, version: serverVersion(), stop: () => stopDockerd(orphan, null) };
+    }
+    return { how: "already running", version: serverVersion(), stop: async () => {} };
+  }
   const why = whyNoEngine();
   if (why) throw new EngineUnavailable(why);
   aptInstall(["docker.io", "iptables", "ca-certificates"]);
@@ -103,20 +112,26 @@ export async function ensureEngine({ logDir }) {
     try { process.kill(child.pid, "SIGKILL"); } catch {}
     throw err;
   }
-  const stop = async () => {
-    if (gone !== null) return;
-    log(`stopping the dockerd this run started (pid ${child.pid})…`);
-    process.kill(child.pid, "SIGTERM");
-    const done = await Promise.race([exited.then(() => true), new Promise((r) => setTimeout(() => r(false), 30_000))]);
-    if (!done) {
-      process.kill(child.pid, "SIGKILL");
-      await exited;
-    }
-  };
+  mkdirSync(CACHE_DIR, { recursive: true });
+  writeFileSync(DOCKERD_PIDFILE, String(child.pid));
+  const stop = async () => (gone === null ? stopDockerd(child.pid, exited) : rmSync(DOCKERD_PIDFILE, { force: true }));
   return { how: `started here (pid ${child.pid}, data root ${dataRoot}, log ${logFile})`, version: serverVersion(), stop };
 }
 
 export class EngineUnavailable extends Error {}
+
+/** SIGTERM (dockerd stops its containers and its containerd), SIGKILL after 30 s; `exited` when it is our child. */
+async function stopDockerd(pid, exited) {
+  log(`stopping the dockerd this run started (pid ${pid})…`);
+  process.kill(pid, "SIGTERM");
+  const gone = exited ?? waitFor(() => !running(pid), 60_000, "dockerd to exit").catch(() => undefined);
+  const done = await Promise.race([gone.then(() => !running(pid)), new Promise((r) => setTimeout(() => r(false), 30_000))]);
+  if (!done && running(pid)) {
+    process.kill(pid, "SIGKILL");
+    await (exited ?? waitFor(() => !running(pid), 10_000, "dockerd to die"));
+  }
+  rmSync(DOCKERD_PIDFILE, { force: true });
+}
 
 function serverVersion() {
   return sh("docker", ["version", "--format", "{{.Server.Version}} (API {{.Server.APIVersion}})"], { check: false }).stdout.trim();
@@ -187,6 +202,16 @@ export async function takeLock() {
     }
   }, 60 * 60_000, "the test:compose lock");
   return () => rmSync(dir, { recursive: true, force: true });
+}
+
+/** Alive and not a zombie (a dockerd re-parented to an init that does not reap would stay one). */
+function running(pid) {
+  if (!alive(pid)) return false;
+  try {
+    return !/^\d+ \(.*\) Z/.test(readFileSync(`/proc/${pid}/stat`, "utf8"));
+  } catch {
+    return false;
+  }
 }
 
 function alive(pid) {
