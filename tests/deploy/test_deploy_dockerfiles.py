@@ -3,7 +3,7 @@
 import pytest
 
 from deploy_configs import REPO
-from deploy_docker import DOCKERFILES, check_dockerfile, parse_dockerfile
+from deploy_docker import DOCKERFILES, _included, check_dockerfile, parse_dockerfile
 
 
 def read(image: str) -> tuple[str, str | None]:
@@ -58,3 +58,14 @@ def test_dockerignore_must_let_copied_files_through(configs):
     text, ignore = read("llm-gateway")
     problems = check_dockerfile("llm-gateway", text, configs["gateway"], ignore.replace("!gateway/\n", ""))
     assert any("excluded by" in p for p in problems), problems
+
+
+def test_root_dockerignore_serves_every_dockerfile(configs):
+    """The classic builder (Docker without buildx, and compose there) reads only the root .dockerignore: it must let
+    every Dockerfile's COPY sources through, and keep out what must never be sent (the worker's venv is GBs)."""
+    root = (REPO / ".dockerignore").read_text()
+    for image, (_, component) in DOCKERFILES.items():
+        text, _ = read(image)
+        assert check_dockerfile(image, text, configs[component], root) == [], image
+    for path in ["worker-py/.venv", "node_modules", ".git", ".run", "tests"]:
+        assert not _included(path, root), f"the root .dockerignore lets {path} into the build context"
