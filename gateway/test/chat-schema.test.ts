@@ -8,14 +8,12 @@ import OpenAI from 'openai';
 import { ApiError } from '../src/errors';
 import { chatCompletionRequestSchema } from '../src/protocol/chat';
 import { jobParamsSchema } from '../src/protocol/job';
-import { MAX_RESPONSE_SCHEMA_CHARS, normaliseMessages, requestedMaxTokens, toJobParams } from '../src/services/chat-params';
+import { MAX_RESPONSE_SCHEMA_CHARS, requestedMaxTokens, toChatJob } from '../src/services/chat-params';
 import { parseOrThrow } from '../src/services/validation';
-import { planTools } from '../src/tools/plan';
 
 function convert(body: unknown) {
   const req = parseOrThrow(chatCompletionRequestSchema, body);
-  const tools = planTools(req);
-  return { req, params: toJobParams(req, tools), messages: normaliseMessages(req.messages, tools) };
+  return { req, ...toChatJob(req) };
 }
 
 function rejection(body: unknown): ApiError {

@@ -5,11 +5,10 @@
  */
 import { ApiError } from '../src/errors';
 import { chatCompletionRequestSchema } from '../src/protocol/chat';
-import { normaliseMessages, toJobParams } from '../src/services/chat-params';
+import { toChatJob } from '../src/services/chat-params';
 import { parseOrThrow } from '../src/services/validation';
 import { MAX_PARALLEL_CALLS } from '../src/tools/grammar';
 import { collect, parseToolOutput, ToolCallParser, type ToolEvent } from '../src/tools/parser';
-import { planTools } from '../src/tools/plan';
 
 const weather = {
   type: 'function' as const,
@@ -24,8 +23,7 @@ const base = { model: 'm', messages: [{ role: 'user', content: 'Weather in Paris
 
 function prepare(body: unknown) {
   const req = parseOrThrow(chatCompletionRequestSchema, body);
-  const tools = planTools(req);
-  return { tools, params: toJobParams(req, tools), messages: normaliseMessages(req.messages, tools) };
+  return toChatJob(req);
 }
 
 function rejection(body: unknown): ApiError {

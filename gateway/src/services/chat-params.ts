@@ -7,7 +7,7 @@
  */
 import { ApiError } from '../errors';
 import type { ChatCompletionRequest, ChatMessageParam, ResponseFormat } from '../protocol/chat';
-import type { ToolPlan } from '../tools/plan';
+import { planTools, type ToolPlan } from '../tools/plan';
 import { assistantCallsText, toolResponseText, toolsSystemText } from '../tools/prompt';
 import type { JobMessage, JobParams } from '../protocol/job';
 
@@ -148,6 +148,15 @@ export function toJobParams(req: Req, tools: ToolPlan | null = null): Omit<JobPa
     params.response_format = tools.grammar;
   }
   return params;
+}
+
+/**
+ * A parsed chat request as its job needs it, in the one order the three depend on each other: the tools' plan (its
+ * grammar goes into the params, its listing into the messages), the job's params (without max_tokens), the messages.
+ */
+export function toChatJob(req: Req): { tools: ToolPlan | null; params: Omit<JobParams, 'max_tokens'>; messages: JobMessage[] } {
+  const tools = planTools(req);
+  return { tools, params: toJobParams(req, tools), messages: normaliseMessages(req.messages, tools) };
 }
 
 /** Runs a parameter table over a request: the first unsupported field it uses throws (400 naming it). */

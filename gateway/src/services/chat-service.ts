@@ -25,8 +25,7 @@ import { isReady } from '../queue/redis';
 import type { StreamAttachments } from '../resume/attachments';
 import { storedEventsMaxBytes } from '../resume/stream-record';
 import type { CompletionMeta } from './chat-format';
-import { planTools } from '../tools/plan';
-import { normaliseMessages, requestedMaxTokens, toJobParams } from './chat-params';
+import { requestedMaxTokens, toChatJob } from './chat-params';
 import { COMPLETION_DEFAULT_MAX_TOKENS, parseCompletion } from './completion-params';
 import type { Stamps } from './stamps';
 import type { TokenizerCache } from './tokenizer';
@@ -127,11 +126,10 @@ export class ChatService {
   async prepare(body: unknown, ctx: RequestContext): Promise<PreparedChat> {
     const req = parseOrThrow(chatCompletionRequestSchema, body);
     logUnknown(ctx, req, KNOWN_REQUEST_FIELDS);
-    const tools = planTools(req);
-    const params = toJobParams(req, tools);
+    const { tools, params, messages } = toChatJob(req);
     return this.prepareInput(ctx, {
       model: req.model,
-      input: { messages: normaliseMessages(req.messages, tools) },
+      input: { messages },
       parseToolCalls: tools !== null,
       params,
       requested: requestedMaxTokens(req),
