@@ -10,9 +10,9 @@ import http from 'node:http';
 import request from 'supertest';
 import { queueDepth } from '../src/limits/admission';
 import { queueFullRejections } from '../src/metrics';
-import { QueueBacklog } from '../src/queue/backlog';
+import { QueueBacklog, TRANSIT_MS } from '../src/queue/backlog';
 import { FakeWorker } from './helpers/fake-worker';
-import { startGateway, TEST_KEY, type TestGateway, waitFor } from './helpers/gateway';
+import { sleep, startGateway, TEST_KEY, type TestGateway, waitFor } from './helpers/gateway';
 import { useTestRedis } from './helpers/redis-server';
 
 const HELD = `held-${randomUUID().slice(0, 8)}`; // a worker that never takes its jobs: they wait in the queue
@@ -78,6 +78,9 @@ describe('backlog admission', () => {
     const sentFirst = Date.now();
     const first = send(HELD, 'first').then((r) => r);
     await waitFor(async () => (await queueDepth(redis.client, HELD)) === 1, undefined, 'the first request to be queued');
+    // Not synchronisation: the first job must have waited longer than a job's way to a worker (queue/backlog.ts), or
+    // the second request would count it as still in transit and take the free room.
+    await sleep(TRANSIT_MS + 50);
     const ahead = await backlog.snapshot(HELD);
     expect(ahead.entries).toBe(1);
     // prompt + max_tokens; 120–145 keeps the budgets below meaningful (two requests fit in 300 tokens, three do not).

@@ -8,7 +8,7 @@
  * test runs on Redis' own clock.
  */
 import { randomUUID } from 'node:crypto';
-import { backlogFullError, backlogKeys, QueueBacklog } from '../src/queue/backlog';
+import { backlogFullError, backlogKeys, QueueBacklog, TRANSIT_MS } from '../src/queue/backlog';
 import { sleep } from './helpers/gateway';
 import { useTestRedis } from './helpers/redis-server';
 
@@ -100,6 +100,28 @@ describe('QueueBacklog', () => {
     expect((await backlog.reserve(m, 'long-2', huge, 2)).admitted).toBe(true);
   });
 
+  it('waiting jobs admitted within the transit time are on their way, not a sign that the workers are full', async () => {
+    const { backlog, clock } = backlogAt();
+    const m = model();
+    const { perMs } = await measured(backlog, clock, m);
+    const huge = Math.round(perMs * TIMEOUT * 10);
+    // A burst at idle workers with 4 slots: each earlier job of the burst is still queued, not yet taken.
+    expect((await backlog.reserve(m, 'b1', huge, 4, 0)).admitted).toBe(true);
+    clock.t += 10;
+    expect((await backlog.reserve(m, 'b2', huge, 4, 1)).admitted).toBe(true);
+    clock.t += 10;
+    expect((await backlog.reserve(m, 'b3', huge, 4, 2)).admitted).toBe(true);
+    // More jobs waiting than were admitted within the transit time: one has waited longer, the workers are full.
+    expect((await backlog.reserve(m, 'x', 10, 4, 4)).admitted).toBe(false);
+    // Past the transit time one job still waiting means the same (a stuck worker): no shortcut, the rate decides.
+    clock.t += TRANSIT_MS + 1;
+    expect((await backlog.reserve(m, 'y', 10, 4, 1)).admitted).toBe(false);
+    // ... and with nothing waiting there is room again.
+    expect((await backlog.reserve(m, 'b4', 10, 4, 0)).admitted).toBe(true);
+    // The queue's depth unknown: no shortcut.
+    expect((await backlog.reserve(m, 'z', 10, 8, null)).admitted).toBe(false);
+  });
+
   it('the excess wait is how much longer than the timeout the backlog takes to drain; retry-after is it, within 1–60 s', async () => {
     const { backlog, clock } = backlogAt();
     const m = model();
@@ -169,7 +191,7 @@ describe('QueueBacklog', () => {
     expect(await redis.client.hkeys(backlogKeys(m).costs)).toEqual(['after']);
     // And the keys themselves never outlive what they hold by much.
     const k = backlogKeys(m);
-    for (const key of [k.entries, k.costs, k.state]) expect(await redis.client.pttl(key)).toBeGreaterThan(0);
+    for (const key of [k.entries, k.costs, k.state, k.recent]) expect(await redis.client.pttl(key)).toBeGreaterThan(0);
   });
 
   it("every key carries the model's hash tag (one Redis Cluster slot per model), for any model id", async () => {

@@ -14,7 +14,11 @@
  *   backlog is not counted: idle workers say nothing about their speed.
  * - Room: while fewer requests hold entries than the model's workers run sequences at once (`slots`, the sum of their
  *   MAX_BATCH), a new one is admitted whatever the backlog: the engines admit requests by fair share, so it starts at
- *   once however long the running ones are (two long streams on two idle workers must not refuse the second).
+ *   once however long the running ones are (two long streams on two idle workers must not refuse the second). Only
+ *   while no job has waited in the queue for longer than its way to a worker (`TRANSIT_MS`): such a job means the
+ *   workers have no room whatever the count says (a stuck worker, requests wider than their share). The jobs of a
+ *   burst admitted a moment ago are still on their way, so up to as many waiting jobs as requests admitted within
+ *   TRANSIT_MS are not taken for that sign (a burst of streams at an idle worker was refused before it).
  * - Decision: otherwise refused when backlog / rate > queue timeout, i.e. when the work ahead of the request takes longer to
  *   drain than the request may wait to start (QUEUE_TIMEOUT_MS bounds the start, not the end: a request's own size
  *   does not count against it, so a large request is not refused where a small one would be admitted). No estimate
@@ -33,6 +37,9 @@ import { runScript } from '../redis-scripts';
 
 /** Time constant of the drain-rate estimate (busy time). */
 export const DRAIN_TAU_MS = 30_000;
+/** How long an admitted job may wait in the queue before a worker with free rows takes it: BullMQ hands a job to a
+ * waiting worker within milliseconds, seconds only on a machine loaded far beyond that. */
+export const TRANSIT_MS = 1000;
 /** The drain estimate of a model outlives idle spells, but not a model gone for a day. */
 const STATE_TTL_MS = 24 * 3600_000;
 /** retry-after of a refusal: the excess wait, within these bounds. */
@@ -45,6 +52,8 @@ export interface BacklogOptions {
   /** How long an entry lives if never released (the request's whole lifetime, plus a margin). */
   entryTtlMs: number;
   tauMs?: number;
+  /** TRANSIT_MS unless given (tests). */
+  transitMs?: number;
   /** Tests only: the clock (ms) given to the scripts instead of Redis' own TIME. */
   now?: () => number;
 }
@@ -63,7 +72,7 @@ export interface BacklogSnapshot {
 
 export const backlogKeys = (model: string) => {
   const base = `llm:backlog:{${model}}`;
-  return { entries: `${base}:entries`, costs: `${base}:costs`, state: `${base}:state` };
+  return { entries: `${base}:entries`, costs: `${base}:costs`, state: `${base}:state`, recent: `${base}:recent` };
 };
 
 export class QueueBacklog {
@@ -77,11 +86,16 @@ export class QueueBacklog {
   }
 
   /** Admits `requestId` (cost in tokens) into the backlog of `model`, or refuses it: one atomic script call.
-   * `slots`: sequences the model's live workers run at once (null: unknown, the rate alone decides). */
-  async reserve(model: string, requestId: string, costTokens: number, slots: number | null = null): Promise<Reservation> {
+   * `slots`: sequences the model's live workers run at once; `waiting`: jobs waiting in its queue now (either null:
+   * unknown, the rate alone decides). */
+  async reserve(model: string, requestId: string, costTokens: number, slots: number | null = null, waiting: number | null = 0): Promise<Reservation> {
     const k = backlogKeys(model);
-    const argv = [requestId, Math.max(0, Math.round(costTokens)), this.opts.entryTtlMs, this.opts.queueTimeoutMs, this.tauMs, STATE_TTL_MS, this.now(), slots ?? ''];
-    const [admitted, excess, backlog, rate] = (await runScript(this.redis, 'backlogReserve', [k.entries, k.costs, k.state], argv)) as [number, number, number, string];
+    const argv = [
+      requestId, Math.max(0, Math.round(costTokens)), this.opts.entryTtlMs, this.opts.queueTimeoutMs, this.tauMs, STATE_TTL_MS, this.now(),
+      slots ?? '', waiting ?? '', this.opts.transitMs ?? TRANSIT_MS,
+    ];
+    const keys = [k.entries, k.costs, k.state, k.recent];
+    const [admitted, excess, backlog, rate] = (await runScript(this.redis, 'backlogReserve', keys, argv)) as [number, number, number, string];
     const drainPerS = rate === '' ? null : Number(rate);
     if (Number(admitted) === 1) return { admitted: true, backlogTokens: Number(backlog), drainPerS };
     return { admitted: false, backlogTokens: Number(backlog), drainPerS: drainPerS ?? 0, excessMs: Number(excess) };

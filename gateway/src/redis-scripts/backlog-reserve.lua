@@ -3,9 +3,10 @@
 -- would still be waiting when QUEUE_TIMEOUT_MS runs out; if so it is refused now instead of then.
 -- KEYS: [1] ZSET request id → expiry (ms), [2] HASH request id → cost (tokens), [3] HASH state: total (tokens held by
 --   the entries), work (tokens drained, exponentially decayed), busy (ms with a backlog, decayed alike), at (ms of the
---   last update).
+--   last update), [4] ZSET request id → admission time (ms) of the requests admitted within the last transit (ms).
 -- ARGV: request id, cost (tokens), entry ttl (ms), queue timeout (ms), tau (ms), state ttl (ms), now (ms; '' = TIME),
---   slots (sequences the model's live workers run at once; '' = unknown).
+--   slots (sequences the model's live workers run at once; '' = unknown), waiting (jobs waiting in the model's queue
+--   now; '' = unknown), transit (ms: how long an admitted job may wait before a worker with room takes it).
 -- Returns: admitted (1/0), excess wait (ms beyond the timeout, when refused), backlog (tokens, without this request),
 --   drain rate (tokens/s, a string; '' = no estimate yet).
 local now = tonumber(ARGV[7])
@@ -15,6 +16,7 @@ if not now then
 end
 local id, cost, ttl, timeout = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local tau, stateTtl, slots = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[8])
+local waiting, transit = tonumber(ARGV[9]), tonumber(ARGV[10]) or 0
 
 -- The decay clock runs only while there was a backlog (as backlog-release.lua; keep the two in step): idle workers
 -- drain nothing, which says nothing about how fast they can, so an idle hour does not wear the estimate away.
@@ -45,9 +47,14 @@ local rate = nil -- tokens per ms
 if work > 0 and busy > 0 then rate = work / busy end
 local admit, excess = 1, 0
 -- Room for it now: fewer requests hold entries than the workers run sequences at once, and the engines admit by fair
--- share, so it starts at once, however much work the running ones still hold.
+-- share, so it starts at once, however much work the running ones still hold. Only while no job waits in the queue
+-- for longer than its way to a worker: a job that waits longer means every worker's rows are taken, whatever the count
+-- of requests says (a stuck worker, requests wider than their share). The jobs admitted within the transit time may
+-- still be on their way (a burst's first jobs, queued a moment ago): as many waiting jobs as those are no sign.
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. (now - transit))
+local inTransit = redis.call('ZCARD', KEYS[4])
 local others = redis.call('ZCARD', KEYS[1]) - (prev and 1 or 0)
-local room = slots and others < slots
+local room = slots and waiting and others < slots and waiting <= inTransit
 -- Otherwise it starts once the work ahead of it has drained: refused when that takes longer than the queue timeout.
 -- No estimate (cold start): admitted. Nothing ahead: admitted, however large it is itself.
 if not room and rate and total > 0 and total / rate > timeout then
@@ -59,6 +66,10 @@ if admit == 1 then
   redis.call('HSET', KEYS[2], id, cost)
   redis.call('PEXPIRE', KEYS[1], ttl)
   redis.call('PEXPIRE', KEYS[2], ttl)
+  if transit > 0 then
+    redis.call('ZADD', KEYS[4], now, id)
+    redis.call('PEXPIRE', KEYS[4], transit + 1000)
+  end
   total = total + cost
 end
 redis.call('HSET', KEYS[3], 'total', string.format('%.17g', total), 'work', string.format('%.17g', work),

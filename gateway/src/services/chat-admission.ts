@@ -305,11 +305,10 @@ export class ChatAdmission {
     // Last of the admission steps: nothing after it can fail and leave its backlog entry behind.
     const inBacklog = config.BACKLOG_ADMISSION;
     if (inBacklog) {
-      // Free room counts only while no job waits in the queue: a waiting job means every worker's rows are taken,
-      // whatever the count of requests says (a stuck worker, requests wider than their share). Unknown: no shortcut.
+      // Free room counts only while no job waits longer than its way to a worker (queue/backlog.ts); the script
+      // judges that from the queue's waiting count. Unknown: no shortcut.
       if (waiting === null && p.slots !== null) waiting = await queueDepth(redis, p.data.model).catch(() => null);
-      const slots = waiting === 0 ? p.slots : null;
-      await this.reserveBacklog(p, estimate, slots, () => Promise.all([refund(), release().catch(() => undefined)]));
+      await this.reserveBacklog(p, estimate, p.slots, waiting, () => Promise.all([refund(), release().catch(() => undefined)]));
     }
     p.placement = TIER_PLACEMENT[limits.tier];
 
@@ -340,10 +339,10 @@ export class ChatAdmission {
    * Backlog admission (queue/backlog.ts): 503 queue_full now for a request that would otherwise wait out
    * QUEUE_TIMEOUT_MS. A refusal or a Redis error first gives back what admission had taken (`giveBack`).
    */
-  private async reserveBacklog(p: PreparedChat, cost: number, slots: number | null, giveBack: () => Promise<unknown>): Promise<void> {
+  private async reserveBacklog(p: PreparedChat, cost: number, slots: number | null, waiting: number | null, giveBack: () => Promise<unknown>): Promise<void> {
     let r: Reservation;
     try {
-      r = await this.deps.backlog.reserve(p.data.model, p.meta.id, cost, slots);
+      r = await this.deps.backlog.reserve(p.data.model, p.meta.id, cost, slots, waiting);
     } catch (err) {
       await giveBack();
       throw err;
