@@ -27,5 +27,14 @@ module.exports = {
       testMatch: ['**/*.test.ts'],
       transform,
     },
+    {
+      // The reliability suite (issue 12): private stacks of real processes, run by scripts/test-reliability.mjs
+      // (`npm run test:reliability`, and `--short` inside `npm test`), never beside the shared stack.
+      displayName: 'reliability',
+      testEnvironment: 'node',
+      roots: ['<rootDir>/tests/reliability'],
+      testMatch: ['**/*.test.ts'],
+      transform,
+    },
   ],
 };

@@ -1,7 +1,8 @@
 // `npm test`: installs what is missing, starts its own Redis, one real worker on the bundled model and the gateway, then
 // runs every suite against them — TypeScript (jest: gateway unit tests + end-to-end tests with the openai Node SDK),
 // Python (pytest: worker unit tests, end-to-end tests with the openai Python SDK, deployment-file validation) — and stops
-// everything. Then the stack in containers, short form (scripts/test-compose.mjs --short). Extra arguments are passed
+// everything. Then the reliability suite, short form (scripts/test-reliability.mjs --short), and the stack in containers,
+// short form (scripts/test-compose.mjs --short). Extra arguments are passed
 // to jest (e.g. `npm test -- -t stream`).
 import { spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
@@ -82,7 +83,7 @@ if (stackOk) {
   step("jest: gateway unit tests + end-to-end (openai Node SDK)", process.execPath,
     // --forceExit: a client library's idle timers (BullMQ/ioredis reconnect timers of connections the suites already
     // closed) can keep jest's process alive after the last test; without it a green run could hang CI.
-    [path.join(ROOT, "node_modules/jest/bin/jest.js"), "--runInBand", "--forceExit", ...process.argv.slice(2)], env);
+    [path.join(ROOT, "node_modules/jest/bin/jest.js"), "--selectProjects", "gateway", "e2e", "--runInBand", "--forceExit", ...process.argv.slice(2)], env);
   // One pytest process per suite: each folder has its own conftest.py.
   for (const suite of ["worker-py/tests", "tests/e2e_py", "tests/deploy"]) {
     if (existsSync(path.join(ROOT, suite))) step(`pytest ${suite}`, VENV_PYTHON, ["-m", "pytest", "-q", "-p", "no:cacheprovider", suite], env);
@@ -90,6 +91,10 @@ if (stackOk) {
 }
 
 await stopAll();
+
+// The reliability suite, short form (scripts/test-reliability.mjs --short): its own stacks, after the shared one is gone.
+step("reliability suite, short form (scripts/test-reliability.mjs --short)", process.execPath,
+  [path.join(ROOT, "scripts/test-reliability.mjs"), "--short"]);
 
 // After the local stack is gone, so the two do not share the CPUs. It builds the images from docker/*.Dockerfile (cached
 // between runs), runs `docker compose --profile cpu up --wait`, one chat through the published port, and `down -v`;
