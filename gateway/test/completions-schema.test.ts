@@ -107,6 +107,10 @@ describe('defaults and the shared table', () => {
     expect(c.logprobs).toBeNull();
     expect(parseCompletion({ ...base, logprobs: 0 }).params).toMatchObject({ logprobs: true, top_logprobs: 0 });
     expect(parseCompletion({ ...base, suffix: null, best_of: null, echo: true }).echo).toBe(true);
+    // Echo with logprobs scores the prompt too (its k); either alone does not.
+    expect(parseCompletion({ ...base, echo: true, logprobs: 2 }).params.prompt_logprobs).toBe(2);
+    expect(parseCompletion({ ...base, logprobs: 2 }).params.prompt_logprobs).toBeUndefined();
+    expect(parseCompletion({ ...base, echo: true }).params.prompt_logprobs).toBeUndefined();
   });
 
   it('the sampling rows are one list, shared by chat and completions', () => {
@@ -133,7 +137,6 @@ describe('refusals name the field', () => {
     ['a null prompt', { prompt: null }, 'prompt', 'invalid_type'],
     ['logprobs above 5', { logprobs: 6 }, 'logprobs', 'invalid_value'],
     ['logprobs as chat\'s boolean', { logprobs: true }, 'logprobs', 'invalid_type'],
-    ['echo with logprobs', { echo: true, logprobs: 1 }, 'echo', 'unsupported_value'],
     ['stream_options without stream', { stream_options: { include_usage: true } }, 'stream_options', 'invalid_value'],
     ['temperature out of range', { temperature: 3 }, 'temperature', 'invalid_value'],
     ['max_tokens 0', { max_tokens: 0 }, 'max_tokens', 'invalid_value'],
@@ -178,6 +181,27 @@ describe('rendering: text_completion objects', () => {
     expect(lp.top_logprobs.map((t) => ({ ...t }))).toEqual([{ Ha: -0.05, Hé: -0.1 }, { '🤗': -2, ['__proto__']: -3 }, { '!': -0.5 }]);
     expect(lp.text_offset).toEqual([4, 6, 7]);
     expect(JSON.parse(JSON.stringify(lp.top_logprobs[1]))).toEqual({ '🤗': -2, ['__proto__']: -3 });
+  });
+
+  it('echo with logprobs: the prompt\'s entries spell the echo from offset 0 (the first without a logprob), then the generated ones', () => {
+    const prompt = [
+      { token: 'P', logprob: null, top_logprobs: [], prompt: true },
+      { token: '0', logprob: -1.5, top_logprobs: [{ token: '1', logprob: -0.5 }], prompt: true },
+    ];
+    const r: JobResult = {
+      choices: [{ index: 0, text: 'ab', finish_reason: 'length', logprobs: [...prompt, { token: 'ab', logprob: -0.25, top_logprobs: [] }] }],
+      usage: { prompt_tokens: 2, completion_tokens: 1 },
+    };
+    const body = toTextCompletion(render({ prompts: ['P0'], n: 1, echo: true, logprobs: 1 }), r);
+    expect(textCompletionSchema.parse(body)).toEqual(body);
+    const [c] = body.choices;
+    expect(c.text).toBe('P0ab');
+    expect({ ...c.logprobs!, top_logprobs: c.logprobs!.top_logprobs.map((t) => (t ? { ...t } : t)) }).toEqual({
+      tokens: ['P', '0', 'ab'],
+      token_logprobs: [null, -1.5, -0.25],
+      top_logprobs: [null, { '1': -0.5, '0': -1.5 }, { ab: -0.25 }],
+      text_offset: [0, 1, 2],
+    });
   });
 
   it('chunks: text, finish and usage chunks in the chunk shape', () => {

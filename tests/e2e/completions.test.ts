@@ -143,14 +143,55 @@ describe("legacy completions through the openai Node SDK", () => {
     expect([...s.finish.keys()].sort()).toEqual([0, 1]);
   });
 
-  test("refused with a 400 naming the field: suffix, best_of, token ids, logprobs out of range, echo with logprobs", async () => {
+  test("echo with logprobs: the prompt's tokens scored too, from offset 0, the first without a logprob; stream and non-stream alike", async () => {
+    const ask = { model: stack.model, prompt: PROMPT, temperature: 0, max_tokens: 6, logprobs: 2, echo: true, ...({ ignore_eos: true } as object) };
+    const r = await openai.completions.create(ask as OpenAI.CompletionCreateParamsNonStreaming);
+    const [c] = r.choices;
+    const lp = c.logprobs!;
+    expect(c.text).toBe(PROMPT + reference.choices[0].text.slice(0, c.text.length - PROMPT.length));
+    expect(lp.tokens).toHaveLength(r.usage!.prompt_tokens + r.usage!.completion_tokens);
+    expect(lp.tokens!.join("")).toBe(c.text);
+    expect(lp.token_logprobs![0]).toBeNull();
+    expect(lp.top_logprobs![0]).toBeNull();
+    let offset = 0;
+    lp.tokens!.forEach((t, i) => {
+      expect(lp.text_offset![i]).toBe(offset);
+      offset += [...t].length;
+      if (i === 0) return;
+      expect(lp.token_logprobs![i]).toBeLessThanOrEqual(0);
+      expect(lp.top_logprobs![i]![t]).toBeCloseTo(lp.token_logprobs![i]!, 4);
+    });
+    // A stream: the echo chunk carries the prompt's entries, later chunks those of their own text; all of it as above.
+    const s = await openai.completions.create({ ...ask, stream: true } as OpenAI.CompletionCreateParamsStreaming);
+    const streamed = { tokens: [] as string[], token_logprobs: [] as Array<number | null>, text_offset: [] as number[] };
+    let text = "";
+    let first = true;
+    for await (const ch of s) {
+      for (const x of ch.choices) {
+        if (first && x.text) {
+          expect(x.text).toBe(PROMPT);
+          first = false;
+        }
+        if (x.text) expect(x.logprobs!.tokens!.join("")).toBe(x.text);
+        streamed.tokens.push(...(x.logprobs?.tokens ?? []));
+        streamed.token_logprobs.push(...(x.logprobs?.token_logprobs ?? []));
+        streamed.text_offset.push(...(x.logprobs?.text_offset ?? []));
+        text += x.text;
+      }
+    }
+    expect(text).toBe(c.text);
+    expect(streamed.tokens).toEqual(lp.tokens);
+    expect(streamed.text_offset).toEqual(lp.text_offset);
+    streamed.token_logprobs.forEach((v, i) => (v === null ? expect(lp.token_logprobs![i]).toBeNull() : expect(v).toBeCloseTo(lp.token_logprobs![i]!, 4)));
+  });
+
+  test("refused with a 400 naming the field: suffix, best_of, token ids, logprobs out of range", async () => {
     const cases: Array<[Record<string, unknown>, string]> = [
       [{ suffix: " The end." }, "suffix"],
       [{ best_of: 3 }, "best_of"],
       [{ prompt: [464, 3139, 286] }, "prompt"],
       [{ prompt: [[464, 3139], [286]] }, "prompt"],
       [{ logprobs: 6 }, "logprobs"],
-      [{ echo: true, logprobs: 1 }, "echo"],
     ];
     for (const [extra, param] of cases) {
       const err = await openai.completions.create({ model: stack.model, prompt: PROMPT, max_tokens: 4, ...extra } as OpenAI.CompletionCreateParamsNonStreaming).catch((e) => e);

@@ -145,6 +145,7 @@ def test_deadline_cuts_with_length(engine):
     (SamplingParams(repetition_penalty=1.2), "repetition_penalty"),
     (SamplingParams(min_p=0.1), "min_p"),
     (SamplingParams(logprobs=True), "logprobs"),
+    (SamplingParams(prompt_logprobs=0), "logprobs"),  # echo + logprobs: no prompt scoring beside the manager
     (SamplingParams(seed=3, temperature=1.0), "seed"),
 ])
 def test_unsupported_parameters_are_refused_by_name(engine, params, param):

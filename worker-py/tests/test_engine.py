@@ -261,3 +261,25 @@ def test_kv_budget_bounds_rows_times_longest_context(engine, tokenizer):
         assert out.finish == {0: "error"}
     finally:
         engine.kv_token_budget = saved
+
+
+def test_call_runs_on_the_engine_thread_between_steps_and_fails_once_stopped():
+    """ThreadedEngine.call (prompt scoring uses it): the work runs on the engine's own thread, its result or its
+    exception comes back through the future, and a call made or pending at stop fails instead of waiting forever."""
+    from llm_worker.engine.standin import StandInEngine
+
+    eng = StandInEngine(step_ms=1)
+    eng.start()
+    try:
+        assert eng.call(lambda: threading.current_thread().name).result(timeout=10) == eng.thread_name
+
+        def boom():
+            raise ValueError("the caller's fault")
+
+        err = eng.call(boom).exception(timeout=10)
+        assert isinstance(err, ValueError) and "caller" in str(err)
+        assert eng.call(lambda: 7).result(timeout=10) == 7  # the engine thread survived it
+    finally:
+        eng.stop()
+    late = eng.call(lambda: 1)
+    assert isinstance(late.exception(timeout=1), RuntimeError)

@@ -115,6 +115,41 @@ def test_logprobs_spell_the_text_a_stop_string_cut(redis_url, engine, loaded):
     assert streamed == result["logprobs"]
 
 
+def test_echo_logprobs_score_the_prompt_tokens(redis_url, engine, loaded):
+    """/v1/completions echo + logprobs (job param prompt_logprobs): each choice's logprobs start with the prompt's own
+    tokens, flagged, spelling the prompt; the first has no logprob; each is what the model gives that token after the
+    ones before it (checked against one plain forward pass), with the asked-for alternatives; streamed like the rest."""
+    import torch
+
+    prompt = "The capital of France is"
+    data = {**job_data("unused", max_tokens=5, temperature=0, logprobs=True, top_logprobs=2, n=2), "prompt": prompt}
+    data["params"]["prompt_logprobs"] = 2
+    del data["messages"]
+
+    async def body():
+        async with serve(redis_url, engine, loaded) as (svc, gw):
+            return await gw.run(data, job_id=f"cmpl-{uuid.uuid4().hex}")
+
+    events, _ = run(body())
+    assert events[-1]["type"] == "done", events[-1]
+    ids = raw_prompt_ids(loaded.tokenizer, prompt)
+    with torch.inference_mode():
+        expected = loaded.model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    for c in events[-1]["result"]["choices"]:
+        head = [e for e in c["logprobs"] if e.get("prompt")]
+        assert len(head) == len(ids) and c["logprobs"][:len(ids)] == head  # the prompt's entries come first
+        assert "".join(e["token"] for e in head) == prompt
+        assert head[0]["logprob"] is None and head[0]["top_logprobs"] == []
+        for p, e in enumerate(head[1:], start=1):
+            assert abs(e["logprob"] - float(expected[p - 1, ids[p]])) < 0.05, (p, e)
+            assert len(e["top_logprobs"]) == 2
+            assert e["top_logprobs"][0]["logprob"] >= e["logprob"] - 1e-4
+        assert len(c["logprobs"]) == len(ids) + 5  # then the generated tokens' entries
+        streamed = [e for ev in events if ev["type"] == "delta" for ch in ev["choices"] if ch["index"] == c["index"]
+                    for e in ch.get("logprobs") or []]
+        assert streamed == c["logprobs"]
+
+
 def test_n_choices_with_logprobs_interleave(redis_url, engine, loaded):
     async def body():
         async with serve(redis_url, engine, loaded) as (svc, gw):

@@ -88,6 +88,11 @@ export const jobParamsSchema = z.object({
   ignore_eos: z.boolean(),
   /** Absent: free text. */
   response_format: jobResponseFormatSchema.optional(),
+  /**
+   * /v1/completions with echo and logprobs: the prompt's own tokens scored too, each with this many alternatives.
+   * Their entries (flagged `prompt: true`) come first in each choice's logprobs. Absent: not scored.
+   */
+  prompt_logprobs: z.number().int().min(0).max(20).optional(),
 });
 export type JobParams = z.infer<typeof jobParamsSchema>;
 
@@ -133,7 +138,9 @@ export type JobData = z.infer<typeof jobDataSchema>;
 /** OpenAI ChatCompletionTokenLogprob; passed through to clients as the worker made it. */
 export const tokenLogprobSchema = z.looseObject({
   token: z.string(),
-  logprob: z.number(),
+  // null only for the first token of an echoed prompt (`prompt: true`, /v1/completions echo + logprobs): nothing
+  // comes before it to predict it, so it has no logprob (OpenAI's legacy token_logprobs[0] is null likewise).
+  logprob: z.number().nullable(),
   bytes: z.array(z.number()).nullable().optional(),
   top_logprobs: z.array(z.looseObject({ token: z.string(), logprob: z.number() })).optional(),
 });

@@ -14,7 +14,7 @@ import type { JobResult, TokenLogprob } from '../protocol/job';
 import type { SseWriter } from '../streaming/sse';
 import { type ToolEvent, ToolCallParser, toolCallId } from '../tools/parser';
 import { ChunkFactory, type CompletionMeta } from './chat-format';
-import { CompletionChunks, type CompletionRender, codePoints, legacyLogprobs, promptOf } from './completion-format';
+import { CompletionChunks, type CompletionRender, codePoints, legacyLogprobs, promptOf, splitPromptLogprobs } from './completion-format';
 
 export interface StreamRenderer {
   /** The SSE headers go out (the job is queued: errors before this are plain HTTP statuses). */
@@ -125,17 +125,23 @@ export class CompletionStream implements StreamRenderer {
   private readonly chunks: CompletionChunks;
   /** Per choice: characters of its text so far (the legacy logprobs' text_offset counts from the choice's start). */
   private readonly offsets = new Map<number, number>();
+  /**
+   * Echo with logprobs: each choice's echo waits for its prompt's scored tokens, which come first in its first delta
+   * (or, for a choice that generated nothing, in its result), and goes out just before its first text.
+   */
+  private readonly echoWaits: boolean;
 
   constructor(
     private readonly sse: SseWriter,
     private readonly r: CompletionRender,
   ) {
     this.chunks = new CompletionChunks(r);
+    this.echoWaits = r.echo && r.logprobs !== null;
   }
 
   open(): void {
     this.sse.open();
-    if (!this.r.echo) return;
+    if (!this.r.echo || this.echoWaits) return;
     // The echo goes first, once per choice, before any generated text.
     for (let index = 0; index < this.r.prompts.length * this.r.n; index++) {
       const prompt = promptOf(this.r, index);
@@ -146,6 +152,11 @@ export class CompletionStream implements StreamRenderer {
   }
 
   content(index: number, text: string, logprobs: TokenLogprob[] | null | undefined): void {
+    if (this.echoWaits && !this.offsets.has(index)) {
+      const { prompt, generated } = splitPromptLogprobs(logprobs ?? []);
+      this.echo(index, prompt);
+      logprobs = generated;
+    }
     if (text.length === 0 && !logprobs?.length) return;
     const at = this.offsets.get(index) ?? 0;
     const lp = this.r.logprobs === null ? null : legacyLogprobs(logprobs ?? [], at);
@@ -154,7 +165,9 @@ export class CompletionStream implements StreamRenderer {
   }
 
   finish(result: JobResult): void {
-    for (const c of [...result.choices].sort((a, b) => a.index - b.index)) this.sse.data(this.chunks.finish(c.index, c.finish_reason));
+    const choices = [...result.choices].sort((a, b) => a.index - b.index);
+    if (this.echoWaits) for (const c of choices) if (!this.offsets.has(c.index)) this.echo(c.index, splitPromptLogprobs(c.logprobs ?? []).prompt);
+    for (const c of choices) this.sse.data(this.chunks.finish(c.index, c.finish_reason));
     if (this.r.includeUsage) this.sse.data(this.chunks.usage(result));
     this.sse.done();
   }
@@ -165,5 +178,12 @@ export class CompletionStream implements StreamRenderer {
 
   end(): void {
     this.sse.end();
+  }
+
+  /** A choice's echoed prompt, with its scored tokens (they spell it from offset 0). */
+  private echo(index: number, prompt: TokenLogprob[]): void {
+    const text = promptOf(this.r, index);
+    this.offsets.set(index, codePoints(text));
+    this.sse.data(this.chunks.text(index, text, legacyLogprobs(prompt, 0)));
   }
 }

@@ -41,15 +41,19 @@ export const promptOf = (r: CompletionRender, index: number): string => r.prompt
  * first entry's text starts in the choice's text. Each top_logprobs map holds the k alternatives and always the
  * sampled token (so up to k + 1 entries, as OpenAI documents). Offsets add up the tokens' text, which is the choice's
  * text exactly unless a token ends inside a multi-byte character (its text then carries a replacement character).
+ * An echoed prompt's first token has no logprob (nothing precedes it): null in both lists, as OpenAI sends it.
  */
 export function legacyLogprobs(entries: readonly TokenLogprob[], offset: number): CompletionLogprobs {
   const out: CompletionLogprobs = { tokens: [], token_logprobs: [], top_logprobs: [], text_offset: [] };
   let at = offset;
   for (const e of entries) {
-    // No prototype: a token spelled "__proto__" must be a key like any other.
-    const top = Object.create(null) as Record<string, number>;
-    for (const t of e.top_logprobs ?? []) if (!(t.token in top)) top[t.token] = t.logprob;
-    if (!(e.token in top)) top[e.token] = e.logprob;
+    let top: Record<string, number> | null = null;
+    if (e.logprob !== null) {
+      // No prototype: a token spelled "__proto__" must be a key like any other.
+      top = Object.create(null) as Record<string, number>;
+      for (const t of e.top_logprobs ?? []) if (!(t.token in top)) top[t.token] = t.logprob;
+      if (!(e.token in top)) top[e.token] = e.logprob;
+    }
     out.tokens.push(e.token);
     out.token_logprobs.push(e.logprob);
     out.top_logprobs.push(top);
@@ -57,6 +61,13 @@ export function legacyLogprobs(entries: readonly TokenLogprob[], offset: number)
     at += codePoints(e.token);
   }
   return out;
+}
+
+/** The entries of an echoed prompt's own tokens (the worker puts them first, flagged), and the generated ones. */
+export function splitPromptLogprobs(entries: readonly TokenLogprob[]): { prompt: TokenLogprob[]; generated: TokenLogprob[] } {
+  let k = 0;
+  while (k < entries.length && entries[k].prompt === true) k++;
+  return { prompt: entries.slice(0, k), generated: entries.slice(k) };
 }
 
 /** One result for the whole request: each prompt's choices moved to their global index, usage summed. */
@@ -76,6 +87,22 @@ export function completionUsage(result: JobResult): CompletionUsage {
   return { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens };
 }
 
+/**
+ * A choice's legacy logprobs: the echoed prompt's tokens (which spell it from offset 0), then the generated ones from
+ * the end of the echo. Without the prompt's entries (not echoed) the generated ones start after the echo all the same.
+ */
+function choiceLogprobs(entries: readonly TokenLogprob[], echoed: string): CompletionLogprobs {
+  const { prompt, generated } = splitPromptLogprobs(entries);
+  const head = legacyLogprobs(prompt, 0);
+  const tail = legacyLogprobs(generated, codePoints(echoed));
+  return {
+    tokens: [...head.tokens, ...tail.tokens],
+    token_logprobs: [...head.token_logprobs, ...tail.token_logprobs],
+    top_logprobs: [...head.top_logprobs, ...tail.top_logprobs],
+    text_offset: [...head.text_offset, ...tail.text_offset],
+  };
+}
+
 /** The non-stream response; `result` is the merged one (global indices). */
 export function toTextCompletion(r: CompletionRender, result: JobResult): TextCompletion {
   return {
@@ -90,7 +117,7 @@ export function toTextCompletion(r: CompletionRender, result: JobResult): TextCo
         return {
           text: echoed + c.text,
           index: c.index,
-          logprobs: r.logprobs === null ? null : legacyLogprobs(c.logprobs ?? [], codePoints(echoed)),
+          logprobs: r.logprobs === null ? null : choiceLogprobs(c.logprobs ?? [], echoed),
           finish_reason: finishReason(c.finish_reason),
         };
       }),

@@ -54,12 +54,8 @@ export function parseCompletion(body: unknown): ParsedCompletion {
   const prompts = promptList(req.prompt);
   const params = applyParamTable(COMPLETION_PARAM_TABLE, req);
   checkStreamOptions(req);
-  if (req.echo && req.logprobs != null) {
-    // The worker computes logprobs of generated tokens only; the prompt's would need a scoring pass it does not run.
-    throw new ApiError('unsupported_value', "'echo' cannot be combined with 'logprobs' on this server: it does not compute the prompt's logprobs.", {
-      param: 'echo',
-    });
-  }
+  // Echoed with logprobs, as OpenAI's legacy API does it: the prompt's tokens are scored too (their entries first).
+  if (req.echo && req.logprobs != null) params.prompt_logprobs = req.logprobs;
   return { req, prompts, params, logprobs: req.logprobs ?? null, echo: req.echo === true };
 }
 

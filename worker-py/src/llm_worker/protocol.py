@@ -104,6 +104,8 @@ class JobParams(_Wire):
     repetition_penalty: float = Field(1.0, gt=0.0)
     ignore_eos: bool = False
     response_format: Optional[ResponseFormat] = None
+    # /v1/completions echo + logprobs: score the prompt's tokens too, with this many alternatives (job.ts).
+    prompt_logprobs: Optional[int] = Field(None, ge=0, le=20)
 
     def to_sampling_params(self, max_tokens: int, vocab_size: int) -> SamplingParams:
         """The one conversion from wire params to engine params (raises ValueError for a bad logit_bias)."""
@@ -121,7 +123,8 @@ class JobParams(_Wire):
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed, n=self.n,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, logit_bias=bias,
             logprobs=self.logprobs or self.top_logprobs > 0, top_logprobs=self.top_logprobs, top_k=self.top_k,
-            min_p=self.min_p, repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos)
+            min_p=self.min_p, repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos,
+            prompt_logprobs=self.prompt_logprobs)
 
 
 class StoreEvents(_Wire):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import threading
+from concurrent.futures import Future
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
@@ -39,6 +40,9 @@ class SamplingParams:
     # A compiled grammar (llm_worker.grammar.CompiledGrammar) every choice's tokens must follow, or None. Engines that
     # cannot apply one per row must refuse the request (UnsupportedParameter), never ignore it.
     grammar: Optional[Any] = None
+    # /v1/completions echo + logprobs: the prompt's tokens are scored too (engine.score_prompt, before the request is
+    # submitted), each with this many alternatives; None = not asked. Engines without score_prompt refuse it.
+    prompt_logprobs: Optional[int] = None
 
 
 @dataclass
@@ -136,6 +140,7 @@ class ThreadedEngine(Engine):
         self._waiting: deque[tuple[GenerationRequest, EmitFn]] = deque()  # submitted, not yet admitted
         self._cancelled: set[str] = set()
         self._stopped_choices: set[tuple[str, int]] = set()
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()  # see call()
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
 
@@ -149,6 +154,23 @@ class ThreadedEngine(Engine):
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=self.join_timeout_s)
+        with self._cv:
+            calls, self._calls = list(self._calls), deque()
+        for _, done in calls:
+            done.set_exception(RuntimeError("the engine stopped"))
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Runs ``fn`` on the engine thread at its next token boundary (between two steps, as submits are applied)
+        and resolves the returned future with its result. For work on the model outside the batch (scoring a prompt):
+        it runs on the thread that owns the model and its CPU threads, and never during a forward pass."""
+        done: Future = Future()
+        with self._cv:
+            if self._stopping:
+                done.set_exception(RuntimeError("the engine stopped"))
+                return done
+            self._calls.append((fn, done))
+            self._cv.notify_all()
+        return done
 
     def submit(self, request: GenerationRequest, emit: EmitFn) -> None:
         with self._cv:
@@ -173,13 +195,19 @@ class ThreadedEngine(Engine):
         """Block until there is work (``busy``: rows are running, so never block), then take the cancellations and
         stopped choices recorded since the last call. None once ``stop`` was called."""
         with self._cv:
-            while not (self._waiting or busy or self._stopping):
+            while not (self._waiting or busy or self._stopping or self._calls):
                 self._cv.wait()
             if self._stopping:
                 return None
             inbox = Inbox(self._cancelled, self._stopped_choices)
             self._cancelled, self._stopped_choices = set(), set()
-            return inbox
+            calls, self._calls = list(self._calls), deque()
+        for fn, done in calls:  # outside the lock: submits and cancels are not held up by the work
+            try:
+                done.set_result(fn())
+            except Exception as exc:  # the caller's failure, not the engine's
+                done.set_exception(exc)
+        return inbox
 
     def take_waiting(self) -> list[tuple[GenerationRequest, EmitFn]]:
         with self._cv:

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from . import attention, linear
+from . import attention, linear, scoring
 from .base import ChoiceOutput, EmitFn, EngineStats, FinishReason, GenerationRequest, ThreadedEngine
 from .cpus import usable_cpus
 from .kv import BatchCache
@@ -86,6 +86,10 @@ class CpuBatchEngine(ThreadedEngine):
         return EngineStats(running_sequences=len(self._rows), waiting_requests=len(self._waiting) + len(self._parked),
                            batch_size_last_step=self._last_batch, kv_cache_bytes=self._kv_bytes,
                            generated_tokens_total=self._generated_total)
+
+    def score_prompt(self, prompt_ids: list[int], top: int):
+        """A future of the prompt's own token logprobs (engine/scoring.py), computed on the engine thread."""
+        return self.call(lambda: scoring.prompt_logprobs(self.model, prompt_ids, top))
 
     # -- engine thread ------------------------------------------------------------------------------------------
     def _run(self) -> None:

@@ -94,7 +94,8 @@ class StandInEngine(ThreadedEngine):
                 next_step = max(next_step + self.step_s, now)
             with self._cv:  # sleep until the next step, waking early for newcomers, cancels or stop
                 delay = next_step - time.monotonic()
-                if delay > 0 and not (self._waiting or self._cancelled or self._stopped_choices or self._stopping):
+                if delay > 0 and not (self._waiting or self._cancelled or self._stopped_choices or self._stopping
+                                      or self._calls):
                     self._cv.wait(delay if self._rows else None)
         for row in self._rows:
             row.emit(row.request_id, [ChoiceOutput(row.index, [], finish_reason="cancelled")])

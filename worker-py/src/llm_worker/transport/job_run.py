@@ -34,6 +34,9 @@ class _Choice:
     tokens: int = 0
     logprobs: Optional[AlignedLogprobs] = None  # None when the request asked for none
     finish_reason: Optional[str] = None
+    # Echo + logprobs: the prompt's own entries (flagged "prompt"), sent before this choice's first entries.
+    prompt_entries: Optional[list[dict[str, Any]]] = None
+    prompt_unsent: bool = False
 
 
 @dataclass
@@ -134,6 +137,10 @@ class JobRun:
             self._choices[i] = _Choice(StreamDetokenizer(ctx.tokenizer, prompt_ids), StopMatcher(d.params.stop),
                                        logprobs=AlignedLogprobs() if params.logprobs else None)
         await stream.publish_started(ctx.worker_id, len(prompt_ids))
+        if params.prompt_logprobs is not None:
+            entries = await self._score_prompt(prompt_ids, params.prompt_logprobs)
+            for c in self._choices.values():
+                c.prompt_entries, c.prompt_unsent = entries, True
         loop = asyncio.get_running_loop()
         self._done = loop.create_future()
         deadline = d.deadline_ms / 1000 if d.deadline_ms is not None else None
@@ -180,6 +187,30 @@ class JobRun:
             # bound it) and lands in the cache unused.
             raise JobError("invalid_request", f"{param}: the schema's grammar took longer than "
                            f"{ctx.grammar_timeout_s:g} s to compile; simplify the schema", param) from exc
+
+    async def _score_prompt(self, prompt_ids: list[int], top: int) -> list[dict[str, Any]]:
+        """The prompt's own tokens as logprob entries (/v1/completions echo + logprobs), flagged ``prompt``: the
+        gateway renders them with the echoed text. The first has no logprob (nothing precedes it)."""
+        score = getattr(self.ctx.engine, "score_prompt", None)
+        if score is None:
+            raise JobError("invalid_request", "logprobs: this worker's engine does not score prompts, so 'echo' cannot be "
+                           "combined with 'logprobs' here", "logprobs")
+        infos = await asyncio.wrap_future(score(prompt_ids, top))
+        fmt = self.ctx.logprob_formatter
+        # Client text is encoded with special tokens split (model.raw_prompt_ids), so a special id here is one the
+        # tokenizer added (a BOS): context for the scores, but not part of the echoed text.
+        added = set(getattr(self.ctx.tokenizer, "all_special_ids", []) or [])
+        entries = []
+        for token_id, info in zip(prompt_ids, infos):
+            if token_id in added:
+                continue
+            if info is None:
+                text, raw = fmt.token(token_id)
+                entry = {"token": text, "logprob": None, "bytes": raw, "top_logprobs": []}
+            else:
+                entry = fmt.format(info)
+            entries.append({**entry, "prompt": True})
+        return entries
 
     async def _prompt_ids(self) -> list[int]:
         """A chat through the template, or a raw prompt (/v1/completions) as is; both encode client text as plain text."""
@@ -236,6 +267,8 @@ class JobRun:
             if c.logprobs is not None:
                 ended_whole = out.finish_reason is not None and not hit_stop
                 lps = c.logprobs.release_all() if ended_whole else c.logprobs.release(len(c.text) + len(text))
+            if c.prompt_unsent:  # the echoed prompt's entries go first, with the choice's first output
+                lps, c.prompt_unsent = (c.prompt_entries or []) + (lps or []), False
             c.text += text
             stream.add(out.index, text, len(out.token_ids), lps)
             if hit_stop:
@@ -255,7 +288,7 @@ class JobRun:
         choices = []
         for i, c in sorted(self._choices.items()):
             reason = "stop" if c.finish_reason == "stop" else "length"
-            logprobs = None if c.logprobs is None else c.logprobs.sent
+            logprobs = None if c.logprobs is None else (c.prompt_entries or []) + c.logprobs.sent
             choices.append({"index": i, "text": c.text, "finish_reason": reason, "logprobs": logprobs})
         if self.ctx.log_prompts:
             log.info("completion", extra={"jobId": self.job_id, "texts": [c["text"] for c in choices]})

@@ -50,7 +50,7 @@ def check_params(params: SamplingParams, grammars: bool = True) -> None:
         ("frequency_penalty", params.frequency_penalty != 0.0),
         ("repetition_penalty", params.repetition_penalty != 1.0),
         ("min_p", params.min_p > 0.0),
-        ("logprobs", params.logprobs or params.top_logprobs > 0),
+        ("logprobs", params.logprobs or params.top_logprobs > 0 or params.prompt_logprobs is not None),
         ("seed", params.seed is not None and params.temperature > 0.0),
     ]
     for name, bad in refused:
