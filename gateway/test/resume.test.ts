@@ -238,6 +238,25 @@ describe('resuming', () => {
   });
 });
 
+describe('/v1/completions echo + logprobs', () => {
+  it('the echo chunk waits for the prompt\'s scored entries; a resume renders the same events, and received + resumed = the whole', async () => {
+    const w = await fake({ reply: () => REPLY, pieceChars: 3, delayMs: 20 });
+    const body = { model: w.model, prompt: 'abc', stream: true, max_tokens: 30, echo: true, logprobs: 1 };
+    const original = events((await request(gwA.url).post('/v1/completions').set(auth()).send(body)).text);
+    const chunks = original.filter((e) => e.data !== '[DONE]');
+    const echo = chunks.find((e) => e.data.choices[0]?.text)!.data.choices[0];
+    expect(echo.text).toBe('abc');
+    expect(echo.logprobs).toMatchObject({ tokens: ['a', 'b', 'c'], token_logprobs: [null, -0.5, -0.5], top_logprobs: [null, expect.any(Object), expect.any(Object)], text_offset: [0, 1, 2] });
+    const lp = chunks.flatMap((e) => e.data.choices.map((c: any) => c.logprobs).filter(Boolean));
+    expect(lp.flatMap((l: any) => l.text_offset)).toEqual([...Array(3 + Math.ceil(REPLY.length / 3)).keys()].map((i) => (i < 3 ? i : 3 + (i - 3) * 3)));
+    const id = chunks[0].data.id as string;
+    expect(events((await resume(gwB, `/v1/completions/${id}/stream`)).text)).toEqual(original);
+    const cut = original.findIndex((e) => e === chunks[3]);
+    const rest = events((await resume(gwB, `/v1/completions/${id}/stream`, original[cut].id!)).text);
+    expect([...original.slice(0, cut + 1), ...rest]).toEqual(original);
+  });
+});
+
 describe('refusals', () => {
   it('another caller, an unknown id, the other route: 404 completion_not_found; a foreign Last-Event-ID: 400 naming it', async () => {
     const w = await fake({ reply, pieceChars: 11 });

@@ -208,7 +208,15 @@ export class FakeWorker {
     const replies = Array.from({ length: data.params.n }, (_, i) => (s.reply ?? defaultReply)(data, i));
     const piece = s.pieceChars ?? 4;
     let deltas = 0;
-    const logprobs: Array<Array<ReturnType<typeof fakeLogprob>>> = replies.map(() => []);
+    const logprobs: Array<Array<Record<string, unknown>>> = replies.map(() => []);
+    // Echo + logprobs (job param prompt_logprobs), as the real worker sends them: the prompt's entries, flagged, one
+    // per character here, first in each choice's first delta and in its result; the first without a logprob.
+    const promptEntries =
+      data.params.prompt_logprobs !== undefined && data.prompt !== undefined
+        ? [...data.prompt].map((ch, i) => ({ ...fakeLogprob(ch, i === 0 ? 0 : data.params.prompt_logprobs!), ...(i === 0 ? { logprob: null } : {}), prompt: true }))
+        : [];
+    for (const l of logprobs) l.push(...promptEntries);
+    const promptUnsent = new Set(replies.map((_, i) => i));
     const longest = Math.max(...replies.map((r) => r.length));
     for (let at = 0; at < longest; at += piece) {
       if (s.holdAfterDeltas === deltas) await this.hold(id, s.holdGate);
@@ -224,8 +232,9 @@ export class FakeWorker {
       const choices = replies
         .map((r, index) => {
           const text = r.slice(at, at + piece);
-          const lp = data.params.logprobs ? [fakeLogprob(text, data.params.top_logprobs)] : null;
+          let lp: Array<Record<string, unknown>> | null = data.params.logprobs ? [fakeLogprob(text, data.params.top_logprobs)] : null;
           if (lp) logprobs[index].push(lp[0]);
+          if (lp && promptUnsent.delete(index)) lp = [...promptEntries, ...lp];
           return { index, text, tokens: 1, logprobs: lp };
         })
         .filter((c) => c.text.length > 0);
@@ -238,7 +247,7 @@ export class FakeWorker {
         index,
         text,
         finish_reason: s.finishReason ?? 'stop',
-        logprobs: data.params.logprobs ? logprobs[index] : null,
+        logprobs: data.params.logprobs ? (logprobs[index] as JobResult['choices'][number]['logprobs']) : null,
       })),
       usage: { prompt_tokens: data.prompt_tokens, completion_tokens: Math.max(1, deltas) },
       worker_id: this.workerId,
