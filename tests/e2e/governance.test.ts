@@ -19,7 +19,11 @@ let b: GatewayProcess;
 let redis: Redis;
 
 beforeAll(async () => {
-  const env = { ADMIN_API_KEY: ADMIN, API_KEYS: `sk-gov-${randomUUID()}`, RATE_LIMIT_WINDOW_MS: String(WINDOW_MS) };
+  // CACHE_SCOPE=shared: the racing keys are fresh ones, and their burst must be answered from the entry a primer key
+  // made (cache hits: the limits alone decide). Per caller, 40 real jobs would race the one worker instead, and backlog
+  // admission may refuse some with 503 on a loaded machine (seen in a fresh-clone run). Tenancy of the cache is
+  // tested in gateway/test/tenancy.test.ts.
+  const env = { ADMIN_API_KEY: ADMIN, API_KEYS: `sk-gov-${randomUUID()}`, RATE_LIMIT_WINDOW_MS: String(WINDOW_MS), CACHE_SCOPE: "shared" };
   [a, b] = await Promise.all([startGatewayProcess(env), startGatewayProcess(env)]);
   redis = new Redis(stack.redisUrl);
 });
@@ -72,7 +76,7 @@ test("two gateways share one RPM budget under racing load (within ±5%)", async 
   const ok = statuses.filter((s) => s === 200).length;
   const refilled = Math.ceil((ms * rpm) / WINDOW_MS);
   console.log(`RPM ${rpm}: ${ok} of ${statuses.length} admitted through two gateways in ${ms} ms (${refilled} refilled meanwhile)`);
-  expect(statuses.every((s) => s === 200 || s === 429)).toBe(true);
+  expect(statuses.filter((s) => s !== 200 && s !== 429)).toEqual([]);
   expect(ok).toBeGreaterThanOrEqual(Math.floor(rpm * 0.95));
   expect(ok).toBeLessThanOrEqual(Math.ceil(rpm * 1.05) + refilled);
 });
