@@ -29,6 +29,8 @@ class TokenizerThread {
   private readonly worker: Worker;
   readonly pending = new Map<number, Pending>();
   readonly known = new Set<string>();
+  /** Builds in flight, by hash: a count that needs one waits for it instead of sending a second. */
+  readonly loading = new Map<string, Promise<TokenizerInfo>>();
   dead = false;
 
   constructor(onExit: (t: TokenizerThread, err: Error) => void) {
@@ -106,18 +108,35 @@ export class TokenizerPool {
   }
 
   /**
-   * Builds the tokenizer on the first thread and returns what the gateway checks early; the other threads build it
-   * when they first count with it (count), so a cold start does not build it on every thread at once.
+   * Builds the tokenizer on the first thread and returns what the gateway checks early; then the other threads build
+   * it one after another in the background: not all at once (a cold start would build it on every core together), and
+   * not on their first count either (a burst right after start-up waited ~1.4 s for it on the 2-core machine, every
+   * request sent to the second thread behind its build).
    */
-  load(hash: string, source: TokenizerSource): Promise<TokenizerInfo> {
-    return this.loadOn(this.threads[0], hash, source);
+  async load(hash: string, source: TokenizerSource): Promise<TokenizerInfo> {
+    const info = await this.loadOn(this.threads[0], hash, source);
+    let next: Promise<unknown> = Promise.resolve();
+    for (const t of this.threads.slice(1)) {
+      next = next.then(() => (t.dead || t.known.has(hash) ? undefined : this.loadOn(t, hash, source))).catch(() => undefined);
+    }
+    return info;
   }
 
-  private async loadOn(t: TokenizerThread, hash: string, source: TokenizerSource): Promise<TokenizerInfo> {
-    const reply = unwrap(await t.send({ id: this.nextId++, op: 'load', hash, source }));
-    t.known.add(hash);
-    if (!('vocabSize' in reply)) throw new ApiError('internal_error', 'tokenizer thread: unexpected reply to load');
-    return { vocabSize: reply.vocabSize, maxTokenChars: reply.maxTokenChars };
+  private loadOn(t: TokenizerThread, hash: string, source: TokenizerSource): Promise<TokenizerInfo> {
+    const inFlight = t.loading.get(hash);
+    if (inFlight) return inFlight;
+    const build = (async () => {
+      const reply = unwrap(await t.send({ id: this.nextId++, op: 'load', hash, source }));
+      t.known.add(hash);
+      if (!('vocabSize' in reply)) throw new ApiError('internal_error', 'tokenizer thread: unexpected reply to load');
+      return { vocabSize: reply.vocabSize, maxTokenChars: reply.maxTokenChars };
+    })();
+    t.loading.set(hash, build);
+    build.then(
+      () => t.loading.delete(hash),
+      () => t.loading.delete(hash),
+    );
+    return build;
   }
 
   /** Prompt tokens of `messages` (content as plain text, services/tokenizer.ts). */
@@ -137,7 +156,7 @@ export class TokenizerPool {
     }
     const t = this.leastBusy(chars > LARGE_PROMPT_CHARS);
     for (let attempt = 0; attempt < 2; attempt++) {
-      if (!t.known.has(hash)) await this.loadOn(t, hash, await source());
+      if (!t.known.has(hash)) await (t.loading.get(hash) ?? this.loadOn(t, hash, await source()));
       const reply = await t.send(request(this.nextId++));
       if (reply.ok || !('missing' in reply)) {
         const done = unwrap(reply);

@@ -2,7 +2,7 @@
 // gateway processes (their own entry point, main.ts), on free ports (tests/e2e/fault-stack.ts does the spawning and
 // killing). `standin: true` runs the workers on the stand-in engine (engine/standin.py: no model, fixed-rate tokens
 // echoing the prompt) so that hundreds of streams fit on a 2-core machine; otherwise the bundled model.
-import { FaultStack } from '../../e2e/fault-stack';
+import { FaultStack, waitFor } from '../../e2e/fault-stack';
 import type { Target } from './load';
 
 export interface StackOptions {
@@ -27,5 +27,7 @@ export async function startStack(o: StackOptions): Promise<ReliabilityStack> {
   const workers = await Promise.all(Array.from({ length: o.workers }, (_, i) => stack.spawnWorker(`w${i}`, workerEnv)));
   const gateways = await Promise.all(Array.from({ length: o.gateways }, (_, i) => stack.startGateway(`g${i}`, { LOG_LEVEL: 'warn', ...o.gatewayEnv })));
   await Promise.all([...workers.map((w) => stack.waitWorkerReady(w, timeout)), ...gateways.map((g) => stack.waitGatewayUp(g, timeout))]);
+  // Ready as a load balancer sees it (/ready: Redis, a live worker, its tokenizer built), not only listening.
+  await Promise.all(gateways.map((g) => waitFor(async () => (await fetch(`${g.url}/ready`).catch(() => null))?.status === 200, timeout, `${g.url}/ready`)));
   return { stack, targets: gateways.map((g) => ({ url: g.url, apiKey: stack.apiKey })) };
 }
