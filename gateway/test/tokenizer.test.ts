@@ -7,6 +7,8 @@ import { silentLogger } from '../src/logger';
 import { tokenizerKey } from '../src/protocol/job';
 import { ModelTokenizer, pickChatTemplate } from '../src/services/model-tokenizer';
 import { TokenizerCache } from '../src/services/tokenizer';
+import { TokenizerPool } from '../src/services/tokenizer-pool';
+import { waitFor } from './helpers/gateway';
 import { useTestRedis } from './helpers/redis-server';
 import { tokenizerFixture } from './helpers/tokenizer-fixture';
 
@@ -130,6 +132,22 @@ describe('TokenizerCache (real Redis)', () => {
     expect(await a.countText(fx.prompts[3].text)).toBe(fx.prompts[3].ids.length);
     expect(a.vocabSize).toBe(fx.vocabSize);
     await cache.close();
+  });
+
+  it('every thread of the pool has built a new tokenizer soon after the first one did (not on its first count)', async () => {
+    const fx = tokenizerFixture();
+    const pool = new TokenizerPool(3, 64, silentLogger);
+    const source = { tokenizerJson: fx.tokenizerJson, configJson: fx.configWithTemplateJson };
+    expect((await pool.load('h-pool', source)).vocabSize).toBe(fx.vocabSize);
+    const threads = (pool as unknown as { threads: Array<{ known: Set<string> }> }).threads;
+    await waitFor(async () => threads.every((t) => t.known.has('h-pool')), 60_000, 'every thread to build the tokenizer');
+    // Counting on any of them needs no second build (the source is not asked for again).
+    const noSource = async () => {
+      throw new Error('asked for the source again');
+    };
+    const counts = await Promise.all(threads.map(() => pool.count('h-pool', noSource, fx.cases[0].messages)));
+    expect(counts).toEqual(threads.map(() => fx.cases[0].count));
+    await pool.close();
   });
 
   it('fails (and does not cache the failure) when the model has no tokenizer', async () => {
