@@ -23,6 +23,9 @@ import type { JobPlacement } from '../queue/job-queue';
 import { JobRun, type RunDeps, type RunOutcome } from '../queue/job-run';
 import { isReady } from '../queue/redis';
 import type { StreamAttachments } from '../resume/attachments';
+import { isTargetFailure, type Permit } from '../routing/breaker';
+import type { RoutingTable } from '../routing/table';
+import { runUpstream, type UpstreamRequest, type UpstreamRoute } from '../routing/upstream';
 import { storedEventsMaxBytes } from '../resume/stream-record';
 import type { CompletionMeta } from './chat-format';
 import { requestedMaxTokens, toChatJob } from './chat-params';
@@ -71,11 +74,17 @@ export interface PreparedChat {
   parseToolCalls: boolean;
   /** Where the job goes in the queue (the caller's tier); absent = FIFO. */
   placement?: JobPlacement;
+  /** Set when an external upstream answers instead of a job (routing/upstream.ts): there is no queue then. */
+  upstream?: UpstreamRequest;
+  /** The circuit breaker this run reports to (routing/breaker.ts), set by the pipeline's fallback chain. */
+  permit?: Permit;
 }
 
 /** A parsed request of either endpoint, as the shared preparation takes it. */
 interface PromptRequest {
+  /** The queue (the workers' model id), and the name the client asked for (the response's `model`). */
   model: string;
+  publicName: string;
   /** A chat (rendered with the model's template) or a raw prompt (sent as is): the job carries one of the two. */
   input: { messages: JobMessage[] } | { prompt: string };
   params: Omit<JobParams, 'max_tokens'>;
@@ -96,6 +105,8 @@ export interface ChatServiceDeps {
   queues: JobQueues;
   bus: JobEventBus;
   attachments: StreamAttachments;
+  /** Which source serves each public model name (routing/table.ts). */
+  routing: RoutingTable;
   logger: Logger;
 }
 
@@ -126,9 +137,17 @@ export class ChatService {
   async prepare(body: unknown, ctx: RequestContext): Promise<PreparedChat> {
     const req = parseOrThrow(chatCompletionRequestSchema, body);
     logUnknown(ctx, req, KNOWN_REQUEST_FIELDS);
+    const route = this.deps.routing.route(req.model);
     const { tools, params, messages } = toChatJob(req);
+    if (route.kind === 'upstream') {
+      if (tools !== null) {
+        throw new ApiError('unsupported_parameter', `'tools' are not passed to upstream models yet; the model '${req.model}' is served by an upstream.`, { param: 'tools' });
+      }
+      return this.prepareUpstream(ctx, route, body as Record<string, unknown>, { messages, params, requested: requestedMaxTokens(req), stream: req.stream === true, includeUsage: req.stream_options?.include_usage === true });
+    }
     return this.prepareInput(ctx, {
-      model: req.model,
+      model: route.queue,
+      publicName: route.publicName,
       input: { messages },
       parseToolCalls: tools !== null,
       params,
@@ -147,8 +166,13 @@ export class ChatService {
     const c = parseCompletion(body);
     if (c.prompts.length !== 1) throw new Error('prepareCompletion takes one prompt: lists are split by the pipeline');
     logUnknown(ctx, c.req, KNOWN_COMPLETION_FIELDS);
+    const route = this.deps.routing.route(c.req.model);
+    if (route.kind === 'upstream') {
+      throw new ApiError('invalid_value', `The model '${c.req.model}' is served by an upstream, which this server reaches on /v1/chat/completions only.`, { param: 'model' });
+    }
     return this.prepareInput(ctx, {
-      model: c.req.model,
+      model: route.queue,
+      publicName: route.publicName,
       input: { prompt: c.prompts[0] },
       params: c.params,
       requested: c.req.max_tokens ?? null,
@@ -213,7 +237,7 @@ export class ChatService {
     setImmediate(() => ctx.log.info('chat request accepted', { ...accepted, ...(config.LOG_PROMPTS ? r.input : {}) }));
     ctx.stamps?.mark('prepared');
     return {
-      meta: { id, created: Math.floor(now / 1000), model: model.id },
+      meta: { id, created: Math.floor(now / 1000), model: r.publicName },
       data,
       stream: data.stream,
       includeUsage: r.includeUsage,
@@ -221,6 +245,44 @@ export class ChatService {
       slots: model.slots,
       promptParam: param,
       parseToolCalls: r.parseToolCalls === true,
+    };
+  }
+
+  /**
+   * A chat an external upstream answers (routing/upstream.ts): checked by the same schema and parameter table as ours
+   * (so that a cache key and the token estimate mean the same), but nothing is tokenized: there is no tokenizer of the
+   * upstream's model here. The prompt is estimated at ~4 characters per token for the token budget; the upstream's
+   * reported usage replaces the estimate when the answer is in (Admitted.finish).
+   */
+  private prepareUpstream(ctx: RequestContext, route: UpstreamRoute, body: Record<string, unknown>, r: UpstreamInput): PreparedChat {
+    const { config } = this.deps;
+    const chars = r.messages.reduce((n, m) => n + m.content.length, 0);
+    const promptTokens = Math.ceil(chars / 4) + 4 * r.messages.length;
+    const now = Date.now();
+    const id = `chatcmpl-${randomBytes(16).toString('hex')}`;
+    const data: JobData = {
+      v: PROTOCOL_VERSION,
+      request_id: ctx.requestId,
+      model: route.publicName,
+      messages: r.messages,
+      // max_tokens only sizes the estimate: the upstream gets the client's own (none: its default).
+      params: { ...r.params, max_tokens: r.requested ?? config.DEFAULT_MAX_TOKENS },
+      stream: r.stream,
+      prompt_tokens: promptTokens,
+      enqueued_at_ms: now,
+      deadline_ms: now + config.REQUEST_TIMEOUT_MS,
+    };
+    setImmediate(() => ctx.log.info('chat request accepted', { jobId: id, model: route.publicName, upstream: route.upstream.name, stream: r.stream }));
+    return {
+      meta: { id, created: Math.floor(now / 1000), model: route.publicName },
+      data,
+      stream: r.stream,
+      includeUsage: r.includeUsage,
+      wantLogprobs: r.params.logprobs,
+      slots: null,
+      promptParam: 'messages',
+      parseToolCalls: false,
+      upstream: { route, body, stream: r.stream, promptTokensEstimate: promptTokens },
     };
   }
 
@@ -244,6 +306,37 @@ export class ChatService {
    * `resumable` run (a /v1 stream) only after the resume grace, and only if no client is attached to it by then.
    */
   async run(p: PreparedChat, ctx: RequestContext, hooks: RunHooks = {}, opts: { resumable?: boolean } = {}): Promise<RunOutcome> {
+    if (!p.permit) return this.runSource(p, ctx, hooks, opts);
+    // The breaker learns from this run: its time to the first output, or whether its failure was the target's.
+    const permit = p.permit;
+    const startedMs = Date.now();
+    let firstMs: number | null = null;
+    const onDelta: RunHooks['onDelta'] = (index, text, lp, seq) => {
+      if (firstMs === null && text.length > 0) firstMs = Date.now();
+      hooks.onDelta?.(index, text, lp, seq);
+    };
+    try {
+      const outcome = await this.runSource(p, ctx, { ...hooks, onDelta }, opts);
+      permit.success((firstMs ?? Date.now()) - startedMs);
+      return outcome;
+    } catch (err) {
+      if (isTargetFailure(err)) permit.failure();
+      else permit.release();
+      throw err;
+    }
+  }
+
+  /** The source itself: the upstream's answer, or the job. */
+  private async runSource(p: PreparedChat, ctx: RequestContext, hooks: RunHooks, opts: { resumable?: boolean }): Promise<RunOutcome> {
+    if (p.upstream) {
+      try {
+        const outcome = await runUpstream(p.upstream, ctx, hooks);
+        this.logDone(ctx, p, outcome.result.usage.completion_tokens, outcome.result.choices.map((c) => c.finish_reason), outcome.result);
+        return outcome;
+      } catch (err) {
+        throw clientError(err, ctx.signal, p.promptParam);
+      }
+    }
     const { config } = this.deps;
     const maxBytes = storedEventsMaxBytes(config);
     const resumable = opts.resumable === true && maxBytes > 0;
@@ -375,6 +468,14 @@ export class ChatService {
       ...(this.deps.config.LOG_PROMPTS ? { output: result.choices.map((c) => c.text) } : {}),
     });
   }
+}
+
+interface UpstreamInput {
+  messages: JobMessage[];
+  params: Omit<JobParams, 'max_tokens'>;
+  requested: number | null;
+  stream: boolean;
+  includeUsage: boolean;
 }
 
 /** Fields OpenAI does not define are ignored, as vLLM does; logged so that a misspelt one can be found. */
