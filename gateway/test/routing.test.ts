@@ -41,6 +41,7 @@ beforeAll(async () => {
         remote: { upstream: 'vllm', upstream_model: 'org/remote-7b' },
         shaky: { upstream: 'flaky', fallback: [LOCAL] },
         [LOCAL]: { pool: LOCAL },
+        'local-alias': { pool: LOCAL },
       },
       breaker: { failure_threshold: 2, open_ms: 1500 },
     }),
@@ -68,7 +69,24 @@ it('/v1/models lists our pool and the upstream models, owned_by telling them apa
   expect(ids.get(LOCAL)).toBe('llm-gateway');
   expect(ids.get('remote')).toBe('vllm');
   expect(ids.get('shaky')).toBe('upstream');
+  expect(ids.get('local-alias')).toBe('llm-gateway'); // a public name of our pool, listed while the pool is live
   expect((await client.models.retrieve('remote')).owned_by).toBe('vllm');
+});
+
+it('a public name of a pool is answered by that pool, under the public name', async () => {
+  const { data, response } = await client.chat.completions.create({ model: 'local-alias', messages }).withResponse();
+  expect(data.choices[0].message.content).toBe('Hello from the fake worker!');
+  expect(data.model).toBe('local-alias');
+  expect(response.headers.get('x-routed-model')).toBe('local-alias');
+});
+
+it('a stream of an upstream model is not resumable: 409, not a hang', async () => {
+  const s = await openStream(`${gw.url}/v1/chat/completions`, { model: 'remote', messages, stream: true }, { authorization: `Bearer ${TEST_KEY}` });
+  const body = await s.body;
+  const id = (parseSse(body).data[0] as { id: string }).id;
+  const resumed = await fetch(`${gw.url}/v1/chat/completions/${id}/stream`, { headers: { authorization: `Bearer ${TEST_KEY}` } });
+  expect(resumed.status).toBe(409);
+  expect(((await resumed.json()) as { error: { code: string } }).error.code).toBe('stream_not_resumable');
 });
 
 it('non-stream: the upstream answers under our model name, with its credential, and its usage is charged to the caller', async () => {

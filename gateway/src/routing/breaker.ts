@@ -25,7 +25,7 @@ export const breakerState = new client.Gauge({
 
 export const fallbacks = new client.Counter({
   name: 'llm_gateway_fallbacks_total',
-  help: 'Requests answered by a later model of the fallback chain than the one asked for, by model asked, model that answered and why',
+  help: 'Requests handed to a later model of the fallback chain than the one asked for, by model asked, the model it went to, and why (breaker_open, failed)',
   labelNames: ['model', 'to', 'reason'] as const,
   registers: [registry],
 });

@@ -38,10 +38,11 @@ export async function answerWithFallback(
       continue;
     }
     res.setHeader(ROUTED_MODEL_HEADER, route.publicName);
+    // Counted as the request is handed over (a stream's answer ends after its client has read it all).
+    if (i > 0) fallbacks.inc({ model: asked, to: route.publicName, reason });
     try {
       await answer(i === 0 ? body : { ...(body as object), model: route.publicName }, permit);
       permit.release(); // answered without a run (the cache): nothing learnt
-      if (i > 0) fallbacks.inc({ model: asked, to: route.publicName, reason });
       return;
     } catch (err) {
       const targetFailed = isTargetFailure(err);

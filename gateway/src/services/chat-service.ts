@@ -360,8 +360,14 @@ export class ChatService {
    * job is gone, 409 when it ran without storing its events, 410 when they were cut at their bound. A resumed stream
    * holds a lease on its job and gives its job the same grace when its own client goes.
    */
-  async attach(target: AttachTarget, ctx: RequestContext, hooks: RunHooks = {}): Promise<RunOutcome> {
+  async attach(asked: AttachTarget, ctx: RequestContext, hooks: RunHooks = {}): Promise<RunOutcome> {
     const { redis, queues } = this.deps;
+    // The record names the model as the client saw it (a public name of the routing table): its job is in that pool's queue.
+    const route = this.deps.routing.route(asked.model);
+    if (route.kind === 'upstream') {
+      throw new ApiError('stream_not_resumable', `The model '${asked.model}' is served by an upstream, whose streams are not stored: this one cannot be resumed.`);
+    }
+    const target = { ...asked, model: route.queue };
     const run = new JobRun(this.runDeps(), target.jobId, { ...target, request_id: ctx.requestId }, { onDelta: hooks.onDelta, onStarted: hooks.onStarted });
     const stored = await run.attach(() => redis.lrange(eventsKey(target.jobId), 0, -1));
     if (stored.length === 0) {
