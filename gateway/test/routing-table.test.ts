@@ -1,6 +1,6 @@
 /** The routing table file (routing/table.ts): zod-checked at start-up; a bad entry stops start-up naming it. */
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ConfigError } from '../src/config';
@@ -52,6 +52,25 @@ describe('RoutingTable.fromFile', () => {
     expect(r.status).toBe(2);
     expect(r.stderr).toMatch(/models\.broken\.upstream: 'nowhere'/);
     expect(r.stdout + r.stderr).not.toContain(env.ROUTING_UNIT_KEY);
+  });
+});
+
+describe('the documented examples', () => {
+  const root = join(__dirname, '..', '..');
+  const examples = ['docs/ROUTING.md', 'README.md'].flatMap((doc) =>
+    [...readFileSync(join(root, doc), 'utf8').matchAll(/```json\n([\s\S]*?)```/g)]
+      .map((m) => m[1])
+      .filter((block) => block.includes('"upstreams"'))
+      .map((block) => [doc, block] as const),
+  );
+
+  it('are there (docs/ROUTING.md and README.md each show a routing file)', () => {
+    expect(new Set(examples.map(([doc]) => doc))).toEqual(new Set(['docs/ROUTING.md', 'README.md']));
+  });
+
+  it.each(examples)('%s: its routing file passes the start-up checks', (_doc, block) => {
+    const t = RoutingTable.fromFile(JSON.parse(block), { VLLM_API_KEY: 'sk-vllm' });
+    expect(t.route('llama-70b')).toMatchObject({ kind: 'upstream', upstreamModel: 'meta-llama/Llama-3.1-70B-Instruct' });
   });
 });
 
