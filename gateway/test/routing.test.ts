@@ -42,6 +42,8 @@ beforeAll(async () => {
         shaky: { upstream: 'flaky', fallback: [LOCAL] },
         [LOCAL]: { pool: LOCAL },
         'local-alias': { pool: LOCAL },
+        // A pool with no worker (the 7B pool is down): its chain goes to the upstream, then to our small pool.
+        'big-pool': { pool: `down-${LOCAL}`, fallback: ['remote', LOCAL] },
       },
       breaker: { failure_threshold: 2, open_ms: 1500 },
     }),
@@ -78,6 +80,22 @@ it('a public name of a pool is answered by that pool, under the public name', as
   expect(data.choices[0].message.content).toBe('Hello from the fake worker!');
   expect(data.model).toBe('local-alias');
   expect(response.headers.get('x-routed-model')).toBe('local-alias');
+});
+
+it('a pool with no live worker hands the request to the next model of its chain (an upstream here)', async () => {
+  const { data, response } = await client.chat.completions.create({ model: 'big-pool', messages }).withResponse();
+  expect(data.model).toBe('remote');
+  expect(response.headers.get('x-routed-model')).toBe('remote');
+  expect(data.choices[0].message.content).toBe('Hello from the upstream!');
+  // The upstream down as well: the chain's last model, our small pool, answers the stream.
+  upstream.mode = { kind: 'error', status: 502 };
+  const stream = await client.chat.completions.create({ model: 'big-pool', messages, stream: true });
+  let text = '';
+  for await (const chunk of stream) {
+    expect(chunk.model).toBe(LOCAL);
+    text += chunk.choices[0]?.delta.content ?? '';
+  }
+  expect(text).toBe('Hello from the fake worker!');
 });
 
 it('a stream of an upstream model is not resumable: 409, not a hang', async () => {

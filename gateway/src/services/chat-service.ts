@@ -85,6 +85,8 @@ interface PromptRequest {
   /** The queue (the workers' model id), and the name the client asked for (the response's `model`). */
   model: string;
   publicName: string;
+  /** The pool is an entry of the routing table: with no live worker it is unavailable (503), not unknown (404). */
+  routed?: boolean;
   /** A chat (rendered with the model's template) or a raw prompt (sent as is): the job carries one of the two. */
   input: { messages: JobMessage[] } | { prompt: string };
   params: Omit<JobParams, 'max_tokens'>;
@@ -148,6 +150,7 @@ export class ChatService {
     return this.prepareInput(ctx, {
       model: route.queue,
       publicName: route.publicName,
+      routed: route.breaker !== null,
       input: { messages },
       parseToolCalls: tools !== null,
       params,
@@ -173,6 +176,7 @@ export class ChatService {
     return this.prepareInput(ctx, {
       model: route.queue,
       publicName: route.publicName,
+      routed: route.breaker !== null,
       input: { prompt: c.prompts[0] },
       params: c.params,
       requested: c.req.max_tokens ?? null,
@@ -187,7 +191,7 @@ export class ChatService {
     const { config } = this.deps;
     const { params } = r;
     const param = 'messages' in r.input ? 'messages' : 'prompt';
-    const model = await this.liveModel(r.model);
+    const model = await this.liveModel(r.model, r.routed === true);
     if (model.maxBatch !== null && params.n > model.maxBatch) {
       // More choices than a worker's batch holds can never run as sized: refused before a job exists.
       throw new ApiError('invalid_value', `Invalid 'n': this model runs at most ${model.maxBatch} sequences at once, so n may be at most ${model.maxBatch}.`, {
@@ -431,13 +435,16 @@ export class ChatService {
     };
   }
 
-  /** A live model, or: 503 when it is ours but no worker serves it right now, 404 when we never heard of it. */
-  private async liveModel(id: string) {
+  /**
+   * A live model, or: 503 when it is ours but no worker serves it right now (`routed`: a pool of the routing table is
+   * ours by definition), 404 when we never heard of it.
+   */
+  private async liveModel(id: string, routed: boolean) {
     const { redis, registry, config } = this.deps;
     if (!isReady(redis)) throw redisUnavailable();
     const model = await registry.model(id);
     if (model) return model;
-    const known = id === config.DEFAULT_MODEL || (await redis.exists(tokenizerKey(id))) === 1;
+    const known = routed || id === config.DEFAULT_MODEL || (await redis.exists(tokenizerKey(id))) === 1;
     if (known) {
       throw new ApiError('no_worker_available', `No worker is serving the model '${id}' right now. Please retry shortly.`, {
         retryAfterMs: Math.min(config.HEARTBEAT_TTL_MS, 5000),
