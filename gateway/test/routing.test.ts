@@ -49,7 +49,7 @@ beforeAll(async () => {
     }),
   );
   process.env.ROUTING_TEST_UPSTREAM_KEY = UPSTREAM_KEY;
-  gw = await startGateway(redis.url, { DEFAULT_MODEL: LOCAL, ROUTING_FILE: file, LOG_LEVEL: 'info' });
+  gw = await startGateway(redis.url, { DEFAULT_MODEL: LOCAL, ROUTING_FILE: file, LOG_LEVEL: 'info', DEFAULT_TPM: '60000' });
   worker = new FakeWorker({ redisUrl: redis.url, model: LOCAL, contextLength: 200 });
   await worker.start();
   client = new OpenAI({ baseURL: `${gw.url}/v1`, apiKey: TEST_KEY, maxRetries: 0 });
@@ -121,6 +121,16 @@ it('non-stream: the upstream answers under our model name, with its credential, 
   expect(Number(after.prompt_tokens ?? 0) - Number(before.prompt_tokens ?? 0)).toBe(11);
   expect(Number(after.completion_tokens ?? 0) - Number(before.completion_tokens ?? 0)).toBe(5);
   expect(gw.logs.join('\n')).not.toContain(UPSTREAM_KEY);
+});
+
+it("the token budget is charged the upstream's usage, not the admission estimate", async () => {
+  // Admitted at the estimate (prompt + max_tokens = 20000+), then adjusted to the upstream's 16: the budget gets the
+  // difference back. Refill (1000 tokens/s at 60000/min) alone would take 20 s to give that much back.
+  const { response } = await client.chat.completions.create({ model: 'remote', messages, max_tokens: 20_000 }).withResponse();
+  const atAdmission = Number(response.headers.get('x-ratelimit-remaining-tokens'));
+  const peek = await fetch(`${gw.url}/v1/models`, { headers: { authorization: `Bearer ${TEST_KEY}` } });
+  const afterUsage = Number(peek.headers.get('x-ratelimit-remaining-tokens'));
+  expect(afterUsage - atAdmission).toBeGreaterThan(10_000);
 });
 
 it('stream: the first chunk reaches the SDK before the upstream has finished; usage is asked of the upstream and not shown unasked', async () => {
