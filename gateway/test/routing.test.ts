@@ -133,6 +133,18 @@ it("the token budget is charged the upstream's usage, not the admission estimate
   expect(afterUsage - atAdmission).toBeGreaterThan(10_000);
 });
 
+it('the response cache answers a repeated deterministic request to an upstream model without asking the upstream', async () => {
+  const same: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: `cache me ${randomUUID()}` }];
+  const first = await client.chat.completions.create({ model: 'remote', messages: same, temperature: 0 }).withResponse();
+  const asked = upstream.requests.length;
+  const second = await client.chat.completions.create({ model: 'remote', messages: same, temperature: 0 }).withResponse();
+  expect(first.response.headers.get('x-cache')).toBe('miss');
+  expect(second.response.headers.get('x-cache')).toBe('hit');
+  expect(upstream.requests.length).toBe(asked);
+  expect(second.data.model).toBe('remote');
+  expect(second.data.choices[0].message.content).toBe('Hello from the upstream!');
+});
+
 it('stream: the first chunk reaches the SDK before the upstream has finished; usage is asked of the upstream and not shown unasked', async () => {
   let release!: () => void;
   upstream.holdBeforeLast = new Promise<void>((r) => (release = r));
