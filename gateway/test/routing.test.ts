@@ -19,10 +19,12 @@ import { useTestRedis } from './helpers/redis-server';
 
 const redis = useTestRedis();
 const LOCAL = `local-${randomUUID().slice(0, 8)}`;
+const SICK = `sick-${randomUUID().slice(0, 8)}`;
 const upstream = new FakeUpstream();
 const flaky = new FakeUpstream();
 let gw: TestGateway;
 let worker: FakeWorker;
+let sickWorker: FakeWorker;
 let client: OpenAI;
 const messages: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: 'Hello!' }];
 const UPSTREAM_KEY = `sk-upstream-${randomUUID()}`;
@@ -42,6 +44,8 @@ beforeAll(async () => {
         shaky: { upstream: 'flaky', fallback: [LOCAL] },
         [LOCAL]: { pool: LOCAL },
         'local-alias': { pool: LOCAL },
+        // A pool whose worker fails every job.
+        [SICK]: { pool: SICK, fallback: ['remote'] },
         // A pool with no worker (the 7B pool is down): its chain goes to the upstream, then to our small pool.
         'big-pool': { pool: `down-${LOCAL}`, fallback: ['remote', LOCAL] },
       },
@@ -52,11 +56,13 @@ beforeAll(async () => {
   gw = await startGateway(redis.url, { DEFAULT_MODEL: LOCAL, ROUTING_FILE: file, LOG_LEVEL: 'info', DEFAULT_TPM: '60000' });
   worker = new FakeWorker({ redisUrl: redis.url, model: LOCAL, contextLength: 200 });
   await worker.start();
+  sickWorker = new FakeWorker({ redisUrl: redis.url, model: SICK, contextLength: 200, script: { fail: { code: 'engine_error', message: 'CUDA error (scripted)' } } });
+  await sickWorker.start();
   client = new OpenAI({ baseURL: `${gw.url}/v1`, apiKey: TEST_KEY, maxRetries: 0 });
   await waitFor(async () => (await fetch(`${gw.url}/ready`)).status === 200, 120_000, 'the gateway to be ready');
 }, 180_000);
 redis.beforeStop(async () => {
-  await worker.close();
+  await Promise.all([worker.close(), sickWorker.close()]);
   await gw.close();
   await Promise.all([upstream.close(), flaky.close()]);
 });
@@ -97,6 +103,18 @@ it('a pool with no live worker hands the request to the next model of its chain 
   }
   expect(text).toBe('Hello from the fake worker!');
 });
+
+it("a pool whose worker fails opens the pool's breaker; the upstream answers, and the pool is no longer sent jobs", async () => {
+  for (let i = 0; i < 2; i++) {
+    const data = await client.chat.completions.create({ model: SICK, messages });
+    expect(data.model).toBe('remote');
+  }
+  const metrics = parsePrometheus(await (await fetch(`${gw.url}/metrics`)).text());
+  expect(sumOf(metrics, 'llm_gateway_breaker_state', { breaker: `pool:${SICK}` })).toBe(2);
+  const jobs = sickWorker.jobs.length;
+  expect((await client.chat.completions.create({ model: SICK, messages })).model).toBe('remote');
+  expect(sickWorker.jobs.length).toBe(jobs);
+}, 60_000);
 
 it('a stream of an upstream model is not resumable: 409, not a hang', async () => {
   const s = await openStream(`${gw.url}/v1/chat/completions`, { model: 'remote', messages, stream: true }, { authorization: `Bearer ${TEST_KEY}` });
