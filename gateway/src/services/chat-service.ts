@@ -276,7 +276,8 @@ export class ChatService {
       enqueued_at_ms: now,
       deadline_ms: now + config.REQUEST_TIMEOUT_MS,
     };
-    setImmediate(() => ctx.log.info('chat request accepted', { jobId: id, model: route.publicName, upstream: route.upstream.name, stream: r.stream }));
+    const accepted = { jobId: id, model: route.publicName, upstream: route.upstream.name, stream: r.stream, promptTokensEstimate: promptTokens };
+    setImmediate(() => ctx.log.info('chat request accepted', { ...accepted, ...(config.LOG_PROMPTS ? { messages: r.messages } : {}) }));
     return {
       meta: { id, created: Math.floor(now / 1000), model: route.publicName },
       data,

@@ -5,7 +5,7 @@
  * code: the gateway's fetch, SSE parsing and aborts all run for real against it. It records each request (body,
  * headers) and whether its client (the gateway) went away before the answer ended.
  */
-import { createServer, type IncomingMessage, type Server } from 'node:http';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 
 export type UpstreamMode =
@@ -48,7 +48,7 @@ export class FakeUpstream {
     await new Promise<void>((r) => (this.server ? this.server.close(() => r()) : r()));
   }
 
-  private async handle(req: IncomingMessage, res: import('node:http').ServerResponse): Promise<void> {
+  private async handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     let raw = '';
     for await (const chunk of req) raw += chunk;
     if (req.method !== 'POST' || req.url !== '/v1/chat/completions') {
