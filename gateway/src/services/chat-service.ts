@@ -316,10 +316,14 @@ export class ChatService {
     const permit = p.permit;
     const startedMs = Date.now();
     let firstMs: number | null = null;
-    const onDelta: RunHooks['onDelta'] = (index, text, lp, seq) => {
-      if (firstMs === null && text.length > 0) firstMs = Date.now();
-      hooks.onDelta?.(index, text, lp, seq);
-    };
+    // Without deltas (a whole answer) the first output is the answer itself.
+    const forward = hooks.onDelta;
+    const onDelta: RunHooks['onDelta'] = forward
+      ? (index, text, lp, seq) => {
+          if (firstMs === null && text.length > 0) firstMs = Date.now();
+          forward(index, text, lp, seq);
+        }
+      : undefined;
     try {
       const outcome = await this.runSource(p, ctx, { ...hooks, onDelta }, opts);
       permit.success((firstMs ?? Date.now()) - startedMs);
