@@ -44,7 +44,7 @@ const breakerSchema = z.strictObject({
   failure_threshold: z.number().int().min(1).max(1000).default(5),
   /** How long an open breaker refuses before it lets one probe request through (half-open). */
   open_ms: z.number().int().min(100).max(3_600_000).default(30_000),
-  /** Time to the first output (headers of an upstream, first token of a pool) over this counts as a failure; 0: never. */
+  /** Time to the first output (a stream's first text; a whole answer when not streaming) over this is a failure; 0: never. */
   latency_ms: z.number().int().min(0).max(3_600_000).default(0),
 });
 
