@@ -54,11 +54,15 @@ it('the Python SDK gets the first chunk before the upstream has finished, under 
   py.stdout.on('data', (d: Buffer) => (out += d.toString()));
   py.stderr.on('data', (d: Buffer) => (err += d.toString()));
   const exited = new Promise<number | null>((r) => py.on('close', r));
-  await waitFor(() => out.includes('FIRST') || py.exitCode !== null, 60_000, 'the Python client to print its first chunk');
-  expect({ out, err }).toMatchObject({ out: expect.stringContaining('FIRST') });
-  expect(upstream.requests.at(-1)!.finished).toBe(false);
-  release();
-  py.stdin.write('\n');
-  expect(await exited).toBe(0);
-  expect(out).toContain('TEXT Hello from the upstream!');
+  try {
+    await waitFor(() => out.includes('FIRST') || py.exitCode !== null, 60_000, 'the Python client to print its first chunk');
+    expect({ out, err }).toMatchObject({ out: expect.stringContaining('FIRST') });
+    expect(upstream.requests.at(-1)!.finished).toBe(false);
+    release();
+    py.stdin.write('\n');
+    expect(await exited).toBe(0);
+    expect(out).toContain('TEXT Hello from the upstream!');
+  } finally {
+    if (py.exitCode === null) py.kill();
+  }
 }, 90_000);
