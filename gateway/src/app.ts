@@ -27,12 +27,15 @@ import { rateLimitHeaders } from './services/chat-admission';
 import { tutorialRoutes } from './tutorial/routes';
 import type { TokenizerCache } from './services/tokenizer';
 import type { WorkerRegistry } from './services/worker-registry';
+import type { RoutingTable } from './routing/table';
 
 export interface AppDeps {
   config: Config;
   logger: Logger;
   redis: Redis;
   registry: WorkerRegistry;
+  /** The routing table: /v1/models lists its upstream models next to the pools. */
+  routing: RoutingTable;
   tokenizers: TokenizerCache;
   auth: Authenticator;
   lifecycle: Lifecycle;
@@ -109,7 +112,7 @@ export function createApp(deps: AppDeps): Express {
   app.use(chatRoutes(gov.pipeline));
   app.use(completionRoutes(gov.pipeline));
   app.use(tutorialRoutes(gov.tutorial, gov.admission));
-  app.use(modelRoutes(deps.registry, (principal) => (principal ? effectiveLimits(config, principal).models : null)));
+  app.use(modelRoutes(deps.registry, deps.routing, (principal) => (principal ? effectiveLimits(config, principal).models : null)));
 
   app.use((req, _res, next) => {
     next(new ApiError('unknown_url', `Invalid URL (${req.method} ${req.path})`));

@@ -75,6 +75,11 @@ export const configSchema = z.object({
   METRICS_AUTH: z.enum(['none', 'api_key', 'token']).default('none'),
   /** The Bearer token scrapers send when METRICS_AUTH=token. */
   METRICS_TOKEN: z.string().min(16, 'must be at least 16 characters').optional(),
+  /**
+   * The routing table (docs/ROUTING.md): a JSON file mapping public model names to our worker pools or to external
+   * OpenAI-compatible upstreams, with fallback chains and circuit breakers. Unset: every model is the pool of its name.
+   */
+  ROUTING_FILE: z.string().min(1).optional(),
   /** Keys, JWT, limits, cache, output filter (issue 5): limits/governance-config.ts. */
   ...governanceConfigShape,
 });

@@ -49,6 +49,13 @@ export const ERROR_TABLE = {
   // In-stream only: the client left more than SSE_MAX_BUFFER_BYTES unread (streaming/sse.ts); the job is cancelled.
   stream_buffer_full: { status: 503, type: 'server_error' },
   request_timeout: { status: 504, type: 'server_error' },
+  // An external upstream of the routing table (routing/upstream.ts). Its refusal of the request itself (a 4xx other than
+  // 401/403/429) keeps the upstream's status; the others say the upstream cannot serve (the fallback chain may answer).
+  upstream_invalid_request: { status: 400, type: 'invalid_request_error' },
+  upstream_rate_limited: { status: 429, type: 'rate_limit_error' },
+  upstream_error: { status: 502, type: 'server_error' },
+  upstream_unavailable: { status: 503, type: 'server_error' },
+  upstream_timeout: { status: 504, type: 'server_error' },
 } as const satisfies Record<string, { status: number; type: ErrorType }>;
 
 export type ErrorCode = keyof typeof ERROR_TABLE;
@@ -68,10 +75,11 @@ export class ApiError extends Error {
   constructor(
     readonly code: ErrorCode,
     message: string,
-    opts: { param?: string | null; retryAfterMs?: number; cause?: unknown } = {},
+    /** `status`: only for an upstream's refusal passed on with the upstream's own 4xx (routing/upstream.ts). */
+    opts: { param?: string | null; retryAfterMs?: number; cause?: unknown; status?: number } = {},
   ) {
     super(message, opts.cause === undefined ? undefined : { cause: opts.cause });
-    this.status = ERROR_TABLE[code].status;
+    this.status = opts.status ?? ERROR_TABLE[code].status;
     this.type = ERROR_TABLE[code].type;
     this.param = opts.param ?? null;
     this.retryAfterMs = opts.retryAfterMs;

@@ -12,6 +12,8 @@ import { RateLimiter } from './limits/rate-limiter';
 import { QueueBacklog } from './queue/backlog';
 import { storedEventsMaxBytes, StreamRecords } from './resume/stream-record';
 import type { Logger } from './logger';
+import { Breakers } from './routing/breaker';
+import type { RoutingTable } from './routing/table';
 import type { ChatService } from './services/chat-service';
 import { ChatAdmission } from './services/chat-admission';
 import { ChatPipeline } from './services/chat-pipeline';
@@ -24,7 +26,7 @@ export interface Governance {
   keys: KeyStore;
 }
 
-export function buildGovernance(config: Config, redis: Redis, chat: ChatService, logger: Logger): Governance {
+export function buildGovernance(config: Config, redis: Redis, chat: ChatService, routing: RoutingTable, logger: Logger): Governance {
   const filter = OutputFilter.fromConfig(config);
   const admission = new ChatAdmission({
     config,
@@ -44,6 +46,6 @@ export function buildGovernance(config: Config, redis: Redis, chat: ChatService,
     eventsTtlMs: config.RESUME_EVENTS_TTL_MS,
     eventsMaxBytes: storedEventsMaxBytes(config),
   });
-  const pipeline = new ChatPipeline({ config, admission, chat, filter, records });
+  const pipeline = new ChatPipeline({ config, admission, chat, filter, records, routing, breakers: new Breakers(routing.breaker) });
   return { admission, pipeline, tutorial: new TutorialService(config, pipeline, admission), keys: new KeyStore(redis) };
 }

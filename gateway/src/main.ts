@@ -10,9 +10,9 @@ import { answerClientErrors } from './errors';
 import { createLogger, type Logger } from './logger';
 import { buildGateway } from './wiring';
 
-function loadConfigOrExit(): Config {
+function exitOnConfigError<T>(build: () => T): T {
   try {
-    return loadConfig();
+    return build();
   } catch (err) {
     if (err instanceof ConfigError) {
       process.stderr.write(`llm-gateway: ${err.message}\n`);
@@ -21,6 +21,8 @@ function loadConfigOrExit(): Config {
     throw err;
   }
 }
+
+const loadConfigOrExit = (): Config => exitOnConfigError(() => loadConfig());
 
 /** With no API_KEYS a development key is generated; the start script reads the DEV_API_KEY= line. */
 function resolveKeys(config: Config, logger: Logger): string[] {
@@ -36,7 +38,7 @@ async function main(): Promise<void> {
   const logger = createLogger(config.LOG_LEVEL, undefined, { service: 'llm-gateway' });
   const keys = resolveKeys(config, logger);
 
-  const gateway = buildGateway(config, logger, keys);
+  const gateway = exitOnConfigError(() => buildGateway(config, logger, keys)); // a bad ROUTING_FILE
   const { app, lifecycle } = gateway;
 
   const server: Server = app.listen(config.PORT, config.HOST);

@@ -15,6 +15,7 @@ import { attachGaugeSource } from './metrics';
 import { JobEventBus } from './queue/job-events';
 import { JobQueues } from './queue/job-queue';
 import { createRedis } from './queue/redis';
+import { RoutingTable } from './routing/table';
 import { StreamAttachments } from './resume/attachments';
 import { ChatService } from './services/chat-service';
 import { TokenizerCache } from './services/tokenizer';
@@ -30,7 +31,9 @@ export interface Gateway {
   close(): Promise<void>;
 }
 
+/** Throws ConfigError (main.ts exits 2) when ROUTING_FILE names a bad routing table, before any connection is made. */
 export function buildGateway(config: Config, logger: Logger, keys: readonly string[], auth?: Authenticator): Gateway {
+  const routing = RoutingTable.load(config.ROUTING_FILE);
   const redis = createRedis(config.REDIS_URL, 'commands', logger);
   // A connection in subscriber mode may not run other commands, so job events get their own.
   const sub = createRedis(config.REDIS_URL, 'subscriber', logger);
@@ -44,9 +47,9 @@ export function buildGateway(config: Config, logger: Logger, keys: readonly stri
   const queues = new JobQueues(redis, config.REDIS_URL, logger.child({ module: 'queue' }));
   const bus = new JobEventBus(sub, logger.child({ module: 'events' }));
   const attachments = new StreamAttachments(redis, config.RESUME_GRACE_MS, logger.child({ module: 'resume' }));
-  const chat = new ChatService({ config, redis, registry, tokenizers, queues, bus, attachments, logger: logger.child({ module: 'chat' }) });
+  const chat = new ChatService({ config, redis, registry, tokenizers, queues, bus, attachments, routing, logger: logger.child({ module: 'chat' }) });
   const lifecycle = new Lifecycle();
-  const governance = buildGovernance(config, redis, chat, logger);
+  const governance = buildGovernance(config, redis, chat, routing, logger);
   // /metrics reads queue depths and live workers of this gateway at scrape time.
   const detachMetrics = attachGaugeSource({
     redis,
@@ -60,6 +63,7 @@ export function buildGateway(config: Config, logger: Logger, keys: readonly stri
     logger,
     redis,
     registry,
+    routing,
     tokenizers,
     auth: auth ?? new GatewayAuthenticator(config, keys, governance.keys, redis),
     lifecycle,

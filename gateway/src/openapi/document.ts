@@ -47,6 +47,12 @@ const GEN_ERRORS: ErrorCode[] = [
   'queue_timeout',
   'shutting_down',
   'request_timeout',
+  // A model of the routing table served by an external upstream (docs/ROUTING.md).
+  'upstream_invalid_request',
+  'upstream_rate_limited',
+  'upstream_error',
+  'upstream_unavailable',
+  'upstream_timeout',
 ];
 
 const sseNote =

@@ -243,7 +243,9 @@ export class ChatAdmission {
   ): Promise<Admitted> {
     const { config, limiter, cache, redis } = this.deps;
     // The queue depth is read now, with the cache lookup (one round trip for both), and checked below.
-    const depth = config.MAX_QUEUE_DEPTH > 0 ? queueDepth(redis, p.data.model) : null;
+    // An upstream's request has no queue here (routing/upstream.ts): neither the depth nor the backlog applies to it.
+    const queued = p.upstream === undefined;
+    const depth = queued && config.MAX_QUEUE_DEPTH > 0 ? queueDepth(redis, p.data.model) : null;
     depth?.catch(() => undefined); // awaited below unless the request ends before; never an unhandled rejection
 
     // Cache, then the budgets: a hit costs its prompt only (no completion tokens are generated again).
@@ -303,7 +305,7 @@ export class ChatAdmission {
       }
     }
     // Last of the admission steps: nothing after it can fail and leave its backlog entry behind.
-    const inBacklog = config.BACKLOG_ADMISSION;
+    const inBacklog = queued && config.BACKLOG_ADMISSION;
     if (inBacklog) {
       // Free room counts only while no job waits longer than its way to a worker (queue/backlog.ts); the script
       // judges that from the queue's waiting count. Unknown: no shortcut.

@@ -29,6 +29,9 @@ import { ChatStream, CompletionStream, type StreamRenderer, TextStream } from '.
 import { type CompletionRender, mergeResults, toTextCompletion } from './completion-format';
 import { parseCompletion } from './completion-params';
 import { type PartRenderer, playParts, type StreamPart } from './stream-parts';
+import type { Breakers, Permit } from '../routing/breaker';
+import { answerWithFallback } from '../routing/fallback';
+import type { RoutingTable } from '../routing/table';
 
 export interface ChatPipelineDeps {
   config: Config;
@@ -36,6 +39,9 @@ export interface ChatPipelineDeps {
   chat: ChatService;
   filter: OutputFilter;
   records: StreamRecords;
+  /** Which source serves a model and what answers when it fails (routing/fallback.ts). */
+  routing: RoutingTable;
+  breakers: Breakers;
 }
 
 /** Which event shape a stream renders (see services/chat-stream.ts). */
@@ -47,10 +53,19 @@ export type ResumableShape = StreamRecord['shape'];
 export class ChatPipeline {
   constructor(private readonly deps: ChatPipelineDeps) {}
 
-  /** POST /v1/chat/completions: JSON or SSE, from the cache or a job. */
-  async completions(body: unknown, res: Response, ctx: RequestContext, opts: GovernOptions): Promise<void> {
+  /**
+   * POST /v1/chat/completions: JSON or SSE, from the cache, a job or an upstream; a model of the routing table through
+   * its fallback chain and breakers (routing/fallback.ts).
+   */
+  completions(body: unknown, res: Response, ctx: RequestContext, opts: GovernOptions): Promise<void> {
+    return answerWithFallback(this.deps, body, res, ctx, (b, permit) => this.answer(b, res, ctx, opts, permit));
+  }
+
+  /** One model's answer; the run reports to `permit`, its model's breaker. */
+  private async answer(body: unknown, res: Response, ctx: RequestContext, opts: GovernOptions, permit: Permit | null): Promise<void> {
     const a = await this.deps.admission.admit(body, res, ctx, opts);
     const p = a.prepared;
+    if (permit) p.permit = permit;
     if (!p.stream) {
       res.json(toChatCompletion(p.meta, await this.result(a, ctx), p.wantLogprobs, p.parseToolCalls));
       return;

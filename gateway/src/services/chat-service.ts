@@ -23,6 +23,9 @@ import type { JobPlacement } from '../queue/job-queue';
 import { JobRun, type RunDeps, type RunOutcome } from '../queue/job-run';
 import { isReady } from '../queue/redis';
 import type { StreamAttachments } from '../resume/attachments';
+import { isTargetFailure, type Permit } from '../routing/breaker';
+import type { RoutingTable } from '../routing/table';
+import { runUpstream, type UpstreamRequest, type UpstreamRoute } from '../routing/upstream';
 import { storedEventsMaxBytes } from '../resume/stream-record';
 import type { CompletionMeta } from './chat-format';
 import { requestedMaxTokens, toChatJob } from './chat-params';
@@ -71,11 +74,19 @@ export interface PreparedChat {
   parseToolCalls: boolean;
   /** Where the job goes in the queue (the caller's tier); absent = FIFO. */
   placement?: JobPlacement;
+  /** Set when an external upstream answers instead of a job (routing/upstream.ts): there is no queue then. */
+  upstream?: UpstreamRequest;
+  /** The circuit breaker this run reports to (routing/breaker.ts), set by the pipeline's fallback chain. */
+  permit?: Permit;
 }
 
 /** A parsed request of either endpoint, as the shared preparation takes it. */
 interface PromptRequest {
+  /** The queue (the workers' model id), and the name the client asked for (the response's `model`). */
   model: string;
+  publicName: string;
+  /** The pool is an entry of the routing table: with no live worker it is unavailable (503), not unknown (404). */
+  routed?: boolean;
   /** A chat (rendered with the model's template) or a raw prompt (sent as is): the job carries one of the two. */
   input: { messages: JobMessage[] } | { prompt: string };
   params: Omit<JobParams, 'max_tokens'>;
@@ -96,6 +107,8 @@ export interface ChatServiceDeps {
   queues: JobQueues;
   bus: JobEventBus;
   attachments: StreamAttachments;
+  /** Which source serves each public model name (routing/table.ts). */
+  routing: RoutingTable;
   logger: Logger;
 }
 
@@ -126,9 +139,18 @@ export class ChatService {
   async prepare(body: unknown, ctx: RequestContext): Promise<PreparedChat> {
     const req = parseOrThrow(chatCompletionRequestSchema, body);
     logUnknown(ctx, req, KNOWN_REQUEST_FIELDS);
+    const route = this.deps.routing.route(req.model);
     const { tools, params, messages } = toChatJob(req);
+    if (route.kind === 'upstream') {
+      if (tools !== null) {
+        throw new ApiError('unsupported_parameter', `'tools' are not passed to upstream models yet; the model '${req.model}' is served by an upstream.`, { param: 'tools' });
+      }
+      return this.prepareUpstream(ctx, route, body as Record<string, unknown>, { messages, params, requested: requestedMaxTokens(req), stream: req.stream === true, includeUsage: req.stream_options?.include_usage === true });
+    }
     return this.prepareInput(ctx, {
-      model: req.model,
+      model: route.queue,
+      publicName: route.publicName,
+      routed: route.breaker !== null,
       input: { messages },
       parseToolCalls: tools !== null,
       params,
@@ -147,8 +169,14 @@ export class ChatService {
     const c = parseCompletion(body);
     if (c.prompts.length !== 1) throw new Error('prepareCompletion takes one prompt: lists are split by the pipeline');
     logUnknown(ctx, c.req, KNOWN_COMPLETION_FIELDS);
+    const route = this.deps.routing.route(c.req.model);
+    if (route.kind === 'upstream') {
+      throw new ApiError('invalid_value', `The model '${c.req.model}' is served by an upstream, which this server reaches on /v1/chat/completions only.`, { param: 'model' });
+    }
     return this.prepareInput(ctx, {
-      model: c.req.model,
+      model: route.queue,
+      publicName: route.publicName,
+      routed: route.breaker !== null,
       input: { prompt: c.prompts[0] },
       params: c.params,
       requested: c.req.max_tokens ?? null,
@@ -163,7 +191,7 @@ export class ChatService {
     const { config } = this.deps;
     const { params } = r;
     const param = 'messages' in r.input ? 'messages' : 'prompt';
-    const model = await this.liveModel(r.model);
+    const model = await this.liveModel(r.model, r.routed === true);
     if (model.maxBatch !== null && params.n > model.maxBatch) {
       // More choices than a worker's batch holds can never run as sized: refused before a job exists.
       throw new ApiError('invalid_value', `Invalid 'n': this model runs at most ${model.maxBatch} sequences at once, so n may be at most ${model.maxBatch}.`, {
@@ -213,7 +241,7 @@ export class ChatService {
     setImmediate(() => ctx.log.info('chat request accepted', { ...accepted, ...(config.LOG_PROMPTS ? r.input : {}) }));
     ctx.stamps?.mark('prepared');
     return {
-      meta: { id, created: Math.floor(now / 1000), model: model.id },
+      meta: { id, created: Math.floor(now / 1000), model: r.publicName },
       data,
       stream: data.stream,
       includeUsage: r.includeUsage,
@@ -221,6 +249,45 @@ export class ChatService {
       slots: model.slots,
       promptParam: param,
       parseToolCalls: r.parseToolCalls === true,
+    };
+  }
+
+  /**
+   * A chat an external upstream answers (routing/upstream.ts): checked by the same schema and parameter table as ours
+   * (so that a cache key and the token estimate mean the same), but nothing is tokenized: there is no tokenizer of the
+   * upstream's model here. The prompt is estimated at ~4 characters per token for the token budget; the upstream's
+   * reported usage replaces the estimate when the answer is in (Admitted.finish).
+   */
+  private prepareUpstream(ctx: RequestContext, route: UpstreamRoute, body: Record<string, unknown>, r: UpstreamInput): PreparedChat {
+    const { config } = this.deps;
+    const chars = r.messages.reduce((n, m) => n + m.content.length, 0);
+    const promptTokens = Math.ceil(chars / 4) + 4 * r.messages.length;
+    const now = Date.now();
+    const id = `chatcmpl-${randomBytes(16).toString('hex')}`;
+    const data: JobData = {
+      v: PROTOCOL_VERSION,
+      request_id: ctx.requestId,
+      model: route.publicName,
+      messages: r.messages,
+      // max_tokens only sizes the estimate: the upstream gets the client's own (none: its default).
+      params: { ...r.params, max_tokens: r.requested ?? config.DEFAULT_MAX_TOKENS },
+      stream: r.stream,
+      prompt_tokens: promptTokens,
+      enqueued_at_ms: now,
+      deadline_ms: now + config.REQUEST_TIMEOUT_MS,
+    };
+    const accepted = { jobId: id, model: route.publicName, upstream: route.upstream.name, stream: r.stream, promptTokensEstimate: promptTokens };
+    setImmediate(() => ctx.log.info('chat request accepted', { ...accepted, ...(config.LOG_PROMPTS ? { messages: r.messages } : {}) }));
+    return {
+      meta: { id, created: Math.floor(now / 1000), model: route.publicName },
+      data,
+      stream: r.stream,
+      includeUsage: r.includeUsage,
+      wantLogprobs: r.params.logprobs,
+      slots: null,
+      promptParam: 'messages',
+      parseToolCalls: false,
+      upstream: { route, body, stream: r.stream, promptTokensEstimate: promptTokens },
     };
   }
 
@@ -244,6 +311,41 @@ export class ChatService {
    * `resumable` run (a /v1 stream) only after the resume grace, and only if no client is attached to it by then.
    */
   async run(p: PreparedChat, ctx: RequestContext, hooks: RunHooks = {}, opts: { resumable?: boolean } = {}): Promise<RunOutcome> {
+    if (!p.permit) return this.runSource(p, ctx, hooks, opts);
+    // The breaker learns from this run: its time to the first output, or whether its failure was the target's.
+    const permit = p.permit;
+    const startedMs = Date.now();
+    let firstMs: number | null = null;
+    // Without deltas (a whole answer) the first output is the answer itself.
+    const forward = hooks.onDelta;
+    const onDelta: RunHooks['onDelta'] = forward
+      ? (index, text, lp, seq) => {
+          if (firstMs === null && text.length > 0) firstMs = Date.now();
+          forward(index, text, lp, seq);
+        }
+      : undefined;
+    try {
+      const outcome = await this.runSource(p, ctx, { ...hooks, onDelta }, opts);
+      permit.success((firstMs ?? Date.now()) - startedMs);
+      return outcome;
+    } catch (err) {
+      if (isTargetFailure(err)) permit.failure();
+      else permit.release();
+      throw err;
+    }
+  }
+
+  /** The source itself: the upstream's answer, or the job. */
+  private async runSource(p: PreparedChat, ctx: RequestContext, hooks: RunHooks, opts: { resumable?: boolean }): Promise<RunOutcome> {
+    if (p.upstream) {
+      try {
+        const outcome = await runUpstream(p.upstream, ctx, hooks);
+        this.logDone(ctx, p, outcome.result.usage.completion_tokens, outcome.result.choices.map((c) => c.finish_reason), outcome.result);
+        return outcome;
+      } catch (err) {
+        throw clientError(err, ctx.signal, p.promptParam);
+      }
+    }
     const { config } = this.deps;
     const maxBytes = storedEventsMaxBytes(config);
     const resumable = opts.resumable === true && maxBytes > 0;
@@ -267,8 +369,14 @@ export class ChatService {
    * job is gone, 409 when it ran without storing its events, 410 when they were cut at their bound. A resumed stream
    * holds a lease on its job and gives its job the same grace when its own client goes.
    */
-  async attach(target: AttachTarget, ctx: RequestContext, hooks: RunHooks = {}): Promise<RunOutcome> {
+  async attach(asked: AttachTarget, ctx: RequestContext, hooks: RunHooks = {}): Promise<RunOutcome> {
     const { redis, queues } = this.deps;
+    // The record names the model as the client saw it (a public name of the routing table): its job is in that pool's queue.
+    const route = this.deps.routing.route(asked.model);
+    if (route.kind === 'upstream') {
+      throw new ApiError('stream_not_resumable', `The model '${asked.model}' is served by an upstream, whose streams are not stored: this one cannot be resumed.`);
+    }
+    const target = { ...asked, model: route.queue };
     const run = new JobRun(this.runDeps(), target.jobId, { ...target, request_id: ctx.requestId }, { onDelta: hooks.onDelta, onStarted: hooks.onStarted });
     const stored = await run.attach(() => redis.lrange(eventsKey(target.jobId), 0, -1));
     if (stored.length === 0) {
@@ -332,13 +440,16 @@ export class ChatService {
     };
   }
 
-  /** A live model, or: 503 when it is ours but no worker serves it right now, 404 when we never heard of it. */
-  private async liveModel(id: string) {
+  /**
+   * A live model, or: 503 when it is ours but no worker serves it right now (`routed`: a pool of the routing table is
+   * ours by definition), 404 when we never heard of it.
+   */
+  private async liveModel(id: string, routed: boolean) {
     const { redis, registry, config } = this.deps;
     if (!isReady(redis)) throw redisUnavailable();
     const model = await registry.model(id);
     if (model) return model;
-    const known = id === config.DEFAULT_MODEL || (await redis.exists(tokenizerKey(id))) === 1;
+    const known = routed || id === config.DEFAULT_MODEL || (await redis.exists(tokenizerKey(id))) === 1;
     if (known) {
       throw new ApiError('no_worker_available', `No worker is serving the model '${id}' right now. Please retry shortly.`, {
         retryAfterMs: Math.min(config.HEARTBEAT_TTL_MS, 5000),
@@ -375,6 +486,14 @@ export class ChatService {
       ...(this.deps.config.LOG_PROMPTS ? { output: result.choices.map((c) => c.text) } : {}),
     });
   }
+}
+
+interface UpstreamInput {
+  messages: JobMessage[];
+  params: Omit<JobParams, 'max_tokens'>;
+  requested: number | null;
+  stream: boolean;
+  includeUsage: boolean;
 }
 
 /** Fields OpenAI does not define are ignored, as vLLM does; logged so that a misspelt one can be found. */

@@ -1,0 +1,264 @@
+/**
+ * The upstream source (routing/table.ts): a chat request answered by an external OpenAI-compatible server (vLLM, TGI,
+ * a hosted API) instead of a job. It is one more source of the same result type as a job or a cached answer (STYLE.md
+ * habit 9): its deltas go to the same hooks as a worker's, so the same renderers, output filter, usage accounting,
+ * cache and metrics apply, and the response's `model` is ours (the public name), not the upstream's.
+ *
+ * Why not http-proxy-middleware: it pipes the upstream's bytes to the client, and rewriting them needs its
+ * responseInterceptor, which hands over the whole body as one Buffer once the upstream has finished, i.e. no streaming.
+ * We must read each event anyway (usage for the token budget, the usage chunk dropped when the client did not ask for
+ * it, the `model` field, in-stream errors), so the request is made with Node's fetch (undici) and the stream read
+ * event by event: each delta reaches the client as soon as it is parsed, nothing waits for the end.
+ *
+ * A client that goes away aborts the upstream request (ctx.signal → fetch's signal: the connection is closed).
+ * `timeout_ms` bounds the wait for the response headers and then for each next chunk.
+ */
+import { ApiError } from '../errors';
+import type { JobResult, TokenLogprob } from '../protocol/job';
+import type { RunOutcome } from '../queue/job-run';
+import type { Logger } from '../logger';
+import type { Route } from './table';
+
+/** What a run needs of its request (services/chat-service.ts RequestContext; not imported: the service imports us). */
+export interface UpstreamContext {
+  requestId: string;
+  log: Logger;
+  /** The client's leaving aborts it: the upstream request is aborted with it. */
+  signal: AbortSignal;
+}
+
+/** The run hooks of services/chat-service.ts that an upstream's answer calls. */
+export interface UpstreamHooks {
+  onDelta?(index: number, text: string, logprobs: TokenLogprob[] | null, seq: number): void;
+  /** The upstream answered 200: a stream's headers may go out. */
+  onEnqueued?(): void;
+}
+
+export type UpstreamRoute = Extract<Route, { kind: 'upstream' }>;
+
+export interface UpstreamRequest {
+  route: UpstreamRoute;
+  /** The client's request body as validated (unknown fields included): sent on with `model` rewritten. */
+  body: Record<string, unknown>;
+  stream: boolean;
+  /** Our estimate of the prompt's tokens: the usage reported when the upstream reports none. */
+  promptTokensEstimate: number;
+}
+
+interface Choice {
+  text: string;
+  finish: string | null;
+  logprobs: TokenLogprob[] | null;
+}
+
+type Json = Record<string, unknown>;
+const isObject = (v: unknown): v is Json => typeof v === 'object' && v !== null && !Array.isArray(v);
+
+/** Runs one request against its upstream; resolves as a job's run does (its result, nothing left to render). */
+export async function runUpstream(u: UpstreamRequest, ctx: UpstreamContext, hooks: UpstreamHooks = {}): Promise<RunOutcome> {
+  const { upstream } = u.route;
+  const body: Json = { ...u.body, model: u.route.upstreamModel, stream: u.stream };
+  // Usage is what the token budget is charged: always asked for; the renderer shows it only when the client asked.
+  if (u.stream) body.stream_options = { ...(isObject(u.body.stream_options) ? u.body.stream_options : {}), include_usage: true };
+  const idle = new IdleTimeout(upstream.timeoutMs);
+  const signal = AbortSignal.any([ctx.signal, idle.signal]);
+  const fail = (err: unknown): never => {
+    throw upstreamFailure(err, ctx.signal, idle, upstream.name);
+  };
+  try {
+    const resp = await fetch(`${upstream.baseUrl}/chat/completions`, {
+      method: 'POST',
+      headers: {
+        'content-type': 'application/json',
+        accept: u.stream ? 'text/event-stream' : 'application/json',
+        'x-request-id': ctx.requestId,
+        ...(upstream.apiKey ? { authorization: `Bearer ${upstream.apiKey}` } : {}),
+      },
+      body: JSON.stringify(body),
+      signal,
+    }).catch(fail);
+    idle.touch();
+    if (!resp.ok) throw await refusal(resp, upstream.name);
+    hooks.onEnqueued?.();
+    const choices = new Map<number, Choice>();
+    let usage: JobResult['usage'] | null = null;
+    let seq = 0;
+    if (!u.stream) {
+      const json = await resp.json().catch(fail);
+      usage = readBody(json, choices);
+    } else {
+      for await (const data of sseData(resp.body!, () => idle.touch())) {
+        if (data === '[DONE]') break;
+        let event: unknown;
+        try {
+          event = JSON.parse(data);
+        } catch {
+          throw new ApiError('upstream_error', `The upstream '${upstream.name}' sent an event that is not JSON.`);
+        }
+        if (isObject(event) && isObject(event.error)) throw inStreamError(event.error, upstream.name);
+        seq += 1;
+        usage = readChunk(event, choices, (index, text, lp) => hooks.onDelta?.(index, text, lp, seq)) ?? usage;
+      }
+    }
+    const result: JobResult = {
+      choices: [...choices.entries()].map(([index, c]) => ({ index, text: c.text, finish_reason: c.finish ?? 'stop', logprobs: c.logprobs })),
+      usage: usage ?? estimatedUsage(u, choices),
+    };
+    if (!usage) ctx.log.warn('upstream reported no usage: estimated from characters', { upstream: upstream.name });
+    return { result, rest: [], seq: seq + 1 };
+  } catch (err) {
+    return fail(err);
+  } finally {
+    idle.clear();
+  }
+}
+
+/** The SSE `data:` payloads of a response body, one per event, as they arrive; `onChunk` on every network chunk. */
+async function* sseData(body: ReadableStream<Uint8Array>, onChunk: () => void): AsyncGenerator<string> {
+  const decoder = new TextDecoder();
+  let buffered = '';
+  for await (const chunk of body) {
+    onChunk();
+    buffered += decoder.decode(chunk, { stream: true });
+    let end: number;
+    while ((end = buffered.search(/\r?\n\r?\n/)) >= 0) {
+      const block = buffered.slice(0, end);
+      buffered = buffered.slice(end).replace(/^\r?\n\r?\n/, '');
+      const data = block
+        .split(/\r?\n/)
+        .filter((line) => line.startsWith('data:'))
+        .map((line) => line.slice(5).replace(/^ /, ''))
+        .join('\n');
+      if (data.length > 0) yield data;
+    }
+    // An event is a few hundred bytes; a "line" without end this long is not SSE.
+    if (buffered.length > 1024 * 1024) throw new ApiError('upstream_error', 'The upstream sent an event over 1 MiB.');
+  }
+}
+
+const choiceOf = (choices: Map<number, Choice>, index: number): Choice => {
+  let c = choices.get(index);
+  if (!c) choices.set(index, (c = { text: '', finish: null, logprobs: null }));
+  return c;
+};
+
+const tokenLogprobs = (lp: unknown): TokenLogprob[] | null =>
+  isObject(lp) && Array.isArray(lp.content) ? (lp.content as TokenLogprob[]) : null;
+
+/** One chat.completion.chunk: its deltas to `onDelta` (an empty one opens its choice), its usage when it has one. */
+function readChunk(event: unknown, choices: Map<number, Choice>, onDelta: (index: number, text: string, lp: TokenLogprob[] | null) => void): JobResult['usage'] | null {
+  if (!isObject(event)) return null;
+  for (const raw of Array.isArray(event.choices) ? event.choices : []) {
+    if (!isObject(raw)) continue;
+    const index = typeof raw.index === 'number' ? raw.index : 0;
+    const c = choiceOf(choices, index);
+    const delta = isObject(raw.delta) ? raw.delta : {};
+    const text = typeof delta.content === 'string' ? delta.content : '';
+    const lp = tokenLogprobs(raw.logprobs);
+    c.text += text;
+    if (lp) c.logprobs = [...(c.logprobs ?? []), ...lp];
+    onDelta(index, text, lp);
+    if (typeof raw.finish_reason === 'string') c.finish = raw.finish_reason;
+  }
+  return usageOf(event.usage);
+}
+
+/** A whole chat.completion: its choices, and its usage. */
+function readBody(json: unknown, choices: Map<number, Choice>): JobResult['usage'] | null {
+  if (!isObject(json) || !Array.isArray(json.choices)) throw new ApiError('upstream_error', 'The upstream answered with a body that is not a chat completion.');
+  for (const raw of json.choices) {
+    if (!isObject(raw)) continue;
+    const c = choiceOf(choices, typeof raw.index === 'number' ? raw.index : 0);
+    const message = isObject(raw.message) ? raw.message : {};
+    c.text = typeof message.content === 'string' ? message.content : '';
+    c.logprobs = tokenLogprobs(raw.logprobs);
+    c.finish = typeof raw.finish_reason === 'string' ? raw.finish_reason : null;
+  }
+  return usageOf(json.usage);
+}
+
+function usageOf(u: unknown): JobResult['usage'] | null {
+  if (!isObject(u)) return null;
+  const int = (v: unknown) => (typeof v === 'number' && Number.isInteger(v) && v >= 0 ? v : null);
+  const prompt = int(u.prompt_tokens);
+  const completion = int(u.completion_tokens);
+  return prompt === null || completion === null ? null : { prompt_tokens: prompt, completion_tokens: completion };
+}
+
+/** An upstream that reports no usage is still charged: our prompt estimate, and ~4 characters per generated token. */
+function estimatedUsage(u: UpstreamRequest, choices: Map<number, Choice>): JobResult['usage'] {
+  let chars = 0;
+  for (const c of choices.values()) chars += c.text.length;
+  return { prompt_tokens: u.promptTokensEstimate, completion_tokens: Math.ceil(chars / 4) };
+}
+
+/** The upstream's error answer in our error shape, with its status where the status is about the request. */
+async function refusal(resp: Response, name: string): Promise<ApiError> {
+  const text = await resp.text().catch(() => '');
+  let message = `The upstream '${name}' answered ${resp.status}.`;
+  let param: string | null = null;
+  try {
+    const body = JSON.parse(text) as unknown;
+    const e = isObject(body) && isObject(body.error) ? body.error : isObject(body) ? body : null;
+    if (e && typeof e.message === 'string') message = `The upstream '${name}' answered ${resp.status}: ${e.message}`;
+    if (e && typeof e.param === 'string') param = e.param;
+  } catch {
+    // not JSON: the status says enough (the body may be an HTML error page of a proxy)
+  }
+  const s = resp.status;
+  const retryAfterMs = retryAfter(resp.headers);
+  if (s === 429) return new ApiError('upstream_rate_limited', message, { retryAfterMs: retryAfterMs ?? 1000 });
+  // 401/403: the upstream refused *our* credential: a fault of this server's configuration, not of the client's key.
+  if (s === 401 || s === 403) return new ApiError('upstream_error', `The upstream '${name}' refused this server's credential (${s}).`);
+  if (s >= 400 && s < 500) return new ApiError('upstream_invalid_request', message, { param, status: s });
+  if (s === 503 || s === 504) return new ApiError(s === 503 ? 'upstream_unavailable' : 'upstream_timeout', message, { retryAfterMs: retryAfterMs ?? 1000 });
+  return new ApiError('upstream_error', message);
+}
+
+function retryAfter(h: Headers): number | undefined {
+  const ms = Number(h.get('retry-after-ms'));
+  if (Number.isFinite(ms) && ms > 0) return ms;
+  const s = Number(h.get('retry-after'));
+  return Number.isFinite(s) && s > 0 ? s * 1000 : undefined;
+}
+
+function inStreamError(e: Json, name: string): ApiError {
+  return new ApiError('upstream_error', `The upstream '${name}' failed mid-stream: ${typeof e.message === 'string' ? e.message : 'no message'}`);
+}
+
+/** Any failure of the exchange as the client reads it: its own leaving, our timeout, the upstream unreachable. */
+function upstreamFailure(err: unknown, client: AbortSignal, idle: IdleTimeout, name: string): ApiError {
+  if (err instanceof ApiError) return err;
+  if (client.aborted) return new ApiError('cancelled', 'The client closed the request.', { cause: err });
+  if (idle.fired) return new ApiError('upstream_timeout', `The upstream '${name}' did not answer within ${idle.ms} ms.`, { retryAfterMs: 1000, cause: err });
+  return new ApiError('upstream_unavailable', `The upstream '${name}' could not be reached.`, { retryAfterMs: 1000, cause: err });
+}
+
+/** Aborts its signal when `touch` has not been called for `ms`. */
+class IdleTimeout {
+  private readonly ctl = new AbortController();
+  private timer: NodeJS.Timeout | null = null;
+  fired = false;
+
+  constructor(readonly ms: number) {
+    this.touch();
+  }
+
+  get signal(): AbortSignal {
+    return this.ctl.signal;
+  }
+
+  touch(): void {
+    this.clear();
+    this.timer = setTimeout(() => {
+      this.fired = true;
+      this.ctl.abort('upstream timeout');
+    }, this.ms);
+    this.timer.unref();
+  }
+
+  clear(): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+  }
+}
