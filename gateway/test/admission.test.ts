@@ -18,7 +18,7 @@ let worker: FakeWorker;
 
 beforeAll(async () => {
   gw = await startGateway(redis.url, { DEFAULT_MODEL: MODEL, ADMIN_API_KEY: ADMIN, MAX_QUEUE_DEPTH: '100' });
-  worker = new FakeWorker({ redisUrl: redis.url, model: MODEL, contextLength: 400 });
+  worker = new FakeWorker({ redisUrl: redis.url, model: MODEL, contextLength: 1000 });
   await worker.start();
 });
 redis.beforeStop(async () => {
@@ -29,19 +29,26 @@ redis.beforeStop(async () => {
 it('a Redis error while reading the queue depth releases the concurrency slot and refunds the tokens', async () => {
   const created = await request(gw.url).post('/admin/keys').set({ authorization: `Bearer ${ADMIN}` }).send({ name: 'one-slot', max_concurrent: 1, tpm: 1000 });
   const key = created.body.key as string;
-  const send = () => request(gw.url).post('/v1/chat/completions').set({ authorization: `Bearer ${key}` })
-    .send({ model: MODEL, messages: [{ role: 'user', content: 'Hi' }], max_tokens: 100 });
+  const send = (maxTokens: number) => request(gw.url).post('/v1/chat/completions').set({ authorization: `Bearer ${key}` })
+    .send({ model: MODEL, messages: [{ role: 'user', content: 'Hi' }], max_tokens: maxTokens });
   const wait = `bull:${queueName(MODEL)}:wait`;
   await redis.client.set(wait, 'not a list'); // LLEN now fails with WRONGTYPE
-  const failed = await send();
+  // An estimate of most of the budget (prompt + 900 of 1000 tokens): leaked, the next request would not fit.
+  const failed = await send(900);
   expect(failed.status).toBe(500);
   await redis.client.del(wait);
-  // The one slot is free again and the estimate (prompt + 100) was refunded: the next request is admitted at once.
-  const ok = await send();
+  // The one slot is free again and the estimate was refunded: the next request is admitted at once.
+  const sentAt = Date.now();
+  const ok = await send(100);
   expect(ok.status).toBe(200);
-  // The correction to real usage is written just after the response: wait for it (a leak would never get there).
+  // The correction to real usage is written just after the response: wait for it. The bucket refills meanwhile (1000
+  // per 60 s window, ~17 tokens/s), so the remainder may be up to that much above; the 900 a leak would hold back
+  // take ~54 s to refill, far longer than this waits.
+  const used = ok.body.usage.total_tokens as number;
   await waitFor(async () => {
     const models = await request(gw.url).get('/v1/models').set({ authorization: `Bearer ${key}` });
-    return Number(models.headers['x-ratelimit-remaining-tokens']) === 1000 - ok.body.usage.total_tokens;
-  }, undefined, 'the refund and the real usage in the token budget');
+    const remaining = Number(models.headers['x-ratelimit-remaining-tokens']);
+    const refill = Math.ceil(((Date.now() - sentAt) * 1000) / 60_000) + 1;
+    return remaining >= 1000 - used && remaining <= 1000 - used + refill;
+  }, 20_000, 'the refund and the real usage in the token budget');
 });
