@@ -12,7 +12,7 @@
  *     text.
  */
 import os from 'node:os';
-import { sleep, waitFor } from '../e2e/fault-stack';
+import { JobWatcher, sleep, waitFor } from '../e2e/fault-stack';
 import { figure, pick } from './support/figures';
 import { markedChat, marker, stream, type StreamResult, type Target } from './support/load';
 import { type ReliabilityStack, startStack } from './support/stack';
@@ -30,12 +30,17 @@ jest.setTimeout(pick({ short: 240_000, full: 420_000 }));
 
 let rs: ReliabilityStack;
 let targets: Target[];
+let watcher: JobWatcher;
 
 beforeAll(async () => {
   rs = await startStack({ gateways: 2, workers: 1, standin: true });
   targets = rs.targets;
+  // Follows every job's channel from the worker's side; it resubscribes by itself once Redis is back.
+  watcher = new JobWatcher(rs.stack.redisUrl);
+  await watcher.start();
 });
 afterAll(async () => {
+  watcher?.close();
   await rs?.stack.stop();
 });
 
@@ -121,6 +126,13 @@ test(`Redis killed under ${LOAD} streams for ${OUTAGE_MS / 1000} s: refused fast
     expect(['done', 'error-event']).toContain(r.end);
     if (r.end === 'error-event') expect(r.error).toMatchObject({ type: expect.any(String), message: expect.any(String), code: expect.any(String) });
   }
+  // A stream that ended with an error must not leave its generation running for nobody: the worker stops each such
+  // job (cancelled) well before its LONG_TOKENS would have ended it.
+  const errored = ends.filter((r) => r.end === 'error-event').map((r) => r.completionId!);
+  const stopped = () => errored.filter((id) => watcher.jobs.get(id)?.end?.type === 'error');
+  await waitFor(() => errored.every((id) => watcher.jobs.get(id)?.end), 60_000, 'the errored streams\' jobs to end on the worker').catch(() => undefined);
+  figure(PART, 'errored streams whose job the worker stopped (not run to max_tokens)', `${stopped().length}/${errored.length}`, '');
+  expect(stopped()).toEqual(errored);
 
   // Everything serves again by itself: a new round of LOAD streams, each with its own marker.
   const after = await within(Promise.all(Array.from({ length: LOAD }, (_, i) =>
