@@ -6,7 +6,8 @@
  *   - requests made during the outage get 503 with retry-after and an OpenAI error body, promptly (figure: the slowest
  *     answer), never a hang;
  *   - every stream that was in flight ends with [DONE] or a clean error event (OpenAI shape), none cut silently and
- *     none left hanging;
+ *     none left hanging, and the job of every stream that ended with an error is stopped on the worker (cancelled,
+ *     not run to max_tokens for nobody);
  *   - with no restart of any gateway or worker, requests succeed again (figure: seconds from Redis answering again to
  *     the first successful request), /ready is 200 again, and a new round of LOAD streams all complete with their own
  *     text.
