@@ -115,6 +115,13 @@ export class FaultStack {
     this.redis ??= new Redis(this.redisUrl, { maxRetriesPerRequest: null, retryStrategy: () => 100 });
   }
 
+  /** SIGKILL only: Redis stays down until startRedis() (same port, empty), for an outage of a chosen length. */
+  async killRedis(): Promise<void> {
+    const p = this.redisProc!;
+    process.kill(p.child.pid!, 'SIGKILL');
+    await p.exited;
+  }
+
   /** SIGKILL, then the same port again: every key, lock, script and subscription on the server is gone. */
   async restartRedis(): Promise<void> {
     const p = this.redisProc!;

@@ -25,6 +25,8 @@ const inFlightKey = (address: string) => `llm:authfail:{${address}}:checking`;
 const CHECK_LEASE_MS = 10_000;
 /** How long a check waits for the address's checks in flight to settle before it is refused. */
 const MAX_WAIT_MS = 2000;
+/** ioredis states between losing the connection and having it again. */
+const LOST = new Set(['reconnecting', 'close', 'end']);
 
 export class AuthFailureLimiter {
   constructor(
@@ -58,6 +60,10 @@ export class AuthFailureLimiter {
 
   /** Returns whether a reservation was taken (false: none needed, or Redis unavailable). */
   private async reserve(address: string, member: string, isKnown: () => boolean): Promise<boolean> {
+    // Redis lost and not back yet: let the request through at once (as on an error below) rather than wait for the
+    // next reconnect attempt (up to 2 s, queue/redis.ts) to fail the script; a request that needs Redis then gets its
+    // 503 without that wait. A first connection (start-up) is waited for: it is not an outage.
+    if (LOST.has(this.redis.status)) return false;
     const keys = [failuresKey(address), inFlightKey(address)];
     const started = Date.now();
     for (let pause = 2; ; pause = Math.min(pause * 2, 50)) {

@@ -315,7 +315,9 @@ export class JobRun {
       if (this.settled || this.removing) return;
       if (snap === null) {
         // The job is gone from Redis: a Redis restart without persistence (or a flush) took it. Nothing about the
-        // request was wrong, and a retry will be served: a retryable 503, never a 500.
+        // request was wrong, and a retry will be served: a retryable 503, never a 500. A worker may still be running it
+        // (generation goes on through an outage): tell it to stop, or it runs to max_tokens for nobody.
+        this.deps.queues.cancel(this.data.model, this.jobId).catch((err) => this.log.warn('cancel failed', { err: String(err) }));
         return this.fail(new ApiError('redis_unavailable', 'The request was lost when the queue store restarted. Please retry.', { retryAfterMs: 1000 }));
       }
       if (snap.state === 'completed') this.finishFromStored(snap.returnvalue);

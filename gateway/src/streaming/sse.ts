@@ -29,8 +29,13 @@ export interface SseOptions {
   cursor?: EventCursor;
 }
 
-/** How long an overflowed stream's last events may take to leave before the connection is dropped. */
-const OVERFLOW_DRAIN_MS = 10_000;
+/**
+ * How long an overflowed stream's last events (what was buffered, then the error event and [DONE]) may take to leave
+ * before the connection is dropped. A reader that pauses for a minute (issue 12's slow readers; an app sent to the
+ * background) still learns why its stream ended when it reads again, instead of a silent cut; one gone for good holds
+ * at most its capped buffer (the job is already cancelled) until then.
+ */
+const OVERFLOW_DRAIN_MS = 120_000;
 
 export class SseWriter {
   private keepAlive: NodeJS.Timeout | null = null;
