@@ -2,6 +2,7 @@
 // set to 0 (a dropped stream is cancelled at once). The workers' running sequences must be back to 0 within 1 s: no
 // abandoned generation goes on burning the engine. Read from the workers' own /metrics (llm_worker_running_sequences,
 // refreshed every 250 ms), polled every 50 ms.
+import { setMaxListeners } from 'node:events';
 import { figure, pick } from './support/figures';
 import { marker, markedChat, stream } from './support/load';
 import { startStack, type ReliabilityStack } from './support/stack';
@@ -46,6 +47,7 @@ async function engineLoad(): Promise<number> {
 test(`${CLIENTS} clients abort mid-stream at once (grace 0): the workers' running sequences are 0 within 1 s`, async () => {
   const { stack } = rs;
   const abort = new AbortController();
+  setMaxListeners(CLIENTS + 10, abort.signal); // one listener per client, by design
   const live = new Set<number>();
   const runs = Array.from({ length: CLIENTS }, (_, i) =>
     stream(rs.targets[i % 2], markedChat(stack.model, marker(RUN, i), MAX_TOKENS), { signal: abort.signal, onChunk: (r) => r.content && live.add(i) }),
