@@ -118,8 +118,10 @@ test(`${STREAMS} concurrent streams for ${DURATION_MS / 1000} s through 2 gatewa
     }
   };
 
-  // Every 2 s: each gateway's RSS and Redis memory. Warm-up is over once every client has started and a full stream
-  // length has passed; RSS is compared as the median of the first 10 s after warm-up against the median of the last 10 s.
+  // Every 2 s: each gateway's RSS and Redis memory. A gateway's RSS swings by ±10 % from one sample to the next under
+  // this load (V8 grows and shrinks its heap with GC; the live JS heap stays flat: in two heap snapshots of a gateway
+  // 160 s and 13,000 streams apart, no constructor's objects grew by more than 0.15 MB), so growth is judged on the median of a window right after warm-up (every client started and a
+  // few stream lengths passed) against the median of the same-sized window at the end.
   const samples: Array<{ at: number; rss: number[]; mem: number }> = [];
   let sampling = true;
   const sampler = (async () => {
@@ -134,11 +136,12 @@ test(`${STREAMS} concurrent streams for ${DURATION_MS / 1000} s through 2 gatewa
   await sampler;
   const elapsedS = (Date.now() - t0) / 1000;
 
+  const windowMs = Math.min(60_000, DURATION_MS / 3);
   const warmAt = t0 + RAMP_MS + Math.min(30_000, DURATION_MS / 3);
   const median = (xs: number[]) => percentile(xs, 50);
   const window = (from: number, to: number) => samples.filter((s) => s.at >= from && s.at < to);
-  const warm = window(warmAt, warmAt + 10_000);
-  const last = window(endAt - 10_000, endAt);
+  const warm = window(warmAt, warmAt + windowMs);
+  const last = window(endAt - windowMs, endAt);
   const rssWarm = stack.gateways.map((_, g) => median(warm.map((s) => s.rss[g])));
   const rssEnd = stack.gateways.map((_, g) => median(last.map((s) => s.rss[g])));
   const peakMem = Math.max(...samples.map((s) => s.mem));
@@ -155,8 +158,10 @@ test(`${STREAMS} concurrent streams for ${DURATION_MS / 1000} s through 2 gatewa
   figure(PART, 'TTFT p50', Math.round(percentile(ttfts, 50)), 'ms');
   figure(PART, 'TTFT p99', Math.round(percentile(ttfts, 99)), 'ms');
   stack.gateways.forEach((_, g) => {
-    figure(PART, `gateway ${g} RSS after warm-up`, rssWarm[g], 'KiB');
-    figure(PART, `gateway ${g} RSS at the end`, rssEnd[g], 'KiB');
+    const range = (w: typeof samples) => `${Math.min(...w.map((s) => s.rss[g]))}–${Math.max(...w.map((s) => s.rss[g]))}`;
+    figure(PART, `gateway ${g} RSS after warm-up, median of ${windowMs / 1000} s (range)`, `${rssWarm[g]} (${range(warm)})`, 'KiB');
+    figure(PART, `gateway ${g} RSS at the end, median of ${windowMs / 1000} s (range)`, `${rssEnd[g]} (${range(last)})`, 'KiB');
+    figure(PART, `gateway ${g} RSS growth`, ((100 * (rssEnd[g] - rssWarm[g])) / rssWarm[g]).toFixed(1), '%');
   });
 
   // Results and stored events expire; BullMQ removes a finished job older than its retention when the next job of the
