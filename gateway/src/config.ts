@@ -41,6 +41,8 @@ export const configSchema = z.object({
   TOKENIZER_MAX_PENDING: int(1).default(256),
   /** max_tokens when a request sets none; always capped by what the model's context leaves. */
   DEFAULT_MAX_TOKENS: int(1).default(512),
+  /** How long a completed job's result stays in BullMQ (removeOnComplete age; at most the last 1000 are kept). */
+  JOB_RESULT_RETENTION_S: int(1).default(300),
   /** A job that no worker has started after this long is removed: 503 (or an in-stream error). */
   QUEUE_TIMEOUT_MS: int(100).default(30_000),
   /** Whole-request limit; it is the job's deadline_ms, at which the worker cuts generation. */

@@ -13,7 +13,7 @@ import { Lifecycle } from './lifecycle';
 import type { Logger } from './logger';
 import { attachGaugeSource } from './metrics';
 import { JobEventBus } from './queue/job-events';
-import { JobQueues } from './queue/job-queue';
+import { JobQueues, jobOptions } from './queue/job-queue';
 import { createRedis } from './queue/redis';
 import { RoutingTable } from './routing/table';
 import { StreamAttachments } from './resume/attachments';
@@ -44,7 +44,7 @@ export function buildGateway(config: Config, logger: Logger, keys: readonly stri
   });
   registry.onRefresh((workers) => tokenizers.warm(workers));
   registry.start();
-  const queues = new JobQueues(redis, config.REDIS_URL, logger.child({ module: 'queue' }));
+  const queues = new JobQueues(redis, config.REDIS_URL, logger.child({ module: 'queue' }), jobOptions(config.JOB_RESULT_RETENTION_S));
   const bus = new JobEventBus(sub, logger.child({ module: 'events' }));
   const attachments = new StreamAttachments(redis, config.RESUME_GRACE_MS, logger.child({ module: 'resume' }));
   const chat = new ChatService({ config, redis, registry, tokenizers, queues, bus, attachments, routing, logger: logger.child({ module: 'chat' }) });

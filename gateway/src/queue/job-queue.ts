@@ -16,12 +16,17 @@ export interface JobPlacement {
   lifo?: boolean;
 }
 
-/** The job options of docs/PROTOCOL.md: kept only as long as the gateway may need the result. */
-export const JOB_OPTIONS = {
-  removeOnComplete: { age: 300, count: 1000 },
-  removeOnFail: { age: 3600, count: 1000 },
-  attempts: 1,
-} as const;
+/**
+ * The job options of docs/PROTOCOL.md: kept only as long as the gateway may need the result. `completedAgeS` is
+ * JOB_RESULT_RETENTION_S (config.ts); BullMQ applies it when a later job of the queue finishes.
+ */
+export function jobOptions(completedAgeS = 300) {
+  return {
+    removeOnComplete: { age: completedAgeS, count: 1000 },
+    removeOnFail: { age: 3600, count: 1000 },
+    attempts: 1,
+  } as const;
+}
 
 /** How long a first request for a model waits for its queue's connections before answering 503. */
 const READY_TIMEOUT_MS = 5000;
@@ -60,6 +65,7 @@ export class JobQueues {
     private readonly redis: Redis,
     private readonly redisUrl: string,
     private readonly logger: Logger,
+    private readonly options = jobOptions(),
   ) {}
 
   private get(model: string): ModelQueue {
@@ -105,7 +111,7 @@ export class JobQueues {
   async add(model: string, jobId: string, data: JobData, placement: JobPlacement = {}): Promise<void> {
     const mq = this.get(model);
     if (!mq.isReady) await withTimeout(mq.ready, READY_TIMEOUT_MS);
-    await mq.queue.add(JOB_NAME, data, { ...JOB_OPTIONS, jobId, ...placement });
+    await mq.queue.add(JOB_NAME, data, { ...this.options, jobId, ...placement });
   }
 
   /** Removes a job that no worker holds. Returns false when it is active (locked) or already gone. */

@@ -2,7 +2,7 @@
 // what happened), each request carrying a marker of its own so that a lost, duplicated or mixed-up response is seen.
 // Each client records how its stream ended, every event id (for resuming) and when each content delta arrived.
 import http from 'node:http';
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 
 export interface Target {
   url: string;
@@ -37,6 +37,8 @@ export interface StreamResult {
   end: StreamEnd;
   error: { message?: string; type?: string; code?: string | null } | null;
   finishReason: string | null;
+  /** The usage chunk's `completion_tokens` (with `stream_options.include_usage`), null without one. */
+  completionTokens?: number | null;
 }
 
 export interface StreamOptions {
@@ -132,6 +134,7 @@ export function stream(target: Target, body: object | null, opts: StreamOptions 
             return;
           }
           r.completionId ??= ev.id ?? null;
+          if (ev.usage) r.completionTokens = ev.usage.completion_tokens ?? null;
           for (const c of ev.choices ?? []) {
             if (c.delta?.content) {
               r.content += c.delta.content;
@@ -194,4 +197,33 @@ export function percentile(values: number[], p: number): number {
 /** Gaps between consecutive content deltas of one stream (inter-token latency), ms. */
 export function gaps(r: StreamResult): number[] {
   return r.deltaTimes.slice(1).map((t, i) => t - r.deltaTimes[i]);
+}
+
+/**
+ * The pids of a process group (Linux /proc). A gateway started through tsx is two node processes in its own group
+ * (the tsx launcher and the gateway itself); `rssKiB` of the launcher says nothing about the gateway.
+ */
+export function processGroupPids(pgid: number): number[] {
+  const pids: number[] = [];
+  for (const name of readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const f = readFileSync(`/proc/${name}/stat`, 'utf8').split(') ')[1].split(' ');
+      if (Number(f[2]) === pgid) pids.push(Number(name));
+    } catch {
+      // ended between readdir and read
+    }
+  }
+  return pids;
+}
+
+/** The largest resident process of a group (the gateway, not its tsx launcher), in KiB. */
+export function groupMaxRssKiB(pgid: number): number {
+  return Math.max(...processGroupPids(pgid).map((pid) => {
+    try {
+      return rssKiB(pid);
+    } catch {
+      return 0;
+    }
+  }));
 }
