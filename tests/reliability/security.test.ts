@@ -102,7 +102,7 @@ describe.each(['hs', 'rs'] as const)('without a credential (%s configuration)', 
     }
     figure(PART, `${name}: routes checked`, routes.length, 'routes');
     figure(PART, `${name}: unauthenticated or wrongly authenticated calls refused with 401`, refused, 'calls');
-    figure(PART, `${name}: protected routes answering without a valid credential`, open.length, 'routes');
+    figure(PART, `${name}: protected-route calls answered without a valid credential`, open.length, 'calls');
     expect(open).toEqual([]);
   });
 
