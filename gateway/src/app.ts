@@ -3,6 +3,7 @@
  * Order matters: request id → drain guard → unauthenticated probes → auth → body parsing → routes → 404 → errors.
  * Auth runs before the body is read, so an unauthenticated client cannot make us parse megabytes.
  */
+import { isUtf8 } from 'node:buffer';
 import { randomBytes } from 'node:crypto';
 import express, { type Express, type Request, type RequestHandler, type Response } from 'express';
 import type Redis from 'ioredis';
@@ -44,6 +45,10 @@ export interface AppDeps {
 }
 
 const PROBES = new Set(['/health', '/ready']);
+
+function refuseInvalidUtf8(_req: unknown, _res: unknown, body: Buffer): void {
+  if (!isUtf8(body)) throw new ApiError('invalid_json', 'The request body is not valid UTF-8.');
+}
 const VALID_REQUEST_ID = /^[A-Za-z0-9._:\-]{1,128}$/;
 
 /** x-request-id on every response: the client's own when it is sane, else ours. Also the per-request logger/signal. */
@@ -105,7 +110,8 @@ export function createApp(deps: AppDeps): Express {
 
   const gov = deps.governance;
   // Any content type is read as JSON, as OpenAI does; a body that is not a JSON object is a 400 (strict).
-  const jsonBody = express.json({ limit: config.MAX_BODY_BYTES, type: () => true, strict: true });
+  // Bytes that are not UTF-8 are refused (400 invalid_json), not decoded into U+FFFD and passed on as the prompt.
+  const jsonBody = express.json({ limit: config.MAX_BODY_BYTES, type: () => true, strict: true, verify: refuseInvalidUtf8 });
   app.use(adminRoutes(config, gov.keys, deps.redis, failures));
   app.use('/v1', requireAuth(deps.auth, failures), jsonBody, rateLimitHeaders(gov.admission));
   app.use('/chat', requireAuth(deps.auth, failures), jsonBody);

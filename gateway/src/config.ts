@@ -67,6 +67,13 @@ export const configSchema = z.object({
   RESUME_EVENTS_TTL_MS: int(1000).default(600_000),
   /** Bytes of events stored per job; past it the stream can no longer be resumed (410). 0: none stored, no resume. */
   RESUME_EVENTS_MAX_BYTES: int(0).default(1024 * 1024),
+  /**
+   * How long a client may take to send its request's headers, and its whole request (headers and body), before the
+   * connection is answered 408 and closed: a slow-loris client cannot hold sockets open. A response (a long stream
+   * included) is not bounded by either.
+   */
+  HEADERS_TIMEOUT_MS: int(1000).default(60_000),
+  REQUEST_RECEIVE_TIMEOUT_MS: int(1000).default(300_000),
   /** SIGTERM: how long open requests may run before they are cut. */
   SHUTDOWN_GRACE_MS: int(0).default(30_000),
   LOG_LEVEL: z.enum(['error', 'warn', 'info', 'debug']).default('info'),

@@ -20,6 +20,8 @@ export const ERROR_TABLE = {
   unsupported_parameter: { status: 400, type: 'invalid_request_error' },
   unsupported_value: { status: 400, type: 'invalid_request_error' },
   invalid_request: { status: 400, type: 'invalid_request_error' },
+  /** The client took longer than HEADERS_TIMEOUT_MS / REQUEST_RECEIVE_TIMEOUT_MS to send its request (slow-loris). */
+  request_receive_timeout: { status: 408, type: 'invalid_request_error' },
   context_length_exceeded: { status: 400, type: 'invalid_request_error' },
   invalid_api_key: { status: 401, type: 'invalid_request_error' },
   model_not_found: { status: 404, type: 'invalid_request_error' },
@@ -190,9 +192,11 @@ export function answerClientErrors(server: Server): void {
     const e =
       err.code === 'HPE_HEADER_OVERFLOW'
         ? new ApiError('request_header_too_large', 'The request headers are too large (the Authorization header or cookies, most likely).')
-        : new ApiError('invalid_request', 'The HTTP request could not be parsed.');
+        : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
+          ? new ApiError('request_receive_timeout', 'The request was not received in time.')
+          : new ApiError('invalid_request', 'The HTTP request could not be parsed.');
     const body = JSON.stringify(e.toBody());
-    const reason = e.status === 431 ? 'Request Header Fields Too Large' : 'Bad Request';
+    const reason = e.status === 431 ? 'Request Header Fields Too Large' : e.status === 408 ? 'Request Timeout' : 'Bad Request';
     socket.end(
       `HTTP/1.1 ${e.status} ${reason}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`,
     );

@@ -3,7 +3,7 @@
  * Exit codes: 0 after a clean shutdown, 2 for a bad configuration, 1 for anything else that stops start-up.
  */
 import { randomBytes } from 'node:crypto';
-import type { Server } from 'node:http';
+import { createServer, type Server } from 'node:http';
 import { keyIdOf } from './auth/api-keys';
 import { type Config, ConfigError, loadConfig } from './config';
 import { answerClientErrors } from './errors';
@@ -41,14 +41,18 @@ async function main(): Promise<void> {
   const gateway = exitOnConfigError(() => buildGateway(config, logger, keys)); // a bad ROUTING_FILE
   const { app, lifecycle } = gateway;
 
-  const server: Server = app.listen(config.PORT, config.HOST);
+  // Expired headers/requests are looked for at this interval (Node's default, 30 s, would let a slow-loris socket
+  // outlive HEADERS_TIMEOUT_MS by up to that much).
+  const connectionsCheckingInterval = Math.min(30_000, Math.max(250, Math.floor(config.HEADERS_TIMEOUT_MS / 4)));
+  const server: Server = createServer({ connectionsCheckingInterval }, app).listen(config.PORT, config.HOST);
   await new Promise<void>((resolve, reject) => {
     server.once('listening', resolve);
     server.once('error', reject);
   });
-  // Streams may be idle for long stretches while queued (keep-alives are sent, but be generous).
   answerClientErrors(server);
-  server.requestTimeout = 0;
+  // Both bound only how long the request takes to arrive, never the response: a stream may run for REQUEST_TIMEOUT_MS.
+  server.requestTimeout = config.REQUEST_RECEIVE_TIMEOUT_MS;
+  server.headersTimeout = Math.min(config.HEADERS_TIMEOUT_MS, config.REQUEST_RECEIVE_TIMEOUT_MS);
   server.keepAliveTimeout = 65_000;
   logger.info('gateway listening', {
     url: `http://${config.HOST}:${config.PORT}/v1`,

@@ -60,10 +60,27 @@ const sseNote =
   '`id:` (`<completion id>/<seq>.<k>`) to resume the stream from (`GET …/{id}/stream`). An error after the headers is ' +
   'sent as `data: {"error":{…}}` then `data: [DONE]` (without ids).';
 
+/**
+ * The `text/event-stream` content of a streaming response. Its `schema` describes one event, as OpenAPI 3.2 models
+ * server-sent events (an object of `data`, `event`, `id`, `retry`) and as tools read a 3.1 document (schemathesis
+ * validates each event against it): `data` is the JSON of one `chunk` (a component's name) or `[DONE]`, or for the
+ * tutorial's stream (no chunk) a piece of text.
+ */
+function sseContent(chunk: 'ChatCompletionChunk' | 'TextCompletionChunk' | null) {
+  const data = chunk
+    ? z.string().meta({ description: `The JSON of a \`${chunk}\`, \`{"error":{…}}\`, or \`[DONE]\``, contentMediaType: 'application/json', contentSchema: { $ref: `#/components/schemas/${chunk}` } })
+    : z.string().meta({ description: 'A piece of new text, `[DONE]`, or (with `event: error`) the error object' });
+  return {
+    'text/event-stream': {
+      schema: z.object({ data, event: z.string().optional(), id: z.string().optional(), retry: z.number().int().optional() }),
+    },
+  };
+}
+
 const RESUME_ERRORS: ErrorCode[] = ['invalid_value', 'completion_not_found', 'stream_not_resumable', 'stream_truncated', 'rate_limit_exceeded', 'redis_unavailable'];
 
 /** GET …/{id}/stream of one route: `chunk` is the schema of its events. */
-function resumePath(operationId: string, route: string, chunk: z.ZodType): ZodOpenApiOperationObject {
+function resumePath(operationId: string, route: string, chunk: 'ChatCompletionChunk' | 'TextCompletionChunk'): ZodOpenApiOperationObject {
   return {
     operationId,
     summary: `Resume a stream of ${route}`,
@@ -79,7 +96,7 @@ function resumePath(operationId: string, route: string, chunk: z.ZodType): ZodOp
       header: z.object({ 'last-event-id': z.string().optional().meta({ description: 'The `id:` of the last event received' }) }),
     },
     responses: {
-      '200': { description: 'The events not yet received, as server-sent events', content: { 'text/event-stream': { schema: chunk } } },
+      '200': { description: 'The events not yet received, as server-sent events', content: sseContent(chunk) },
       ...errors(...AUTH_ERRORS, ...RESUME_ERRORS),
     },
   };
@@ -98,7 +115,7 @@ function chatPaths(): ZodOpenApiPathsObject {
         responses: {
           '200': {
             description: 'The completion (JSON), or its chunks as server-sent events when `stream` is true',
-            content: { ...json(chatCompletionSchema), 'text/event-stream': { schema: chatCompletionChunkSchema } },
+            content: { ...json(chatCompletionSchema), ...sseContent('ChatCompletionChunk') },
           },
           ...errors(...AUTH_ERRORS, ...GEN_ERRORS),
         },
@@ -118,14 +135,14 @@ function chatPaths(): ZodOpenApiPathsObject {
         responses: {
           '200': {
             description: 'The completion (JSON), or its chunks as server-sent events when `stream` is true',
-            content: { ...json(textCompletionSchema), 'text/event-stream': { schema: textCompletionChunkSchema } },
+            content: { ...json(textCompletionSchema), ...sseContent('TextCompletionChunk') },
           },
           ...errors(...AUTH_ERRORS, ...GEN_ERRORS),
         },
       },
     },
-    '/v1/chat/completions/{id}/stream': { get: resumePath('resumeChatCompletionStream', '/v1/chat/completions', chatCompletionChunkSchema) },
-    '/v1/completions/{id}/stream': { get: resumePath('resumeCompletionStream', '/v1/completions', textCompletionChunkSchema) },
+    '/v1/chat/completions/{id}/stream': { get: resumePath('resumeChatCompletionStream', '/v1/chat/completions', 'ChatCompletionChunk') },
+    '/v1/completions/{id}/stream': { get: resumePath('resumeCompletionStream', '/v1/completions', 'TextCompletionChunk') },
     '/v1/models': {
       get: {
         operationId: 'listModels',
@@ -167,7 +184,7 @@ function tutorialPaths(): ZodOpenApiPathsObject {
       post: op('tutorialChatStream', 'One chat turn as server-sent events', {
         '200': {
           description: '`data: <text>` per piece of new text, then `data: [DONE]`; an error after the headers is `event: error` with the error object.',
-          content: { 'text/event-stream': { schema: z.string() } },
+          content: sseContent(null),
         },
       }),
     },
