@@ -51,6 +51,9 @@ class Config(BaseModel):
     # KV_MEMORY_FRACTION of the memory still available after the weights are loaded.
     kv_cache_bytes: Optional[int] = Field(None, ge=1)
     kv_memory_fraction: float = Field(0.5, gt=0, le=0.95)
+    # CPU engine (engine/prefill.py): a prompt longer than this is prefilled this many tokens per engine step, between
+    # the running streams' decode steps, so they do not stall behind it; 0 = off (a prompt in one pass).
+    prefill_chunk_tokens: int = Field(256, ge=0)
     # Structured outputs (grammar.py): a response_format whose grammar takes longer to compile is refused with a 400;
     # compiled grammars are kept in an LRU of this many entries.
     grammar_compile_timeout_ms: int = Field(5000, ge=10)

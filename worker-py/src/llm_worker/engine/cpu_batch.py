@@ -6,6 +6,8 @@ for every row → emit → rows that finished leave. See ``kv.py`` for the cache
 Single-choice newcomers that wait together are prefilled together, left-padded, ``prefill_group_tokens`` padded
 tokens per forward pass (bigger matmuls: a burst of 16 short prompts is prefilled in ~3 passes instead of 16); a
 request with n > 1 is prefilled alone and its n choices share that prefill.
+A prompt longer than ``prefill_chunk_tokens`` (PREFILL_CHUNK_TOKENS) is prefilled a chunk per loop turn (prefill.py),
+so running rows get a token after every chunk instead of stalling behind the whole prompt.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from . import attention, linear, scoring
 from .base import ChoiceOutput, EmitFn, EngineStats, FinishReason, GenerationRequest, ThreadedEngine
 from .cpus import usable_cpus
 from .kv import BatchCache
+from .prefill import ChunkedPrefill
 from .sampling import ChoiceSampler, sample
 
 log = logging.getLogger("llm_worker.engine.cpu_batch")
@@ -53,7 +56,7 @@ class CpuBatchEngine(ThreadedEngine):
 
     def __init__(self, model, *, eos_token_ids: set[int], max_batch: int = 16, context_length: int = 8192,
                  prefill_budget_tokens: int = 1024, prefill_group_tokens: int = 512, num_threads: Optional[int] = None,
-                 kv_token_budget: Optional[int] = None):
+                 kv_token_budget: Optional[int] = None, prefill_chunk_tokens: int = 0):
         super().__init__()
         self.model = model
         self.eos_token_ids = set(eos_token_ids)
@@ -61,6 +64,11 @@ class CpuBatchEngine(ThreadedEngine):
         self.context_length = context_length
         # Prompt tokens prefilled per loop turn before running rows get their next token (bounds their stall).
         self.prefill_budget_tokens = prefill_budget_tokens
+        # Prompts longer than this are prefilled in chunks of it, one per turn (0 = off: any prompt in one pass). When
+        # on, it is also the turn's whole prefill budget: a turn's prefill work never exceeds one chunk.
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        if prefill_chunk_tokens > 0:
+            self.prefill_budget_tokens = prefill_chunk_tokens
         # Padded tokens per forward pass when waiting requests are prefilled together (see _admit).
         self.prefill_group_tokens = prefill_group_tokens
         # rows × longest reserved context never exceeds this (kv.kv_token_budget; None = bounded by max_batch only).
@@ -75,6 +83,7 @@ class CpuBatchEngine(ThreadedEngine):
         self._batch = BatchCache(self.device)
         self._rows: list[_Row] = []
         self._parked: list[_Request] = []  # requests with parked rows, in the order they were first parked
+        self._prefilling: Optional[ChunkedPrefill] = None  # its rows hold their batch slots (request.running)
         self._seq = 0
         self._last_batch = 0
         self._generated_total = 0
@@ -83,7 +92,8 @@ class CpuBatchEngine(ThreadedEngine):
 
     # -- public, thread-safe (submit/cancel/stop_choice: ThreadedEngine) --------------------------------------
     def stats(self) -> EngineStats:
-        return EngineStats(running_sequences=len(self._rows), waiting_requests=len(self._waiting) + len(self._parked),
+        prefilling = len(self._prefilling.rows) if self._prefilling else 0
+        return EngineStats(running_sequences=len(self._rows) + prefilling, waiting_requests=len(self._waiting) + len(self._parked),
                            batch_size_last_step=self._last_batch, kv_cache_bytes=self._kv_bytes,
                            generated_tokens_total=self._generated_total)
 
@@ -96,7 +106,7 @@ class CpuBatchEngine(ThreadedEngine):
         if self.device.type == "cpu":
             torch.set_num_threads(self.num_threads)
         with torch.inference_mode():
-            while (inbox := self.take(busy=bool(self._rows or self._parked))) is not None:
+            while (inbox := self.take(busy=bool(self._rows or self._parked or self._prefilling))) is not None:
                 try:
                     self._apply_cancels(inbox.cancelled, inbox.stopped_choices)
                     now = time.time()
@@ -108,8 +118,11 @@ class CpuBatchEngine(ThreadedEngine):
                 except Exception as exc:  # a failed forward pass fails every request in the batch, not the worker
                     log.exception("engine step failed")
                     self._fail_all(f"{type(exc).__name__}: {exc}")
-                self._kv_bytes = self._batch.nbytes()
+                self._kv_bytes = self._kv_nbytes()
         self._fail_all(None)
+
+    def _kv_nbytes(self) -> int:
+        return self._batch.nbytes() + (self._prefilling.nbytes() if self._prefilling else 0)
 
     def _apply_cancels(self, cancelled: set[str], stopped: set[tuple[str, int]]) -> None:
         if cancelled:
@@ -123,6 +136,9 @@ class CpuBatchEngine(ThreadedEngine):
             return
         self._end_parked(lambda row: row.request.req.request_id in cancelled
                          or (row.request.req.request_id, row.index) in stopped, "cancelled")
+        if self._prefilling is not None:
+            self._end_prefilling(lambda row: row.request.req.request_id in cancelled
+                                 or (row.request.req.request_id, row.index) in stopped, "cancelled")
         if not self._rows:
             return
         for row in self._rows:
@@ -164,12 +180,23 @@ class CpuBatchEngine(ThreadedEngine):
         Single-choice requests that wait together are prefilled together, left-padded, in forward passes of up to
         ``prefill_group_tokens`` padded tokens: a 71-token prompt alone ran its matmuls with 71 rows and took
         120-150 ms here, so the 16th request of a burst waited ~2 s for the 15 before it (bench/RESULTS.md).
+
+        With chunked prefill on, the prefill in progress takes its next chunk first (it was admitted before anyone
+        still waiting); a longer prompt than one chunk takes its rows now and starts on what is left of this turn's
+        budget; only one such prefill runs at a time.
         """
         budget = self.prefill_budget_tokens
+        if self._prefilling is not None:
+            budget -= self._prefill_chunk(budget)
+        started = False
         group: list[_Row] = []  # first rows of single-choice requests, prefilled together
         while (step := self._next_step(group, budget)) is not None:
             r, rows = step
             cost = len(r.req.prompt_ids) + sum(max(0, len(row.tokens) - 1) for row in rows)
+            if self._chunked(cost):
+                self._start_chunked(r, rows)
+                started = True
+                continue
             budget -= cost
             fresh = all(not row.tokens for row in rows)
             if fresh and r.req.params.n == 1:
@@ -188,6 +215,12 @@ class CpuBatchEngine(ThreadedEngine):
                 self._resume(rows)
         if group:
             self._prefill_fresh(group)
+        if started and budget > 0 and self._prefilling is not None:
+            self._prefill_chunk(budget)
+
+    def _chunked(self, cost: int) -> bool:
+        """Whether a prefill of ``cost`` tokens is split into chunks."""
+        return 0 < self.prefill_chunk_tokens < cost
 
     def _next_step(self, group: list[_Row], budget: int) -> Optional[tuple[_Request, list[_Row]]]:
         """The next rows to prefill (taken out of the waiting line or a request's parked rows), or None."""
@@ -197,6 +230,8 @@ class CpuBatchEngine(ThreadedEngine):
                 self.emit_cancelled(request, emit)
             wanting = {id(row.request) for row in self._rows} | {id(r) for r in self._parked}
             wanting |= {id(row.request) for row in group}
+            if self._prefilling is not None:
+                wanting |= {id(row.request) for row in self._prefilling.rows}
             share = max(1, self.max_batch // max(1, len(wanting) + len(self._waiting)))
             candidates = [r for r in self._parked if r.running < share]
             head = self._waiting[0] if self._waiting else None
@@ -207,7 +242,10 @@ class CpuBatchEngine(ThreadedEngine):
             r = None
             request, emit = head
             plen = len(request.prompt_ids)
-            if budget < plen and budget != self.prefill_budget_tokens:
+            if self._chunked(plen):
+                if self._prefilling is not None:
+                    return None  # one chunked prefill at a time: this one waits for the one in progress
+            elif budget < plen and budget != self.prefill_budget_tokens:
                 return None
             final = min(plen + request.params.max_tokens, self.context_length)
             if self.kv_token_budget is not None and final > self.kv_token_budget:
@@ -232,7 +270,10 @@ class CpuBatchEngine(ThreadedEngine):
             return None
         else:
             cost = len(r.req.prompt_ids) + max(len(r.parked[0].tokens) - 1, 0)
-            if budget < cost and budget != self.prefill_budget_tokens:
+            if self._chunked(cost):
+                if self._prefilling is not None:
+                    return None
+            elif budget < cost and budget != self.prefill_budget_tokens:
                 return None
             wanted = min(len(r.parked), share - r.running)
             if self._room(group, r.final_len, wanted) < 1 and not self._make_room(group, r.final_len, wanted, share):
@@ -252,6 +293,8 @@ class CpuBatchEngine(ThreadedEngine):
         """How many rows reaching ``final_len`` tokens could join the batch now, up to ``wanted`` (``without``: ids
         of running rows to count as gone)."""
         running = [row for row in self._rows if id(row) not in without] + group
+        if self._prefilling is not None:  # rows in a chunked prefill hold their slots already
+            running += self._prefilling.rows
         fit = min(wanted, self.max_batch - len(running))
         if self.kv_token_budget is not None:
             longest = max([final_len] + [row.request.final_len for row in running])
@@ -287,7 +330,7 @@ class CpuBatchEngine(ThreadedEngine):
             if row.request not in self._parked:
                 self._parked.append(row.request)
             self.preempted_total += 1
-        self._kv_bytes = self._batch.nbytes()
+        self._kv_bytes = self._kv_nbytes()
 
     # -- prefill --------------------------------------------------------------------------------------------------
     def _prefill_fresh(self, rows: list[_Row]) -> None:
@@ -334,6 +377,63 @@ class CpuBatchEngine(ThreadedEngine):
         self._accept(rows, logits)
         self._join(rows, cache, length, mask)
 
+    def _start_chunked(self, r: _Request, rows: list[_Row]) -> None:
+        """Rows take their slots now; their prompt (a resumed row: prompt + its tokens but the last, as ``_resume``) is
+        prefilled a chunk per turn by ``_prefill_chunk``."""
+        fresh = all(not row.tokens for row in rows)
+        ids = r.req.prompt_ids if fresh else r.req.prompt_ids + rows[0].tokens[:-1]
+        self._prefilling = ChunkedPrefill(rows, ids, fresh)
+        r.running += len(rows)
+
+    def _prefill_chunk(self, budget: int) -> int:
+        """One chunk (at most ``budget`` tokens) of the prefill in progress; when it was the last, its rows' first
+        tokens are sampled and the rows join the batch, as ``_prefill_fresh`` / ``_resume`` do. Returns tokens used."""
+        p = self._prefilling
+        now = time.time()
+        self._end_prefilling(lambda row: row.request.req.deadline is not None and now >= row.request.req.deadline,
+                             "length")
+        if self._prefilling is None:
+            return 0
+        before = p.done
+        try:
+            logits = p.step(self.model, self.device, budget)
+        except Exception as exc:
+            log.exception("prefill failed")
+            rows = p.rows
+            self._drop_prefilling(rows)
+            self._fail_rows(rows, f"{type(exc).__name__}: {exc}")
+            return p.done - before
+        if logits is not None:
+            rows = p.rows
+            self._drop_prefilling(rows)  # _join counts them in request.running again
+            cache = p.cache
+            if p.fresh:
+                if len(rows) > 1:  # choices of one request share its prefill
+                    cache.batch_repeat_interleave(len(rows))
+                    logits = logits.expand(len(rows), -1).clone()
+                self._accept(rows, logits)
+            self._join(rows, cache, len(p.ids), None)
+        return p.done - before
+
+    def _drop_prefilling(self, rows: list[_Row]) -> None:
+        """``rows`` leave the prefill in progress (and give back their slots); with none left, its cache is freed."""
+        p = self._prefilling
+        p.rows = [row for row in p.rows if all(row is not x for x in rows)]
+        for row in rows:
+            row.request.running -= 1
+        if not p.rows:
+            self._prefilling = None
+            self._kv_bytes = self._kv_nbytes()
+
+    def _end_prefilling(self, which, reason: FinishReason) -> None:
+        """Rows of the prefill in progress that ``which`` picks end now with ``reason`` (cancelled, past deadline)."""
+        ended = [row for row in self._prefilling.rows if which(row)]
+        if ended:
+            self._drop_prefilling(ended)
+            for row in ended:
+                self._finish(row, reason)
+            self._emit(ended)
+
     def _resume(self, rows: list[_Row]) -> None:
         """Prefill a preempted row again from its prompt and the tokens it generated (all but the last, which the next
         decode step feeds as before): it goes on where it stopped, sampler state included."""
@@ -363,7 +463,7 @@ class CpuBatchEngine(ThreadedEngine):
             for i in keep:
                 rows[i].request.running += 1
                 self._rows.append(rows[i])
-            self._kv_bytes = self._batch.nbytes()
+            self._kv_bytes = self._kv_nbytes()
 
     def _fail_rows(self, rows: list[_Row], error: str) -> None:
         for row in rows:
@@ -443,7 +543,7 @@ class CpuBatchEngine(ThreadedEngine):
             keep = [i for i in range(len(self._rows)) if i not in done]
             self._batch.keep(keep)
             self._rows = [self._rows[i] for i in keep]
-            self._kv_bytes = self._batch.nbytes()
+            self._kv_bytes = self._kv_nbytes()
 
     def _fail_all(self, error: Optional[str]) -> None:
         """Engine stop (error None → "cancelled") or a failed step: every request ends now and the cache is freed."""
@@ -454,6 +554,12 @@ class CpuBatchEngine(ThreadedEngine):
         self._emit(self._rows)
         self._rows = []
         self._batch.keep([])
+        if self._prefilling is not None:
+            rows = self._prefilling.rows
+            self._drop_prefilling(rows)
+            for row in rows:
+                row.pending.append(ChoiceOutput(row.index, [], finish_reason=reason, error=error))
+            self._emit(rows)
         for r in self._parked:
             for row in r.parked:
                 row.pending.append(ChoiceOutput(row.index, [], finish_reason=reason, error=error))
