@@ -26,8 +26,8 @@ beforeAll(async () => {
   usedStack(PART, stack);
   usedPrompt(PART, PROMPT);
   await stack.startRedis();
-  // 10 ms a token: a 500-token stream outlasts REQUEST_RECEIVE_TIMEOUT_MS (which must never cut a response).
-  const worker = await stack.spawnWorker('bad-input', { ENGINE: 'standin', STANDIN_STEP_MS: '10', MAX_BATCH: '64' });
+  // 2 ms a token: a 4,000-token stream outlasts REQUEST_RECEIVE_TIMEOUT_MS (which must never cut a response).
+  const worker = await stack.spawnWorker('bad-input', { ENGINE: 'standin', STANDIN_STEP_MS: '2', MAX_BATCH: '64' });
   gw = await stack.startGateway('bad-input', {
     DEFAULT_MAX_TOKENS: '8', TUTORIAL_RPM: '0', MAX_BODY_BYTES: String(MAX_BODY_BYTES),
     HEADERS_TIMEOUT_MS: String(HEADERS_TIMEOUT_MS), REQUEST_RECEIVE_TIMEOUT_MS: String(RECEIVE_TIMEOUT_MS),
@@ -69,7 +69,7 @@ describe('property-based fuzzing of every route in /openapi.json (schemathesis)'
     ];
     const runs = [
       // Random cases for every operation.
-      await runSchemathesis(st, [...common, '--phases', 'fuzzing', '--max-examples', String(pick({ short: 25, full: 80 }))], 600_000),
+      await runSchemathesis(st, [...common, '--phases', 'fuzzing', '--max-examples', String(pick({ short: 40, full: 80 }))], 600_000),
     ];
     if (scale() === 'full') {
       // The coverage phase's boundary and negative cases, for every operation but the tutorial's: schemathesis 4.32
@@ -171,7 +171,7 @@ describe('slow-loris', () => {
     const stream = (async () => {
       let chunks = 0;
       let finish: string | null = null;
-      for await (const c of await sdk.chat.completions.create({ model: stack.model, max_tokens: 600, stream: true, messages: [{ role: 'user', content: PROMPT }] })) {
+      for await (const c of await sdk.chat.completions.create({ model: stack.model, max_tokens: 4000, stream: true, messages: [{ role: 'user', content: PROMPT }] })) {
         chunks += 1;
         finish = c.choices[0]?.finish_reason ?? finish;
       }

@@ -2,7 +2,8 @@
 // a client that keeps asking for answers while the attack runs, raw HTTP requests with bodies of our choosing, and
 // schemathesis run from its own venv (support/fuzz-venv.sh).
 import { spawn } from 'node:child_process';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import os from 'node:os';
 import http from 'node:http';
 import path from 'node:path';
 import { ROOT } from './figures';
@@ -138,9 +139,9 @@ export function bigBody(model: string, bytes: number): { length: number; chunks:
 
 const FUZZ_VENV = path.join(ROOT, 'tests/reliability/support/fuzz-venv.sh');
 
-function run(cmd: string, args: string[], timeoutMs: number): Promise<{ code: number | null; out: string }> {
+function run(cmd: string, args: string[], timeoutMs: number, cwd = ROOT): Promise<{ code: number | null; out: string }> {
   return new Promise((resolve) => {
-    const child = spawn(cmd, args, { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, NO_COLOR: '1' } });
+    const child = spawn(cmd, args, { cwd, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, NO_COLOR: '1' } });
     let out = '';
     child.stdout.on('data', (c) => (out += c));
     child.stderr.on('data', (c) => (out += c));
@@ -167,7 +168,9 @@ export interface FuzzRun {
 }
 
 export async function runSchemathesis(st: string, args: string[], timeoutMs: number): Promise<FuzzRun> {
-  const r = await run(st, ['run', ...args], timeoutMs);
+  // In a directory of its own: schemathesis keeps a cache of the failures it found (.schemathesis/) where it runs.
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'schemathesis-'));
+  const r = await run(st, ['run', ...args], timeoutMs, dir).finally(() => rmSync(dir, { recursive: true, force: true }));
   const m = /(\d+) generated/.exec(r.out);
   return { code: r.code, cases: m ? Number(m[1]) : 0, out: r.out };
 }
