@@ -78,7 +78,14 @@ describe('property-based fuzzing of every route in /openapi.json (schemathesis)'
       runs.push(await runSchemathesis(st, [...common, '--phases', 'coverage', '--exclude-path-regex', '^/chat'], 600_000));
     }
     const cases = runs.reduce((n, r) => n + r.cases, 0);
-    const failed = runs.filter((r) => r.code !== 0);
+    // schemathesis 4.32's coverage phase sometimes crashes inside Python while building a strategy ("SystemError: AST
+    // constructor recursion depth mismatch", in hypothesis' reflection code; seen on a full run, an operation at a
+    // time): a crash of the tool, not a response of ours. Such a run still counts as failed if any case it ran failed.
+    const toolCrash = (r: { out: string }) =>
+      /SystemError: AST constructor recursion depth mismatch/.test(r.out) && !/^Failures:/m.test(r.out) && /(\d+) generated, \1 passed/.test(r.out);
+    const crashed = runs.filter((r) => r.code !== 0 && toolCrash(r));
+    figure(PART, 'schemathesis runs ended by its own crash (all their cases passed)', crashed.length, `of ${runs.length}`);
+    const failed = runs.filter((r) => r.code !== 0 && !toolCrash(r));
     figure(PART, 'schemathesis cases', cases, 'cases');
     figure(PART, 'schemathesis runs with a failure (5xx, undocumented status/body/header) or error', failed.length, `of ${runs.length}`);
     for (const r of failed) process.stdout.write(`schemathesis exited ${r.code}:\n${r.out.slice(-6000)}\n`);
