@@ -5,7 +5,7 @@
 import { setMaxListeners } from 'node:events';
 import { figure, pick } from './support/figures';
 import { marker, markedChat, stream } from './support/load';
-import { startStack, type ReliabilityStack } from './support/stack';
+import { type ReliabilityStack, startLoadStack } from './support/stack';
 import { sleep, waitFor } from '../e2e/fault-stack';
 
 const PART = 'disconnect-storm';
@@ -21,13 +21,7 @@ jest.setTimeout(300_000);
 let rs: ReliabilityStack;
 
 beforeAll(async () => {
-  rs = await startStack({
-    gateways: 2,
-    workers: 2,
-    standin: true,
-    workerEnv: { STANDIN_STEP_MS: String(STEP_MS) },
-    gatewayEnv: { MAX_QUEUE_DEPTH: '0', CACHE_ENABLED: 'false', TOKENIZER_MAX_PENDING: '4096', RESUME_GRACE_MS: '0' },
-  });
+  rs = await startLoadStack(STEP_MS, { RESUME_GRACE_MS: '0' });
 });
 
 afterAll(async () => {

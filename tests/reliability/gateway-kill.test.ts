@@ -4,7 +4,7 @@
 // kill followed by the resumed rest equals an uninterrupted answer to the same prompt, each event id once. 0 lost.
 import { figure, pick } from './support/figures';
 import { marker, markedChat, percentile, resume, stream, type StreamResult } from './support/load';
-import { startStack, type ReliabilityStack } from './support/stack';
+import { type ReliabilityStack, startLoadStack } from './support/stack';
 import { waitFor } from '../e2e/fault-stack';
 
 const PART = 'gateway-kill';
@@ -21,13 +21,7 @@ jest.setTimeout(300_000);
 let rs: ReliabilityStack;
 
 beforeAll(async () => {
-  rs = await startStack({
-    gateways: 2,
-    workers: 2,
-    standin: true,
-    workerEnv: { STANDIN_STEP_MS: String(STEP_MS) },
-    gatewayEnv: { MAX_QUEUE_DEPTH: '0', CACHE_ENABLED: 'false', TOKENIZER_MAX_PENDING: '4096', RESUME_GRACE_MS: String(GRACE_MS) },
-  });
+  rs = await startLoadStack(STEP_MS, { RESUME_GRACE_MS: String(GRACE_MS) });
 });
 
 afterAll(async () => {

@@ -4,7 +4,7 @@
 // gateways' RSS may grow < 10 % from warm-up to the end; Redis memory goes back to its baseline once results expire.
 import { figure, pick } from './support/figures';
 import { groupMaxRssKiB, marker, markedChat, percentile, stream, type StreamResult, type Target } from './support/load';
-import { startStack, type ReliabilityStack } from './support/stack';
+import { type ReliabilityStack, startLoadStack } from './support/stack';
 import { sleep, waitFor } from '../e2e/fault-stack';
 
 const PART = 'soak';
@@ -26,16 +26,9 @@ jest.setTimeout(DURATION_MS + 300_000);
 let rs: ReliabilityStack;
 
 beforeAll(async () => {
-  rs = await startStack({
-    gateways: 2,
-    workers: 2,
-    standin: true,
-    workerEnv: { STANDIN_STEP_MS: String(STEP_MS) },
-    gatewayEnv: {
-      DEFAULT_RPM: '0', DEFAULT_TPM: '0', DEFAULT_MAX_CONCURRENT: '0', MAX_QUEUE_DEPTH: '0', TOKENIZER_MAX_PENDING: '4096',
-      CACHE_ENABLED: 'false', JOB_RESULT_RETENTION_S: String(RETENTION_S), RESUME_EVENTS_TTL_MS: String(EVENTS_TTL_MS),
-      RESUME_GRACE_MS: '1000',
-    },
+  rs = await startLoadStack(STEP_MS, {
+    DEFAULT_RPM: '0', DEFAULT_TPM: '0', DEFAULT_MAX_CONCURRENT: '0', JOB_RESULT_RETENTION_S: String(RETENTION_S),
+    RESUME_EVENTS_TTL_MS: String(EVENTS_TTL_MS), RESUME_GRACE_MS: '1000',
   });
 });
 

@@ -4,7 +4,7 @@
 // BullMQ's active list; the other worker's streams finish untouched and new requests are served.
 import { figure, pick } from './support/figures';
 import { marker, markedChat, percentile, stream, type StreamResult } from './support/load';
-import { startStack, type ReliabilityStack } from './support/stack';
+import { type ReliabilityStack, startLoadStack } from './support/stack';
 import { JobWatcher, QUEUE, waitFor } from '../e2e/fault-stack';
 
 const PART = 'worker-kill';
@@ -20,13 +20,7 @@ let rs: ReliabilityStack;
 let watcher: JobWatcher;
 
 beforeAll(async () => {
-  rs = await startStack({
-    gateways: 2,
-    workers: 2,
-    standin: true,
-    workerEnv: { STANDIN_STEP_MS: String(STEP_MS) },
-    gatewayEnv: { MAX_QUEUE_DEPTH: '0', CACHE_ENABLED: 'false', TOKENIZER_MAX_PENDING: '4096' },
-  });
+  rs = await startLoadStack(STEP_MS);
   watcher = new JobWatcher(rs.stack.redisUrl);
   await watcher.start();
 });

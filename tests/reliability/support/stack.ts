@@ -31,3 +31,18 @@ export async function startStack(o: StackOptions): Promise<ReliabilityStack> {
   await Promise.all(gateways.map((g) => waitFor(async () => (await fetch(`${g.url}/ready`).catch(() => null))?.status === 200, timeout, `${g.url}/ready`)));
   return { stack, targets: gateways.map((g) => ({ url: g.url, apiKey: stack.apiKey })) };
 }
+
+/** Gateway settings for a stack under load: no queue-depth cap, no response cache (every request is a job), and room
+ * for thousands of prompt counts waiting at once. */
+export const LOAD_GATEWAY_ENV = { MAX_QUEUE_DEPTH: '0', CACHE_ENABLED: 'false', TOKENIZER_MAX_PENDING: '4096' };
+
+/** The load parts' stack: 2 gateways and 2 stand-in workers at `stepMs` a token, LOAD_GATEWAY_ENV plus `gatewayEnv`. */
+export function startLoadStack(stepMs: number, gatewayEnv: Record<string, string> = {}): Promise<ReliabilityStack> {
+  return startStack({
+    gateways: 2,
+    workers: 2,
+    standin: true,
+    workerEnv: { STANDIN_STEP_MS: String(stepMs) },
+    gatewayEnv: { ...LOAD_GATEWAY_ENV, ...gatewayEnv },
+  });
+}
