@@ -70,7 +70,14 @@ test(`SIGKILL of one of 2 gateways under ${STREAMS} streams: every client of it 
       const ids = [...d.before.eventIds, ...d.after.eventIds];
       if (d.after.status !== 200 || d.after.end !== 'done') return `${d.i}: resume ${d.after.status} ${d.after.end} ${JSON.stringify(d.after.error)}`;
       if (references[k].end !== 'done') return `${d.i}: reference ${references[k].end}`;
-      if (whole !== references[k].content) return `${d.i}: content differs from the uninterrupted answer`;
+      if (whole !== references[k].content) {
+        const ref = references[k].content;
+        let at = 0;
+        while (at < whole.length && whole[at] === ref[at]) at++;
+        return `${d.i}: content differs from the uninterrupted answer at character ${at} (received ${d.before.content.length} before the cut, ` +
+          `last event id ${d.before.lastEventId}; resumed events ${d.after.eventIds.slice(0, 3).join(' ')}…): ` +
+          `${JSON.stringify(whole.slice(Math.max(0, at - 20), at + 40))} vs ${JSON.stringify(ref.slice(Math.max(0, at - 20), at + 40))}`;
+      }
       if (new Set(ids).size !== ids.length) return `${d.i}: an event id twice`;
       if (d.after.finishReason !== 'length' || d.after.completionTokens !== MAX_TOKENS) return `${d.i}: ${d.after.finishReason}, ${d.after.completionTokens} tokens`;
       return null;

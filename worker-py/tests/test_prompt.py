@@ -96,3 +96,35 @@ def test_raw_prompt_has_no_template_and_control_token_text_stays_text(tokenizer)
     assert tokenizer.decode(ids) == typed  # the same text, only tokenized as text
     with pytest.raises(UnicodeError):
         raw_prompt_ids(tokenizer, "bad \ud800 text")
+
+
+def test_concurrent_encodes_agree(tokenizer):
+    """The worker encodes prompts on several threads at once (job_run uses asyncio.to_thread). The fast tokenizer keeps
+    ``split_special_tokens`` as state on its one Rust object, set at each call: without a lock a template span could be
+    encoded while another thread had switched splitting on, so ``<|im_start|>`` became six text tokens (seen as literal
+    control-token text in answers under load)."""
+    import threading
+
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Tell me a story about a cat."}]
+    expected = chat_prompt_ids(tokenizer, [dict(m) for m in messages])
+    raw = "a raw prompt <|im_start|> stays text"
+    expected_raw = raw_prompt_ids(tokenizer, raw)
+    wrong: list[str] = []
+    start = threading.Barrier(8)
+
+    def run(k: int) -> None:
+        start.wait()
+        for _ in range(150):
+            if k % 2:
+                got = chat_prompt_ids(tokenizer, [dict(m) for m in messages])
+                if got != expected:
+                    wrong.append("chat")
+            elif raw_prompt_ids(tokenizer, raw) != expected_raw:
+                wrong.append("raw")
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong, f"{len(wrong)} of {8 * 150} encodes differed from the one-thread result ({sorted(set(wrong))})"

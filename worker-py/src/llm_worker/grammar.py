@@ -27,6 +27,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from .model import encode_text
+
 log = logging.getLogger("llm_worker.grammar")
 
 # JSON compile options: no free whitespace between tokens. With it, small models (the bundled 135M one) tend to fill
@@ -187,7 +189,7 @@ def _check_token_bytes(ll_tokenizer, tokenizer) -> None:
     wrong in ways that pass unnoticed (a forbidden newline inside a string). Checked on text that covers the remapped
     bytes of byte-level vocabularies: whitespace, control characters, non-ASCII."""
     for text in ("\n", "\t", " a", "  b\n\n", "é ü", "naïve café", "\u4e2d\u6587", "\"quoted\"\\"):
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        ids = encode_text(tokenizer, text, add_special_tokens=False, split_special_tokens=False)
         got = ll_tokenizer.decode_bytes(ids)
         if got != text.encode("utf-8"):
             raise GrammarError(f"llguidance reads this tokenizer's tokens as {got!r} where the tokenizer decodes "

@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,7 +319,7 @@ def raw_prompt_ids(tokenizer, prompt: str) -> list[int]:
     its post-processor adds one), as ``tokenizer(prompt)`` does. The gateway counts the same way
     (gateway/src/services/model-tokenizer.ts ``textIds``)."""
     prompt.encode("utf-8")  # a lone surrogate raises UnicodeEncodeError here, as in chat_prompt_ids
-    return list(tokenizer(prompt, add_special_tokens=True, split_special_tokens=True)["input_ids"])
+    return encode_text(tokenizer, prompt, add_special_tokens=True, split_special_tokens=True)
 
 
 def _count(ids: list[int], wanted: set[int]) -> int:
@@ -332,7 +333,21 @@ def _render(tokenizer, messages) -> str:
 def _encode(tokenizer, text: str, plain: bool) -> list[int]:
     if not text:
         return []
-    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"])
+    return encode_text(tokenizer, text, add_special_tokens=False, split_special_tokens=plain)
+
+
+# A fast tokenizer keeps ``split_special_tokens`` as state on its one Rust object: each call sets it, then encodes. The
+# worker encodes on several threads at once (job_run's asyncio.to_thread), so without this lock one thread's template
+# span could be encoded with another thread's content setting: ``<|im_start|>`` as six text tokens (tests/test_prompt.py
+# test_concurrent_encodes_agree). Encoding a prompt takes well under a millisecond; one lock for the process is enough.
+_ENCODE_LOCK = threading.Lock()
+
+
+def encode_text(tokenizer, text: str, *, add_special_tokens: bool, split_special_tokens: bool) -> list[int]:
+    """``tokenizer(text)["input_ids"]`` with the tokenizer's shared split-special state set and used under one lock."""
+    with _ENCODE_LOCK:
+        return list(tokenizer(text, add_special_tokens=add_special_tokens,
+                              split_special_tokens=split_special_tokens)["input_ids"])
 
 
 def _content_spans(tokenizer, messages, rendered: str) -> tuple[list[tuple[str, bool]] | None, str | None]:
