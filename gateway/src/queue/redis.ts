@@ -29,11 +29,25 @@ function clusterNodes(url: string): { nodes: { host: string; port: number }[]; t
 }
 
 /**
- * A plain client or a Cluster. The Cluster is typed as Redis for the rest of the gateway: it answers the same commands
- * (keys routed by slot); what differs (pub/sub, multi-key commands) goes through the helpers below.
+ * A plain client or a Cluster, as REDIS_URL says. The Cluster is typed as Redis for the rest of the gateway (and the
+ * tests): it answers the same commands, keys routed by slot; what differs (pub/sub, multi-key commands) goes through
+ * the helpers below.
  */
+export function connectRedis(url: string, options: RedisOptions = {}, { sharded = false } = {}): Redis {
+  if (!isClusterUrl(url)) return new Redis(url, options);
+  const { nodes, tls, username, password } = clusterNodes(url);
+  const cluster = new Cluster(nodes, {
+    redisOptions: { ...options, username, password, ...(tls ? { tls: {} } : {}) },
+    clusterRetryStrategy: options.retryStrategy,
+    // Sharded subscriptions follow their slot's node (ioredis keeps one subscriber per shard).
+    shardedSubscribers: sharded,
+    lazyConnect: options.lazyConnect,
+  });
+  return cluster as unknown as Redis;
+}
+
 export function createRedis(url: string, role: string, logger: Logger, extra: RedisOptions = {}): Redis {
-  const options: RedisOptions = {
+  const client = connectRedis(url, {
     // Reconnect forever, backing off to 2 s: Redis restarts must not need a gateway restart.
     retryStrategy: (times) => Math.min(100 * times, 2000),
     // A command issued while Redis is away fails after one reconnect attempt instead of hanging the request; routes
@@ -42,21 +56,7 @@ export function createRedis(url: string, role: string, logger: Logger, extra: Re
     connectionName: `llm-gateway:${role}`,
     lazyConnect: false,
     ...extra,
-  };
-  let client: Redis;
-  if (isClusterUrl(url)) {
-    const { nodes, tls, username, password } = clusterNodes(url);
-    const cluster = new Cluster(nodes, {
-      redisOptions: { ...options, username, password, ...(tls ? { tls: {} } : {}) },
-      clusterRetryStrategy: (times) => Math.min(100 * times, 2000),
-      // Sharded subscriptions follow their slot's node (ioredis keeps one subscriber per shard).
-      shardedSubscribers: role === 'subscriber',
-      lazyConnect: false,
-    });
-    client = cluster as unknown as Redis;
-  } else {
-    client = new Redis(url, options);
-  }
+  }, { sharded: role === 'subscriber' });
   let down = false;
   client.on('error', (err: Error) => {
     if (!down) logger.warn('redis connection error', { role, err: err.message });
