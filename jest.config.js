@@ -36,5 +36,14 @@ module.exports = {
       testMatch: ['**/*.test.ts'],
       transform,
     },
+    {
+      // Redis Cluster (issue 17): run by scripts/test-cluster.mjs (`npm run test:cluster`, `--short` inside `npm test`)
+      // against a stack it starts on a 3-master cluster.
+      displayName: 'cluster',
+      testEnvironment: 'node',
+      roots: ['<rootDir>/tests/cluster'],
+      testMatch: ['**/*.test.ts'],
+      transform,
+    },
   ],
 };

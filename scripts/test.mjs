@@ -92,6 +92,10 @@ if (stackOk) {
 
 await stopAll();
 
+// The stack on a 3-master Redis Cluster, short form (scripts/test-cluster.mjs --short: the cluster's own tests and the
+// chat suite; `npm run test:cluster` runs resume and governance there too), after the shared stack is gone.
+step("redis cluster, short form (scripts/test-cluster.mjs --short)", process.execPath, [path.join(ROOT, "scripts/test-cluster.mjs"), "--short"]);
+
 // The reliability suite, short form (scripts/test-reliability.mjs --short): its own stacks, after the shared one is gone.
 step("reliability suite, short form (scripts/test-reliability.mjs --short)", process.execPath,
   [path.join(ROOT, "scripts/test-reliability.mjs"), "--short"]);

@@ -21,7 +21,7 @@ export const configSchema = z.object({
   HOST: z.string().min(1).default('127.0.0.1'),
   REDIS_URL: z
     .string()
-    .regex(/^rediss?:\/\//, 'must start with redis:// or rediss://')
+    .regex(/^rediss?(\+cluster)?:\/\//, 'must start with redis://, rediss:// or (Redis Cluster) redis+cluster://')
     .default('redis://127.0.0.1:6379'),
   /** Comma-separated Bearer keys. Empty: main.ts generates one development key and prints it. */
   API_KEYS: csv.default([]),

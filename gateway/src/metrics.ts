@@ -12,6 +12,7 @@ import type Redis from 'ioredis';
 import client from 'prom-client';
 import type { Logger } from './logger';
 import { queueName } from './protocol/job';
+import { bullPrefix } from './queue/redis';
 
 export const registry = new client.Registry();
 client.collectDefaultMetrics({ register: registry });
@@ -204,7 +205,7 @@ export function attachGaugeSource(deps: {
   const queue = (model: string) => {
     let q = queues.get(model);
     if (!q) {
-      q = new Queue(queueName(model), { connection: deps.redis });
+      q = new Queue(queueName(model), { connection: deps.redis, prefix: bullPrefix(deps.redis) });
       q.on('error', (err) => deps.logger.debug('metrics queue error', { model, err: String(err) }));
       queues.set(model, q);
     }

@@ -1,7 +1,6 @@
 // The official openai Node SDK against the running stack: gateway → BullMQ/Redis → the real Python worker on the
 // bundled SmolLM2-135M-Instruct → pub/sub → SSE. Nothing here is mocked.
 import OpenAI from "openai";
-import Redis from "ioredis";
 import { Tokenizer } from "@huggingface/tokenizers";
 import { PROMPT, client, collectStream, stack } from "./helpers";
 
@@ -122,8 +121,9 @@ describe("chat completions through the openai Node SDK", () => {
     // flip near-ties after a few tokens (bench/RESULTS.md: 10/16 identical over 64 tokens), so there the check is what
     // a mix-up of rows would break: each text starts as its other run does (the first token comes from the request's
     // own prefill, and the next ones follow from it).
-    const redis = new Redis(stack.redisUrl);
-    const workers = await Promise.all((await redis.keys("llm:worker:*")).map((k) => redis.get(k)));
+    const redis = stack.redis();
+    // Listed in llm:workers, not found by KEYS: on a cluster KEYS sees one node's keys.
+    const workers = await Promise.all((await redis.zrange("llm:workers", 0, -1)).map((id) => redis.get(`llm:worker:${id}`)));
     await redis.quit();
     const dtypes = new Set(workers.filter((w): w is string => !!w).map((w) => JSON.parse(w).dtype as string));
     if (dtypes.size === 1 && dtypes.has("float32")) {
@@ -209,7 +209,7 @@ describe("errors as a user of the SDK sees them", () => {
 
 /** A substring of `text` that starts inside one token and ends inside the next (per the model's own tokenizer). */
 async function stopStringAcrossTokens(text: string): Promise<string> {
-  const redis = new Redis(stack.redisUrl);
+  const redis = stack.redis();
   const h = await redis.hgetall(`llm:tokenizer:${stack.model}`);
   await redis.quit();
   const tok = new Tokenizer(JSON.parse(h.tokenizer_json), JSON.parse(h.tokenizer_config_json));

@@ -2,9 +2,9 @@
 // stack's Redis: shared limits under racing load, revocation seen by both within 1 s, a 429 that the official
 // openai SDK retries successfully, and a cache hit that returns the same body and enqueues no job.
 import { randomUUID } from "node:crypto";
-import Redis from "ioredis";
+import type Redis from "ioredis";
 import OpenAI from "openai";
-import { sleep, stack, waitFor } from "./helpers";
+import { bullPrefix, sleep, stack, waitFor } from "./helpers";
 import { type GatewayProcess, startGatewayProcess } from "./governance-helpers";
 
 jest.setTimeout(240_000);
@@ -25,7 +25,7 @@ beforeAll(async () => {
   // tested in gateway/test/tenancy.test.ts.
   const env = { ADMIN_API_KEY: ADMIN, API_KEYS: `sk-gov-${randomUUID()}`, RATE_LIMIT_WINDOW_MS: String(WINDOW_MS), CACHE_SCOPE: "shared" };
   [a, b] = await Promise.all([startGatewayProcess(env), startGatewayProcess(env)]);
-  redis = new Redis(stack.redisUrl);
+  redis = stack.redis();
 });
 afterAll(async () => {
   await Promise.all([a?.stop(), b?.stop()]);
@@ -188,7 +188,7 @@ test("x-ratelimit-* headers and a 429 carrying retry-after and retry-after-ms", 
 test("a cache hit returns the same body, says x-cache: hit, and enqueues no job", async () => {
   const k = await createKey({});
   const body = cachedBody();
-  const queueEvents = `bull:gen.${stack.model.replace(/[^A-Za-z0-9._-]/g, "_")}:events`;
+  const queueEvents = `${bullPrefix(redis)}:gen.${stack.model.replace(/[^A-Za-z0-9._-]/g, "_")}:events`;
   const miss = await post(a.url, k.key, body);
   expect(miss.headers.get("x-cache")).toBe("miss");
   const missBody = (await miss.json()) as OpenAI.ChatCompletion;

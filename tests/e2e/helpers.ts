@@ -1,5 +1,7 @@
 // Shared by the end-to-end suites: the running stack that `npm test` started (real Redis, real worker, real gateway).
+import type { RedisOptions } from "ioredis";
 import OpenAI from "openai";
+import { bullPrefix, connectRedis } from "../../gateway/src/queue/redis";
 
 function need(name: string): string {
   const v = process.env[name];
@@ -23,7 +25,13 @@ export const stack = {
   get python() {
     return need("STACK_PYTHON");
   },
+  /** A client of the stack's Redis: plain, or a Cluster when the stack runs on one (scripts/test-cluster.mjs). */
+  redis(options: RedisOptions = {}) {
+    return connectRedis(need("STACK_REDIS_URL"), options);
+  },
 };
+
+export { bullPrefix };
 
 /**
  * An SDK client for the stack. The gateway's response cache is on by default and answers repeated deterministic requests

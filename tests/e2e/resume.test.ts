@@ -2,10 +2,10 @@
 // process on the stack's Redis (its own entry point, main.ts) takes the dropped streams, and the stack's gateway resumes
 // them. Greedy decoding, so the uninterrupted answer is known: a stream dropped mid-way and resumed must give exactly it.
 import { Job, Queue } from "bullmq";
-import Redis from "ioredis";
+import type Redis from "ioredis";
 import OpenAI from "openai";
 import { type FaultGateway, spawnGateway, stopGateway, waitGatewayUp } from "./fault-stack";
-import { client, collectStream, PROMPT, stack, waitFor } from "./helpers";
+import { bullPrefix, client, collectStream, PROMPT, stack, waitFor } from "./helpers";
 
 jest.setTimeout(240_000);
 
@@ -73,8 +73,8 @@ const increasing = (ids: string[]) =>
 
 beforeAll(async () => {
   gw = await spawnGateway("resume", stack.redisUrl, { API_KEYS: `${stack.apiKey},${OTHER_KEY}`, RESUME_GRACE_MS: String(GRACE_MS), LOG_LEVEL: "warn" });
-  redis = new Redis(stack.redisUrl, { maxRetriesPerRequest: null });
-  queue = new Queue(`gen.${stack.model}`, { connection: redis });
+  redis = stack.redis({ maxRetriesPerRequest: null });
+  queue = new Queue(`gen.${stack.model}`, { connection: redis, prefix: bullPrefix(redis) });
   await waitGatewayUp(gw, 120_000);
   await waitFor(async () => (await fetch(`${gw.url}/ready`)).status === 200, 120_000, "the second gateway to be ready");
   const r = await client().chat.completions.create({ model: stack.model, messages: PROMPT, ...greedy });

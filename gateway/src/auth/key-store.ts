@@ -8,6 +8,7 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import type Redis from 'ioredis';
+import { inOrder } from '../queue/redis';
 import { z } from 'zod';
 import { TIERS, type Tier } from '../limits/governance-config';
 
@@ -87,12 +88,12 @@ export class KeyStore {
     const prefix = key.slice(0, 11);
     const now = Date.now();
     const fields = { name, prefix, hash: sha256(key), created_at: String(now), ...limitFields(limits) };
-    await this.redis
-      .multi()
-      .hset(keyRecordKey(id), fields)
-      .set(keyHashKey(fields.hash), id)
-      .zadd(KEYS_ZSET, now, id)
-      .exec();
+    // The record before the link that resolves to it (on a cluster these run one after another: queue/redis.ts).
+    await inOrder(this.redis, [
+      ['hset', keyRecordKey(id), ...Object.entries(fields).flat()],
+      ['set', keyHashKey(fields.hash), id],
+      ['zadd', KEYS_ZSET, now, id],
+    ]);
     return { key, record: (await this.get(id))! };
   }
 
@@ -121,7 +122,7 @@ export class KeyStore {
     const hash = await this.redis.hget(keyRecordKey(id), 'hash');
     if (!hash) return null;
     // HSETNX: revoking again keeps the first revocation time (the audit trail's "when"), and is still a 200.
-    await this.redis.multi().del(keyHashKey(hash)).hsetnx(keyRecordKey(id), 'revoked_at', String(Date.now())).exec();
+    await inOrder(this.redis, [['del', keyHashKey(hash)], ['hsetnx', keyRecordKey(id), 'revoked_at', Date.now()]]);
     return this.get(id);
   }
 

@@ -10,6 +10,7 @@ import type { Config } from '../config';
 import { ApiError } from '../errors';
 import { queueName } from '../protocol/job';
 import type { JobPlacement } from '../queue/job-queue';
+import { bullPrefix } from '../queue/redis';
 import type { Tier } from './governance-config';
 import { runScript } from '../redis-scripts';
 import type { Admission, Bucket, BucketState, RateLimiter } from './rate-limiter';
@@ -129,7 +130,7 @@ export class ConcurrencyLimiter {
 
 /** Jobs of a model not yet taken by a worker: BullMQ's wait list plus its prioritized set (all of ours are). */
 export async function queueDepth(redis: Redis, model: string): Promise<number> {
-  const q = `bull:${queueName(model)}`;
+  const q = `${bullPrefix(redis)}:${queueName(model)}`;
   const res = await redis.multi().llen(`${q}:wait`).zcard(`${q}:prioritized`).llen(`${q}:paused`).exec();
   // A command's own error (WRONGTYPE …) is an error, not a depth of 0.
   for (const [err] of res ?? []) if (err) throw err;

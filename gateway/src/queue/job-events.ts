@@ -16,6 +16,7 @@
 import type Redis from 'ioredis';
 import type { Logger } from '../logger';
 import { jobChannel } from '../protocol/job';
+import { channels, type Channels } from './redis';
 
 export type RawEventHandler = (message: string) => void;
 
@@ -36,12 +37,15 @@ interface Entry {
 
 export class JobEventBus {
   private readonly entries = new Map<string, Entry>();
+  /** SUBSCRIBE, or SSUBSCRIBE on a cluster (queue/redis.ts). */
+  private readonly sub: Channels;
 
   constructor(
-    private readonly sub: Redis,
+    subscriber: Redis,
     private readonly logger: Logger,
   ) {
-    sub.on('message', (channel: string, message: string) => {
+    this.sub = channels(subscriber);
+    this.sub.onMessage((channel: string, message: string) => {
       const entry = this.entries.get(channel);
       if (!entry) return;
       if (!entry.live) {

@@ -6,7 +6,7 @@
 import { Job, Queue, QueueEvents } from 'bullmq';
 import type Redis from 'ioredis';
 import type { Logger } from '../logger';
-import { createRedis } from './redis';
+import { bullPrefix, createRedis } from './redis';
 import { CANCEL_CHANNEL, cancelledKey, JOB_NAME, type JobData, queueName } from '../protocol/job';
 
 export type Settlement = { kind: 'completed'; returnvalue: unknown } | { kind: 'failed'; failedReason: string };
@@ -72,11 +72,11 @@ export class JobQueues {
     const name = queueName(model);
     let mq = this.queues.get(name);
     if (mq) return mq;
-    const queue = new Queue(name, { connection: this.redis });
+    const queue = new Queue(name, { connection: this.redis, prefix: bullPrefix(this.redis) });
     // QueueEvents blocks on XREAD, so it needs a connection of its own (one per model, not per request); BullMQ
     // requires maxRetriesPerRequest null on blocking connections.
     const eventsConn = createRedis(this.redisUrl, `events:${name}`, this.logger, { maxRetriesPerRequest: null });
-    const events = new QueueEvents(name, { connection: eventsConn });
+    const events = new QueueEvents(name, { connection: eventsConn, prefix: bullPrefix(eventsConn) });
     events.on('completed', ({ jobId, returnvalue }) => this.settle(jobId, { kind: 'completed', returnvalue }));
     events.on('failed', ({ jobId, failedReason }) => this.settle(jobId, { kind: 'failed', failedReason }));
     // Connection errors repeat on every reconnect attempt; createRedis already warns once per outage.

@@ -13,6 +13,7 @@
 import { randomBytes } from 'node:crypto';
 import type Redis from 'ioredis';
 import type { Logger } from '../logger';
+import { pipelineEach } from '../queue/redis';
 
 export const attachedKey = (jobId: string): string => `llm:attached:${jobId}`;
 
@@ -93,9 +94,7 @@ export class StreamAttachments {
     const leases = [...this.leases];
     this.leases.clear();
     if (leases.length === 0) return;
-    const pipe = this.redis.pipeline();
-    for (const [token, jobId] of leases) pipe.zrem(attachedKey(jobId), token);
-    await pipe.exec().catch(() => undefined);
+    await pipelineEach(this.redis, leases, (pipe, [token, jobId]) => pipe.zrem(attachedKey(jobId), token)).catch(() => undefined);
   }
 
   private async decide(g: Grace): Promise<void> {
@@ -113,8 +112,6 @@ export class StreamAttachments {
   private renew(leases: ReadonlyArray<readonly [string, string]>): void {
     if (leases.length === 0) return;
     const until = Date.now() + LEASE_MS;
-    const pipe = this.redis.pipeline();
-    for (const [token, jobId] of leases) pipe.zadd(attachedKey(jobId), until, token).pexpire(attachedKey(jobId), LEASE_MS);
-    pipe.exec().catch((err) => this.log.warn('renewing stream leases failed', { leases: leases.length, err: String(err) }));
+    pipelineEach(this.redis, leases, (pipe, [token, jobId]) => pipe.zadd(attachedKey(jobId), until, token).pexpire(attachedKey(jobId), LEASE_MS)).catch((err) => this.log.warn('renewing stream leases failed', { leases: leases.length, err: String(err) }));
   }
 }

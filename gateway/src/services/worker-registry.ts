@@ -6,6 +6,7 @@
  */
 import type Redis from 'ioredis';
 import type { Logger } from '../logger';
+import { mgetAny } from '../queue/redis';
 import { WORKERS_ZSET, type WorkerInfo, workerInfoSchema, workerKey } from '../protocol/job';
 
 export interface LiveWorker extends WorkerInfo {
@@ -91,7 +92,7 @@ export class WorkerRegistry {
     }
     const workers = new Map<string, LiveWorker>();
     if (ids.length > 0) {
-      const infos = await this.redis.mget(ids.map(workerKey));
+      const infos = await mgetAny(this.redis, ids.map(workerKey));
       infos.forEach((raw, i) => {
         if (raw === null) return; // heartbeat key expired between the two reads
         const parsed = safeJson(raw);

@@ -72,8 +72,8 @@ class Config(BaseModel):
     def _check(self) -> "Config":
         if self.heartbeat_ttl_ms <= self.heartbeat_ms:
             raise ValueError("HEARTBEAT_TTL_MS must be larger than HEARTBEAT_MS")
-        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("REDIS_URL must start with redis://, rediss:// or unix://")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")):
+            raise ValueError("REDIS_URL must start with redis://, rediss://, unix:// or (Redis Cluster) redis+cluster://")
         return self
 
 

@@ -35,6 +35,7 @@ from typing import Any, Optional
 
 from ..log import now_ms
 from ..protocol import TRUNCATED_MARKER, StoreEvents, events_key, job_channel
+from .redis_client import publish
 
 log = logging.getLogger("llm_worker.transport.publisher")
 
@@ -113,14 +114,14 @@ class Outbox:
                     if st is not None:
                         await self.redis.rpush(st[0], st[1])
                         await self.redis.pexpire(st[0], st[2])
-                    await self.redis.publish(channel, message)
+                    await publish(self.redis, channel, message)
                 except Exception as exc:
                     log.warning("publish failed", extra={"channel": channel, "error": str(exc)})
             return
         if len(batch) == 1 and stored[0] is None:
             channel, message, _, _ = batch[0]
             try:
-                await self.redis.publish(channel, message)
+                await publish(self.redis, channel, message)
             except Exception as exc:
                 log.warning("publish failed", extra={"channel": channel, "error": str(exc)})
             return
@@ -134,7 +135,7 @@ class Outbox:
                     pipe.rpush(st[0], st[1])
                     expiries[st[0]] = st[2]
                     n += 1
-                pipe.publish(channel, message)
+                publish(pipe, channel, message)
                 publishes.append((n, channel))
                 n += 1
             for key, ttl_ms in expiries.items():

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 
 from ..log import now_ms
 from ..protocol import WORKERS_ZSET, WorkerInfo, tokenizer_key, worker_key
+from .redis_client import transaction_ok
 
 log = logging.getLogger("llm_worker.transport.registry")
 
@@ -56,7 +57,7 @@ class Heartbeat:
                         extra={"model": self.info.model})
             await publish_tokenizer(self.redis, self.info.model, *self.tokenizer)
         expiry = now_ms() + self.ttl_ms
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self.redis.pipeline(transaction=transaction_ok(self.redis)) as pipe:
             pipe.set(worker_key(self.info.worker_id), self.info.model_dump_json(), px=self.ttl_ms)
             pipe.zadd(WORKERS_ZSET, {self.info.worker_id: expiry})
             await pipe.execute()
@@ -91,7 +92,7 @@ class Heartbeat:
             except asyncio.CancelledError:
                 pass
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
+            async with self.redis.pipeline(transaction=transaction_ok(self.redis)) as pipe:
                 pipe.zrem(WORKERS_ZSET, self.info.worker_id)
                 pipe.delete(worker_key(self.info.worker_id))
                 await pipe.execute()

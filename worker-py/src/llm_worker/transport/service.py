@@ -23,7 +23,7 @@ from ..metrics import Metrics
 from ..protocol import CANCEL_CHANNEL, JobData, WorkerInfo, cancelled_key
 from .fetch_loop import FetchLoopWorker
 from .job_run import JobContext, JobRun
-from .redis_client import redis_client
+from .redis_client import bull_prefix, bullmq_connection, cancel_listener_client, redis_client
 from .registry import Heartbeat, publish_tokenizer
 
 log = logging.getLogger("llm_worker.transport.service")
@@ -74,6 +74,7 @@ class WorkerService:
         # Sized above the batch: running jobs share it (cancel checks; their events go out through the publisher's outbox
         # on one connection at a time).
         self.redis = redis_client(self.cfg.redis_url, max_connections=self.cfg.max_batch + 16)
+        self._cancel_client = cancel_listener_client(self.cfg.redis_url, self.redis)
         tok_json, cfg_json, digest = self.tokenizer_export
         await publish_tokenizer(self.redis, self.info.model, tok_json, cfg_json, digest)
         self._tasks.append(asyncio.create_task(self._cancel_listener(), name="cancel-listener"))
@@ -81,7 +82,8 @@ class WorkerService:
             self._tasks.append(asyncio.create_task(self._metrics_loop(), name="metrics"))
         # bullmq's Worker with our own fetch loop (fetch_loop.py): one moveToActive at a time, BZPOPMIN when drained.
         self.worker = FetchLoopWorker(self.info.queue, self.process, {
-            "connection": self.cfg.redis_url,
+            "connection": bullmq_connection(self.cfg.redis_url),
+            "prefix": bull_prefix(self.cfg.redis_url),
             "concurrency": self.cfg.max_batch,
             "lockDuration": self.cfg.lock_duration_ms,
             "stalledInterval": self.cfg.stalled_interval_ms,
@@ -179,7 +181,7 @@ class WorkerService:
     async def _cancel_listener(self) -> None:
         """llm:cancel carries job ids; a job running here leaves the engine's batch at the next token boundary."""
         while True:
-            pubsub = self.redis.pubsub()
+            pubsub = self._cancel_client.pubsub()
             try:
                 await pubsub.subscribe(CANCEL_CHANNEL)
                 async for message in pubsub.listen():
