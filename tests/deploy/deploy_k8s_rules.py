@@ -82,22 +82,35 @@ def check_pdbs(objs: list[dict]) -> list[str]:
     return p
 
 
+def _redis_nodes(url) -> list[tuple[str, int]]:
+    """(host, port) of each node a REDIS_URL names: one for redis://, the comma-separated seeds of redis+cluster://
+    (gateway/src/queue/redis.ts reads it the same way)."""
+    if not url.scheme.endswith("+cluster"):
+        return [(url.hostname or "", url.port or 6379)]
+    nodes = []
+    for hp in url.netloc.rpartition("@")[2].split(","):
+        host, _, port = hp.rpartition(":") if ":" in hp else (hp, "", "")
+        nodes.append((host.lower(), int(port) if port.isdigit() else 6379))
+    return nodes
+
+
 def check_redis(objs: list[dict], envs: dict, cfgs: dict[str, ConfigInfo]) -> list[str]:
     p = []
     in_cluster = any("redis" in c["image"] for w in workloads(objs) for c in containers(w))
     for comp, env in envs.items():
         url = urlparse(cfgs[comp].effective({k: v or "" for k, v in env.items()}, "REDIS_URL") or "")
-        if url.scheme not in ("redis", "rediss"):
-            p.append(f"{comp}: REDIS_URL {url.geturl()!r} is not a redis:// or rediss:// URL")
-        if not in_cluster:
-            if "." not in (url.hostname or ""):
-                p.append(f"{comp}: no Redis in the cluster, and REDIS_URL host {url.hostname!r} is not a DNS name")
-            continue
-        svc = find(objs, "Service", (url.hostname or "").split(".")[0])
-        if svc is None:
-            p.append(f"{comp}: REDIS_URL host {url.hostname!r} is not a Service of the stack")
-        elif (url.port or 6379) not in [x["port"] for x in svc["spec"]["ports"]]:
-            p.append(f"{comp}: REDIS_URL port {url.port or 6379} is not a port of Service/{svc['metadata']['name']}")
+        if url.scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
+            p.append(f"{comp}: REDIS_URL {url.geturl()!r} is not a redis://, rediss:// or redis+cluster:// URL")
+        for host, port in _redis_nodes(url):
+            if not in_cluster:
+                if "." not in host:
+                    p.append(f"{comp}: no Redis in the cluster, and REDIS_URL host {host!r} is not a DNS name")
+                continue
+            svc = find(objs, "Service", host.split(".")[0])
+            if svc is None:
+                p.append(f"{comp}: REDIS_URL host {host!r} is not a Service of the stack")
+            elif port not in [x["port"] for x in svc["spec"]["ports"]]:
+                p.append(f"{comp}: REDIS_URL port {port} is not a port of Service/{svc['metadata']['name']}")
     for sts in by_kind(objs, "StatefulSet"):
         where = f"StatefulSet/{sts['metadata']['name']}"
         gov = find(objs, "Service", sts["spec"].get("serviceName", ""))

@@ -72,6 +72,21 @@ def test_managed_redis_variant(configs, scratch_kustomization):
     assert check_objects(objs, configs) == []
 
 
+def test_managed_redis_cluster_variant(configs, scratch_kustomization):
+    """The same overlay with a managed Redis Cluster (docs/DEPLOY.md, Redis Cluster): a redis+cluster:// URL of seeds
+    passes; a seed that is not a DNS name is refused (the check reads every seed, not only the first)."""
+    managed = (REPO / "docs/DEPLOY.md").read_text().split("<!-- managed-redis-kustomization -->")[1] \
+        .split("```yaml")[1].split("```")[0].replace("../../", "../../../k8s/")
+    seeds = "rediss+cluster://default:CHANGE-ME@node-1.my-redis.example.com:6380,node-2.my-redis.example.com:6380"
+    assert "rediss://default:CHANGE-ME@my-redis.example.com:6380" in managed
+    objs = render(scratch_kustomization({"kustomization.yaml": managed.replace(
+        "rediss://default:CHANGE-ME@my-redis.example.com:6380", seeds)}))
+    assert check_objects(objs, configs) == []
+    objs = render(scratch_kustomization({"kustomization.yaml": managed.replace(
+        "rediss://default:CHANGE-ME@my-redis.example.com:6380", seeds + ",redis-2:6380")}))
+    assert any("'redis-2' is not a DNS name" in p for p in check_objects(objs, configs))
+
+
 # --- the checks must be able to fail: deliberately broken copies ------------------------------------------------------
 
 def _gw(objs):
