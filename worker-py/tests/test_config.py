@@ -85,3 +85,16 @@ def test_metrics_port_listens_on_loopback_unless_configured():
         server.shutdown()
         server.server_close()
     assert load_config({"METRICS_HOST": "0.0.0.0"}).metrics_host == "0.0.0.0"
+
+
+def test_cluster_url_parts_shared_by_every_client():
+    """Both cluster clients read REDIS_URL through one parser: seeds, a seed without a port (6379), credentials, TLS."""
+    from llm_worker.transport.redis_client import _cluster_parts, cancel_listener_client
+
+    assert _cluster_parts("rediss+cluster://u:p%40ss@a.example:7000,b.example") == (
+        True, "u", "p@ss", [("a.example", 7000), ("b.example", 6379)])
+    listener = cancel_listener_client("redis+cluster://seed-only", None)  # no port: 6379, as for the cluster client
+    kw = listener.connection_pool.connection_kwargs
+    assert (kw["host"], kw["port"]) == ("seed-only", 6379)
+    plain = object()
+    assert cancel_listener_client("redis://127.0.0.1:6379", plain) is plain

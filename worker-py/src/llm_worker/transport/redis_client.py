@@ -19,7 +19,7 @@ The plain client:
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Optional
 from urllib.parse import unquote
 
 import redis.asyncio as aioredis
@@ -45,20 +45,26 @@ def bull_prefix(url: str) -> str:
     return "{bull}" if is_cluster_url(url) else "bull"
 
 
-def _cluster(url: str, **kwargs: Any) -> RedisCluster:
+def _cluster_parts(url: str) -> tuple[bool, Optional[str], Optional[str], list[tuple[str, int]]]:
+    """(tls, username, password, seed nodes) of a ``redis+cluster://`` URL; a seed without a port is 6379."""
     m = _CLUSTER_URL.match(url)
     if not m:
         raise ValueError("REDIS_URL: expected redis+cluster://host:port[,host:port...]")
     nodes = []
     for hp in m.group(3).split(","):
         host, _, port = hp.rpartition(":")
-        nodes.append(ClusterNode(host or hp, int(port) if host else 6379))
+        nodes.append((host, int(port)) if host else (hp, 6379))
     user = password = None
     if m.group(2):
         u, sep, p = m.group(2).partition(":")
         user, password = (unquote(u) or None, unquote(p)) if sep else (None, unquote(u))
-    return RedisCluster(startup_nodes=nodes, decode_responses=True, username=user, password=password,
-                        ssl=m.group(1) == "rediss", **kwargs)
+    return m.group(1) == "rediss", user, password, nodes
+
+
+def _cluster(url: str, **kwargs: Any) -> RedisCluster:
+    tls, user, password, nodes = _cluster_parts(url)
+    return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], decode_responses=True, username=user,
+                        password=password, ssl=tls, **kwargs)
 
 
 def redis_client(url: str, *, max_connections: int) -> Any:
@@ -88,14 +94,13 @@ def publish(target: Any, channel: str, message: str) -> Any:
 
 
 def cancel_listener_client(url: str, client: Any) -> Any:
-    """The client to SUBSCRIBE to llm:cancel with: on a cluster a plain connection to a seed node (PUBLISH reaches all)."""
-    if not is_cluster(client):
+    """The client to SUBSCRIBE to llm:cancel with: ``client`` itself on plain Redis; on a cluster a plain connection to
+    the first seed node (a cluster's PUBLISH reaches every node). The caller closes it when it is not ``client``."""
+    if not is_cluster_url(url):
         return client
-    m = _CLUSTER_URL.match(url)
-    assert m is not None
-    host, _, port = m.group(3).split(",")[0].rpartition(":")
-    auth = f"{m.group(2)}@" if m.group(2) else ""
-    return aioredis.Redis.from_url(f"{m.group(1)}://{auth}{host}:{port}", decode_responses=True)
+    tls, user, password, nodes = _cluster_parts(url)
+    host, port = nodes[0]
+    return aioredis.Redis(host=host, port=port, username=user, password=password, ssl=tls, decode_responses=True)
 
 
 def transaction_ok(client: Any) -> bool:

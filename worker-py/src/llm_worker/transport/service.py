@@ -65,6 +65,7 @@ class WorkerService:
         self.runs: dict[str, JobRun] = {}
         self.stopping = asyncio.Event()
         self.redis: Any = None
+        self._cancel_client: Any = None  # self.redis on plain Redis; its own connection on a cluster (redis_client)
         self.worker: Optional[FetchLoopWorker] = None
         self.heartbeat: Optional[Heartbeat] = None
         self._tasks: list[asyncio.Task] = []
@@ -138,6 +139,8 @@ class WorkerService:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._cancel_client is not None and self._cancel_client is not self.redis:
+            await self._cancel_client.aclose()
         await self.redis.aclose()
         _thaw_startup_objects()
 
