@@ -33,3 +33,32 @@ export async function startRedisCluster({ masters = 3, name = "redis-cluster" } 
   await waitFor(() => ports.every((p) => /cluster_state:ok/.test(cli(p, "CLUSTER", "INFO").stdout)), 30_000, "cluster_state:ok on every node");
   return { ports, url: `redis+cluster://${nodes.join(",")}` };
 }
+
+/**
+ * The error counts every node of the cluster has replied with since it started (INFO errorstats), summed over the
+ * nodes: e.g. {CROSSSLOT: 1, NOSCRIPT: 12}. A CROSSSLOT is a command or script whose keys span slots: the stack
+ * must never send one.
+ */
+export function clusterErrorStats(ports) {
+  const sum = {};
+  for (const port of ports) {
+    const r = cli(port, "INFO", "errorstats");
+    if (r.status !== 0) throw new Error(`INFO errorstats on ${port}: ${r.stderr}`);
+    for (const m of r.stdout.matchAll(/^errorstat_([A-Z_-]+):count=(\d+)/gm)) sum[m[1]] = (sum[m[1]] ?? 0) + Number(m[2]);
+  }
+  return sum;
+}
+
+/** Per command, the calls the cluster's nodes refused or that failed (INFO commandstats), summed over the nodes. */
+export function clusterFailedCalls(ports) {
+  const sum = {};
+  for (const port of ports) {
+    const r = cli(port, "INFO", "commandstats");
+    if (r.status !== 0) throw new Error(`INFO commandstats on ${port}: ${r.stderr}`);
+    for (const m of r.stdout.matchAll(/^cmdstat_([a-z|_-]+):.*rejected_calls=(\d+),failed_calls=(\d+)/gm)) {
+      const n = Number(m[2]) + Number(m[3]);
+      if (n) sum[m[1]] = (sum[m[1]] ?? 0) + n;
+    }
+  }
+  return sum;
+}
