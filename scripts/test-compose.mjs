@@ -7,7 +7,7 @@
 //   --no-cuda  skip the CUDA worker image's build check (the full form builds it on a stand-in base when it must)
 // Exit status 0 passed, 1 failed, 3 skipped (no engine can be started here: not root and no docker).
 import { spawnSync } from "node:child_process";
-import { closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, statfsSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { checks } from "./lib/compose-checks.mjs";
@@ -73,6 +73,23 @@ function argDefault(dockerfile, name) {
   const m = new RegExp(`^ARG ${name}=(\\S+)`, "m").exec(readFileSync(path.join(ROOT, dockerfile), "utf8"));
   if (!m) throw new Error(`${dockerfile} has no ARG ${name}=…`);
   return m[1];
+}
+
+/** Free bytes on the engine's data root, where images are written. */
+function engineFreeBytes() {
+  const root = sh("docker", ["info", "--format", "{{.DockerRootDir}}"]).stdout.trim();
+  const fs = statfsSync(root);
+  return { root, free: fs.bavail * fs.bsize };
+}
+
+/**
+ * Removes the dangling images our own Dockerfiles left (every stage carries the label io.llm-gateway.image): each
+ * rebuild after a code change leaves the previous build's images untagged, and a machine that runs this test after
+ * every commit would otherwise fill its disk. Images without the label, a user's own, are never touched.
+ */
+function pruneOurDanglingImages() {
+  const r = sh("docker", ["image", "prune", "--force", "--filter", "label=io.llm-gateway.image"]);
+  return /Total reclaimed space: (.*)/.exec(r.stdout)?.[1]?.trim() ?? "0B";
 }
 
 function skip(why) {
@@ -157,6 +174,12 @@ const images = [
 ];
 const cudaImage = CUDA ? JSON.parse(dc("gpu", ["config", "--format", "json"]).stdout).services["worker-gpu"].image : null;
 if (CUDA) images.push({ service: "worker-gpu", profile: "gpu", image: cudaImage });
+{
+  const reclaimed = pruneOurDanglingImages();
+  const { root, free } = engineFreeBytes();
+  log(`disk: ${human(free)} free on ${root} (dangling images of earlier builds removed: ${reclaimed})`);
+  cleanups.push(async () => log(`dangling images of this run's builds removed: ${pruneOurDanglingImages()}`));
+}
 if (!torchReachable) log(`${TORCH_CPU_INDEX} is not reachable: the worker images get PyPI's torch (the CUDA build, several GB)`);
 for (const img of ok ? images : []) {
   const logFile = path.join(RUN_DIR, `compose-build-${img.service}.log`);
@@ -165,7 +188,12 @@ for (const img of ok ? images : []) {
     const r = spawnSync(composeArgv[0], [...composeArgv.slice(1), "--profile", img.profile, "--progress", "plain", "build", img.service],
       { stdio: ["ignore", fd, fd], env: { ...process.env, ...env } });
     closeSync(fd);
-    if (r.status !== 0) throw new Error(`build failed:\n${readFileSync(logFile, "utf8").trim().split("\n").slice(-30).join("\n")}`);
+    if (r.status !== 0) {
+      const tail = readFileSync(logFile, "utf8").trim().split("\n").slice(-30).join("\n");
+      const { root, free } = engineFreeBytes();
+      const disk = /no space left on device/i.test(tail) ? ` (out of disk: ${human(free)} free on ${root} now; the worker image needs ~${img.service === "worker-cpu" && !torchReachable ? "13" : "4"} GB free to build from scratch)` : "";
+      throw new Error(`build failed${disk}:\n${tail}`);
+    }
     return human(imageSize(img.image));
   })) && ok;
 }
