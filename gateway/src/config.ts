@@ -36,9 +36,13 @@ export const configSchema = z.object({
     .string()
     .default('false')
     .transform((v): boolean | number | string => (v === 'true' ? true : v === 'false' ? false : /^\d+$/.test(v) ? Number(v) : v)),
-  /** Worker threads that count prompt tokens (off the event loop), and how many counts may wait before 503 server_busy. */
+  /**
+   * Worker threads that count prompt tokens (off the event loop), and how much may wait before 503 server_busy: counts,
+   * and characters of prompt text (the work; 256 prompts of 16 KiB). A burst of 1,000 short prompts fits both.
+   */
   TOKENIZER_THREADS: int(1, 64).default(2),
-  TOKENIZER_MAX_PENDING: int(1).default(256),
+  TOKENIZER_MAX_PENDING: int(1).default(4096),
+  TOKENIZER_MAX_PENDING_CHARS: int(1).default(4_194_304),
   /** max_tokens when a request sets none; always capped by what the model's context leaves. */
   DEFAULT_MAX_TOKENS: int(1).default(512),
   /** How long a completed job's result stays in BullMQ (removeOnComplete age; at most the last 1000 are kept). */

@@ -41,6 +41,7 @@ export function buildGateway(config: Config, logger: Logger, keys: readonly stri
   const tokenizers = new TokenizerCache(redis, logger.child({ module: 'tokenizer' }), {
     threads: config.TOKENIZER_THREADS,
     maxPending: config.TOKENIZER_MAX_PENDING,
+    maxPendingChars: config.TOKENIZER_MAX_PENDING_CHARS,
   });
   registry.onRefresh((workers) => tokenizers.warm(workers));
   registry.start();

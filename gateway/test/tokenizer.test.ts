@@ -2,6 +2,7 @@
  * Prompt counting in the gateway must equal Transformers' count (the worker reports that one in `usage`): the
  * expected ids in the fixture come from Python (fixtures/tokenizer/make_fixture.py).
  */
+import { loadConfig } from '../src/config';
 import { ApiError } from '../src/errors';
 import { silentLogger } from '../src/logger';
 import { tokenizerKey } from '../src/protocol/job';
@@ -148,6 +149,32 @@ describe('TokenizerCache (real Redis)', () => {
     const counts = await Promise.all(threads.map(() => pool.count('h-pool', noSource, fx.cases[0].messages)));
     expect(counts).toEqual(threads.map(() => fx.cases[0].count));
     await pool.close();
+  });
+
+  it('counts a burst of 1,000 ordinary prompts with the default bounds; work past the character budget is refused', async () => {
+    const fx = tokenizerFixture();
+    const cfg = loadConfig({});
+    const pool = new TokenizerPool(cfg.TOKENIZER_THREADS, cfg.TOKENIZER_MAX_PENDING, silentLogger, cfg.TOKENIZER_MAX_PENDING_CHARS);
+    const source = async () => ({ tokenizerJson: fx.tokenizerJson, configJson: fx.configWithTemplateJson });
+    await pool.load('h-burst', await source());
+    const threads = (pool as unknown as { threads: Array<{ known: Set<string> }> }).threads;
+    await waitFor(async () => threads.every((t) => t.known.has('h-burst')), 60_000, 'every thread to build the tokenizer');
+    // 1,000 clients starting at once (issue 17): every count waits its turn, none is refused.
+    const burst = Array.from({ length: 1000 }, (_, i) =>
+      pool.count('h-burst', source, [{ role: 'user', content: `Request ${String(i).padStart(6, '0')}. ${fx.cases[0].messages[0].content}` }]));
+    const counts = await Promise.all(burst);
+    expect(counts.every((n) => Number.isInteger(n) && n > 0)).toBe(true);
+
+    // A second pool with a small character budget: a prompt larger than the whole budget is counted when nothing
+    // else waits, and while it is being counted the next one that does not fit is refused with a retryable 503.
+    const small = new TokenizerPool(1, 4096, silentLogger, 1_000);
+    await small.load('h-burst', await source());
+    const big = [{ role: 'user' as const, content: 'word '.repeat(2_000) }];
+    const first = small.count('h-burst', source, big);
+    await expect(small.count('h-burst', source, big)).rejects.toMatchObject({ code: 'server_busy' });
+    expect(await first).toBeGreaterThan(1_000);
+    expect(await small.count('h-burst', source, big)).toBe(await first); // idle again: counted
+    await Promise.all([pool.close(), small.close()]);
   });
 
   it('fails (and does not cache the failure) when the model has no tokenizer', async () => {

@@ -1,8 +1,11 @@
 /**
  * Prompt counting on a small pool of worker threads (services/tokenizer-thread.ts), so that a large prompt never
  * blocks the event loop: /health, other streams and other requests go on while it is counted. With two threads or
- * more, large prompts never occupy the first one (leastBusy). The pool is bounded:
- * past `maxPending` waiting counts a request gets 503 server_busy (retryable) instead of queuing without end.
+ * more, large prompts never occupy the first one (leastBusy). The pool is bounded by the work waiting, not only by how
+ * many counts wait: past `maxPending` counts, or `maxPendingChars` characters of prompt text (what a count costs grows
+ * with it), a request gets 503 server_busy (retryable) instead of queuing without end. Why both: a burst of 1,000
+ * ordinary prompts (~0.7 ms each) is under a second of counting and must not be refused (issue 17: a bound of 256
+ * counts refused 742 of 1,000 clients starting at once), while 256 prompts near the character cap are minutes of it.
  */
 import path from 'node:path';
 import { Worker } from 'node:worker_threads';
@@ -77,11 +80,18 @@ export class TokenizerPool {
   private threads: TokenizerThread[] = [];
   private nextId = 1;
   private closed = false;
+  /**
+   * Counts asked for and not answered yet, and their characters. Kept here rather than summed over the threads'
+   * in-flight messages: a count waiting for its thread to build the tokenizer has sent none yet, and still waits.
+   */
+  private pending = 0;
+  private pendingChars = 0;
 
   constructor(
     size: number,
     private readonly maxPending: number,
     private readonly logger: Logger,
+    private readonly maxPendingChars = Number.POSITIVE_INFINITY,
   ) {
     for (let i = 0; i < size; i++) this.threads.push(this.spawn());
   }
@@ -92,10 +102,6 @@ export class TokenizerPool {
       this.logger.error('tokenizer thread died; starting another', { err: err.message });
       this.threads = this.threads.map((t) => (t === dead ? this.spawn() : t));
     });
-  }
-
-  private get pendingCount(): number {
-    return this.threads.reduce((n, t) => n + t.pending.size, 0);
   }
 
   /**
@@ -151,9 +157,22 @@ export class TokenizerPool {
   }
 
   private async countOn(hash: string, source: () => Promise<TokenizerSource>, chars: number, request: (id: number) => ThreadRequest): Promise<number> {
-    if (this.pendingCount >= this.maxPending) {
+    // A prompt longer than the whole budget is still counted when nothing else waits (the character cap, checked
+    // before, is what bounds one prompt).
+    if (this.pending >= this.maxPending || (this.pending > 0 && this.pendingChars + chars > this.maxPendingChars)) {
       throw new ApiError('server_busy', 'The server is busy counting other prompts. Please retry shortly.', { retryAfterMs: 1000 });
     }
+    this.pending += 1;
+    this.pendingChars += chars;
+    try {
+      return await this.countOnThread(hash, source, chars, request);
+    } finally {
+      this.pending -= 1;
+      this.pendingChars -= chars;
+    }
+  }
+
+  private async countOnThread(hash: string, source: () => Promise<TokenizerSource>, chars: number, request: (id: number) => ThreadRequest): Promise<number> {
     const t = this.leastBusy(chars > LARGE_PROMPT_CHARS);
     for (let attempt = 0; attempt < 2; attempt++) {
       if (!t.known.has(hash)) await (t.loading.get(hash) ?? this.loadOn(t, hash, await source()));

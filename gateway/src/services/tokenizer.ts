@@ -26,6 +26,8 @@ export interface TokenizerPoolOptions {
   threads: number;
   /** Counts waiting at most, beyond which requests get 503 server_busy. */
   maxPending: number;
+  /** Characters of prompt text waiting to be counted at most (tokenizer-pool.ts); unbounded when left out. */
+  maxPendingChars?: number;
 }
 
 /**
@@ -43,7 +45,7 @@ export class TokenizerCache {
     private readonly logger: Logger,
     pool: TokenizerPoolOptions = { threads: 1, maxPending: 64 },
   ) {
-    this.pool = new TokenizerPool(pool.threads, pool.maxPending, logger);
+    this.pool = new TokenizerPool(pool.threads, pool.maxPending, logger, pool.maxPendingChars);
   }
 
   get(model: string, hash: string): Promise<LoadedTokenizer> {
