@@ -26,10 +26,10 @@ MODEL_ID = "smollm2-135m-instruct"
 
 @asynccontextmanager
 async def serve(redis_url: str, engine, loaded, context_length: Optional[int] = None, flush_ms: int = 15,
-                fetch_concurrency: Optional[int] = None):
+                fetch_concurrency: Optional[int] = None, grammars=None):
     """A started WorkerService on queue test-<uuid>; yields (service, gateway-side helper). ``fetch_concurrency``: how
     many jobs the service may hold at once (its BullMQ concurrency, MAX_BATCH by default), to take more jobs than
-    the engine has rows."""
+    the engine has rows. ``grammars``: the JobContext's BackgroundGrammarCompiler (None: no structured outputs)."""
     worker_id = f"w-test-{uuid.uuid4().hex[:6]}"
     env = {"REDIS_URL": redis_url, "WORKER_ID": worker_id, "METRICS_PORT": "0", "STREAM_FLUSH_MS": str(flush_ms),
            "SHUTDOWN_GRACE_MS": "5000"}
@@ -39,7 +39,7 @@ async def serve(redis_url: str, engine, loaded, context_length: Optional[int] = 
     ctx = JobContext(engine=engine, tokenizer=loaded.tokenizer, logprob_formatter=LogprobFormatter(loaded.tokenizer),
                      worker_id=worker_id, context_length=context_length or loaded.context_length,
                      vocab_size=int(loaded.model.config.vocab_size), default_max_tokens=64, flush_ms=flush_ms,
-                     log_prompts=False)
+                     log_prompts=False, grammars=grammars)
     export = export_tokenizer(loaded.tokenizer)
     queue = f"test-{uuid.uuid4().hex}"
     info = make_worker_info(worker_id=worker_id, model_id=MODEL_ID, queue=queue, context_length=ctx.context_length,

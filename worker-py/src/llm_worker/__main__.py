@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 
 from . import __version__
 from .config import Config, load_config_or_exit
@@ -51,7 +52,7 @@ def build_and_serve(cfg: Config) -> None:
                                     "loadSeconds": round(loaded.load_seconds, 1),
                                     "stopTokenIds": sorted(loaded.eos_token_ids), "kvTokenBudget": kv_budget})
     model_mod.warm_up(engine, loaded.tokenizer)
-    grammars = _grammar_compiler(cfg, loaded, name)
+    grammars = _background_grammar_compiler(cfg, loaded, name)
     export = model_mod.export_tokenizer(loaded.tokenizer)
     info = make_worker_info(worker_id=cfg.worker_id, model_id=loaded.model_id, queue=queue_name(loaded.model_id),
                             context_length=loaded.context_length, max_batch=cfg.max_batch, device=loaded.device,
@@ -69,13 +70,21 @@ def build_and_serve(cfg: Config) -> None:
     log.info("worker stopped")
 
 
-def _grammar_compiler(cfg: Config, loaded, engine_name: str):
-    """The structured-output compiler for this model's vocabulary, warmed up (None for the stand-in engine, which has
-    no model to constrain)."""
+def _background_grammar_compiler(cfg: Config, loaded, engine_name: str):
+    """The structured-output compiler for this model's vocabulary, built on a thread once the worker is READY (the
+    service calls JobContext.after_ready); None for the stand-in engine, which has no model to constrain."""
     if engine_name == "standin":
         return None
+    from .grammar import BackgroundGrammarCompiler
+
+    return BackgroundGrammarCompiler(lambda: _grammar_compiler(cfg, loaded))
+
+
+def _grammar_compiler(cfg: Config, loaded):
+    """The compiler, warmed up; None (logged) when this tokenizer cannot be constrained."""
     from .grammar import GrammarCompiler, GrammarError
 
+    started = time.monotonic()
     try:
         compiler = GrammarCompiler(loaded.tokenizer, int(loaded.model.config.vocab_size), sorted(loaded.eos_token_ids),
                                    cache_size=cfg.grammar_cache_size)
@@ -84,7 +93,8 @@ def _grammar_compiler(cfg: Config, loaded, engine_name: str):
         return None
     seconds = compiler.warm_up()
     log.info("grammar compiler ready", extra={"tokenizerSeconds": round(compiler.tokenizer_seconds, 2),
-                                              "warmUpSeconds": round(seconds, 2)})
+                                              "warmUpSeconds": round(seconds, 2),
+                                              "seconds": round(time.monotonic() - started, 2)})
     return compiler
 
 

@@ -15,14 +15,15 @@ over the constrained rows only, so unconstrained rows beside them pay nothing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -162,6 +163,63 @@ class GrammarCompiler:
             row.fill(mask, 0)
             row.consume(token)
         return time.monotonic() - started
+
+
+class BackgroundGrammarCompiler:
+    """The worker's GrammarCompiler, built on its own thread after the worker is ready instead of before.
+
+    Building it (llguidance's tokenizer for the vocabulary, a check of its token bytes, a warm-up compile) took 1.0-2.0 s
+    of every start of the bundled model (bench/RESULTS.md, issue 14 target 1), for a feature most requests do not use.
+    A request with a response_format that arrives while it is still being built waits for it (``get``), so none fails
+    because the worker started recently; its own compile timeout starts once the compiler is there.
+    """
+
+    def __init__(self, build: Callable[[], Optional[GrammarCompiler]]):
+        self._build = build
+        self._future: Future = Future()
+        self._lock = threading.Lock()
+        self._started = False
+        self.waiting = 0  # requests waiting for the build now (loop thread only)
+
+    @classmethod
+    def built(cls, compiler: Optional[GrammarCompiler]) -> "BackgroundGrammarCompiler":
+        """One that is ready at once (tests, or a compiler built elsewhere)."""
+        made = cls(lambda: compiler)
+        made.start()
+        return made
+
+    def start(self) -> None:
+        """Begin building (once; later calls do nothing)."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+            # Running: a waiter's cancellation (a job cancelled while it waits) then cannot cancel the build for others.
+            self._future.set_running_or_notify_cancel()
+        threading.Thread(target=self._run, name="grammar-build", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            compiler = self._build()
+        except Exception:  # structured outputs are then refused with a 400; everything else is served
+            log.exception("building the grammar compiler failed; structured outputs unavailable")
+            compiler = None
+        self._future.set_result(compiler)
+
+    @property
+    def ready(self) -> bool:
+        return self._future.done()
+
+    async def get(self) -> Optional[GrammarCompiler]:
+        """The compiler, once built (None: this worker cannot constrain outputs). Starts the build if nothing has."""
+        self.start()
+        if self._future.done():
+            return self._future.result()
+        self.waiting += 1
+        try:
+            return await asyncio.wrap_future(self._future)
+        finally:
+            self.waiting -= 1
 
 
 def _tokenizer_json(tokenizer) -> str:

@@ -16,6 +16,7 @@ import secrets
 import tempfile
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -72,7 +73,7 @@ def resolve_source(cfg: Config) -> tuple[str, Optional[str], str]:
     return cfg.model, cfg.gguf_file, cfg.model_id or cfg.model.rsplit("/", 1)[-1].lower()
 
 
-def _cache_entry(cfg: Config, target: str, gguf: Optional[str], dtype, quant):
+def _cache_entry(cfg: Config, target: str, gguf: Optional[str], dtype, quant, transformers_version=None):
     """The converted-weights cache entry for a local GGUF file (None: no GGUF, a hub file, quantised, or disabled)."""
     if not gguf or quant is not None or (cfg.weights_cache_dir or "").lower() == "off":
         return None
@@ -80,7 +81,31 @@ def _cache_entry(cfg: Config, target: str, gguf: Optional[str], dtype, quant):
     if not path.is_file():
         return None
     root = Path(cfg.weights_cache_dir).expanduser() if cfg.weights_cache_dir else weights_cache.default_cache_root()
-    return weights_cache.entry_dir(root, path, dtype)
+    return weights_cache.entry_dir(root, path, dtype, transformers_version)
+
+
+def _start_cache_check(cfg: Config, target: str, gguf: Optional[str], dtype, quant) -> Future:
+    """The cache entry and whether it checks out ((entry, key, ok) or None), computed on a thread.
+
+    Why a thread: the checksums read and hash the GGUF file and the entry (~0.4 s of CPU for the bundled model, the
+    GIL released meanwhile) while the main thread imports Transformers (~3 s of CPU, holding it), on the second core
+    instead of after the import. Transformers' version (part of the key) is read from its package metadata here; load()
+    compares it with the imported module's.
+    """
+    done: Future = Future()
+    done.set_running_or_notify_cancel()
+
+    def run() -> None:
+        try:
+            from importlib.metadata import version
+
+            entry = _cache_entry(cfg, target, gguf, dtype, quant, version("transformers"))
+            done.set_result(None if entry is None else (*entry, weights_cache.check(*entry)))
+        except BaseException as exc:  # re-raised by load(), on the main thread
+            done.set_exception(exc)
+
+    threading.Thread(target=run, name="weights-cache-check", daemon=True).start()
+    return done
 
 
 def resolve_device(cfg: Config) -> str:
@@ -161,9 +186,6 @@ def stop_token_ids(model, tokenizer) -> set[int]:
 
 
 def load(cfg: Config) -> LoadedModel:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     started = time.monotonic()
     target, gguf, model_id = resolve_source(cfg)
     device = resolve_device(cfg)
@@ -175,8 +197,11 @@ def load(cfg: Config) -> LoadedModel:
         common["gguf_file"] = gguf
     log.info("loading model", extra={"source": target, "gguf_file": gguf, "device": device, "dtype": str(dtype)})
     quant = _quantization_config(cfg, device)
-    entry = _cache_entry(cfg, target, gguf, dtype, quant)
-    cached = weights_cache.load(entry[0], entry[1], dtype, common) if entry else None
+    checking = _start_cache_check(cfg, target, gguf, dtype, quant)
+    import transformers  # the slow import, beside the cache check
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    entry, cached = _load_cached(cfg, checking.result(), transformers.__version__, target, gguf, dtype, quant, common)
     if cached is not None:
         tokenizer, model = cached
     else:
@@ -202,6 +227,18 @@ def load(cfg: Config) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, device=device,
                        dtype=str(dtype).removeprefix("torch."), context_length=context,
                        eos_token_ids=stop_token_ids(model, tokenizer), load_seconds=time.monotonic() - started)
+
+
+def _load_cached(cfg: Config, checked, transformers_version: str, target, gguf, dtype, quant, common):
+    """(cache entry and key or None, (tokenizer, model) from it or None) from the early check's (entry, key, ok)."""
+    if checked is not None and checked[1]["transformers"] != transformers_version:
+        # The package metadata and the imported module disagree (an odd install): key the entry by the module.
+        entry = _cache_entry(cfg, target, gguf, dtype, quant)
+        return entry, (weights_cache.load(*entry, dtype, common) if entry else None)
+    if checked is None:
+        return None, None
+    entry, key, ok = checked
+    return (entry, key), weights_cache.load(entry, key, dtype, common, checked=ok)
 
 
 # ChatML, the format of Qwen-7B-Chat (whose remote-code tokenizer ships no chat_template) and of many others.

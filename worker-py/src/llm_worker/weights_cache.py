@@ -42,24 +42,26 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def entry_dir(root: Path, gguf_path: Path, dtype: Any) -> tuple[Path, dict[str, str]]:
-    """The cache entry for this GGUF file, Transformers version and dtype, and the key it is filed under."""
-    import transformers
+def entry_dir(root: Path, gguf_path: Path, dtype: Any,
+              transformers_version: Optional[str] = None) -> tuple[Path, dict[str, str]]:
+    """The cache entry for this GGUF file, Transformers version and dtype, and the key it is filed under.
+    ``transformers_version``: given by a caller that has not imported Transformers yet (model.py's early check)."""
+    if transformers_version is None:
+        import transformers
 
-    key = {"gguf_sha256": _sha256(gguf_path), "transformers": transformers.__version__,
+        transformers_version = transformers.__version__
+    key = {"gguf_sha256": _sha256(gguf_path), "transformers": transformers_version,
            "dtype": str(dtype).removeprefix("torch.")}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return root / f"{gguf_path.stem}-{digest}", key
 
 
-def load(entry: Path, key: dict[str, str], dtype: Any, common: dict[str, Any]) -> Optional[tuple[Any, Any]]:
-    """(tokenizer, model) from a verified entry, or None when there is none (or it was corrupt: then it is removed)."""
+def check(entry: Path, key: dict[str, str]) -> bool:
+    """Whether ``entry`` is complete and every file matches its manifest's checksum; an entry that does not is removed
+    (logged). Reads and hashes without the GIL for the most part, so it can run on a thread beside imports."""
     manifest_path = entry / MANIFEST
     if not manifest_path.is_file():
-        return None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    started = time.monotonic()
+        return False
     try:
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("key") != key:
@@ -71,6 +73,18 @@ def load(entry: Path, key: dict[str, str], dtype: Any, common: dict[str, Any]) -
         log.warning("converted-weights cache entry is unusable; converting again", extra={"entry": str(entry),
                                                                                            "reason": str(exc)})
         shutil.rmtree(entry, ignore_errors=True)
+        return False
+    return True
+
+
+def load(entry: Path, key: dict[str, str], dtype: Any, common: dict[str, Any],
+         checked: Optional[bool] = None) -> Optional[tuple[Any, Any]]:
+    """(tokenizer, model) from a verified entry, or None when there is none (or it was corrupt: then it is removed).
+    ``checked``: the result of ``check(entry, key)`` when the caller has already run it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    if not (check(entry, key) if checked is None else checked):
         return None
     verified = time.monotonic() - started
     options = {k: v for k, v in common.items() if k != "gguf_file"}

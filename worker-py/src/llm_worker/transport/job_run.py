@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from ..engine.base import ChoiceOutput, Engine, GenerationRequest
 from ..errors import JobError
-from ..grammar import CompiledGrammar, GrammarCompiler, GrammarError
+from ..grammar import BackgroundGrammarCompiler, CompiledGrammar, GrammarError
 from ..log import now_ms
 from ..model import ForgedTurnError, chat_prompt_ids, raw_prompt_ids
 from ..protocol import JobData
@@ -97,8 +97,13 @@ class JobContext:
     default_max_tokens: int
     flush_ms: int
     log_prompts: bool
-    grammars: Optional[GrammarCompiler] = None  # None: this worker serves no response_format
+    grammars: Optional[BackgroundGrammarCompiler] = None  # None: this worker serves no response_format
     grammar_timeout_s: float = 5.0
+
+    def after_ready(self) -> None:
+        """Start-up work that waits until the worker has registered (READY): building the grammar compiler."""
+        if self.grammars is not None:
+            self.grammars.start()
 
 
 @dataclass
@@ -217,14 +222,16 @@ class JobRun:
         """The request's response_format compiled (or taken from the compiler's cache), off the event loop."""
         fmt, ctx = self.data.params.response_format, self.ctx
         param = fmt.param or "response_format"  # "tools" for the grammar of a forced tool call
-        if ctx.grammars is None:
+        # Built after READY (grammar.BackgroundGrammarCompiler): a job arriving before that waits for it here.
+        compiler = await ctx.grammars.get() if ctx.grammars is not None else None
+        if compiler is None:
             raise JobError("invalid_request", f"this worker cannot serve {param} that constrain the output", param)
         try:
             spec = fmt.grammar_spec()
-            hit = ctx.grammars.cached(spec)
+            hit = compiler.cached(spec)
             if hit is not None:
                 return hit
-            compiling = asyncio.get_running_loop().run_in_executor(ctx.grammars.executor, ctx.grammars.compile, spec)
+            compiling = asyncio.get_running_loop().run_in_executor(compiler.executor, compiler.compile, spec)
             return await asyncio.wait_for(compiling, ctx.grammar_timeout_s)
         except GrammarError as exc:
             raise JobError("invalid_request", f"{param}: {exc}", param) from exc

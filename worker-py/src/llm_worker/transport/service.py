@@ -106,6 +106,7 @@ class WorkerService:
             self.metrics.ready = True
         log.info("worker ready", extra={"workerId": self.info.worker_id, "queue": self.info.queue,
                                         "model": self.info.model, "engine": self.info.engine})
+        self.ctx.after_ready()  # what start-up deferred past READY (the grammar compiler)
 
     async def run_until_signal(self) -> None:
         loop = asyncio.get_running_loop()
