@@ -33,8 +33,8 @@ const GATEWAYS = arg('gateways', 2);
 const WORKERS = arg('workers', 2);
 const RAMP_MS = arg('ramp-s', 30) * 1000;
 const WINDOW_MS = arg('window-s', 60) * 1000;
-/** Batch room: every stream a slot even if BullMQ hands one worker more than its share. */
-const MAX_BATCH = arg('max-batch', Math.max(1024, Math.ceil((STREAMS * 1.5) / WORKERS)));
+/** Batch room: the worker's most (config.py: MAX_BATCH ≤ 1024), 2,048 slots for 2,000 streams on 2 workers. */
+const MAX_BATCH = arg('max-batch', 1024);
 const JSON_OUT = process.argv.includes('--json') ? process.argv[process.argv.indexOf('--json') + 1] : null;
 const STREAM_MS = TOKENS * STEP_MS;
 const RUN = Math.random().toString(36).slice(2, 8);
