@@ -8,7 +8,8 @@
 // The stack is the reliability suite's (tests/reliability/support/stack.ts: real redis-server, gateways via main.ts,
 // `python -m llm_worker` with ENGINE=standin, free ports). The load generator is this process: raw SSE clients, one
 // socket each (tests/reliability/support/load.ts), closed loop (each finished stream replaced at once by one with a new
-// marker), client i on gateway i mod --gateways, their starts spread over --ramp-s (a burst is item 2's problem).
+// marker; a refusal retried after its retry-after), client i on gateway i mod --gateways, their starts spread over
+// --ramp-s (a burst is item 2's problem).
 // After the ramp and one stream length, the window: CPU per process, streams open (client side) and jobs active (BullMQ)
 // sampled each second, and the stack overhead of every stream started in it (fanout_figures.ts: loadgen.py's
 // definition, from the worker's timestamps in Redis). Then no new streams; every stream started must end, checked as
@@ -92,6 +93,9 @@ async function main(): Promise<void> {
         s.r = await stream(targets[gateway], { ...markedChat(stack.model, s.mark, TOKENS), stream_options: { include_usage: true } });
         open -= 1;
         if (s.r.completionId) completionIds.set(s.r.completionId, (completionIds.get(s.r.completionId) ?? 0) + 1);
+        // A refusal (503 queue_full, 429) is retried after its retry-after, as the openai SDKs do: retried at once, a
+        // closed loop of 2,000 clients turns a moment of backlog into a storm of requests that is all the load.
+        if (s.r.status === 503 || s.r.status === 429) await sleep(Math.min(60_000, Math.max(1000, Number(s.r.headers['retry-after-ms'] ?? 1000))));
       }
     };
     const clients = Promise.all(Array.from({ length: STREAMS }, (_, i) => client(i)));
@@ -125,7 +129,12 @@ async function main(): Promise<void> {
     await Promise.race([clients, sleep(drainDeadline - Date.now())]);
     const finished = sent.filter((s) => s.r !== null);
     const lost = sent.length - finished.length;
-    const problems = finished.map((s) => ({ s, problem: checkResponse(s.r!, s.mark, MARKERS, TOKENS) })).filter((p) => p.problem);
+    // A refusal (503/429 before any stream) is admission saying "not now", counted apart: not a lost or wrong answer.
+    const refused = finished.filter((s) => s.r!.status === 503 || s.r!.status === 429).length;
+    const problems = finished
+      .filter((s) => s.r!.status !== 503 && s.r!.status !== 429)
+      .map((s) => ({ s, problem: checkResponse(s.r!, s.mark, MARKERS, TOKENS) }))
+      .filter((p) => p.problem);
     const duplicatedIds = [...completionIds.values()].filter((n) => n > 1).length;
 
     const inWindow = finished.filter((s) => s.r!.startedAt >= w0 && s.r!.startedAt < w1).map((s) => s.r!);
@@ -144,7 +153,7 @@ async function main(): Promise<void> {
       openStreams: { min: Math.min(...samples.map((x) => x.open)), median: med(samples.map((x) => x.open)) },
       activeJobs: { min: Math.min(...samples.map((x) => x.active)), median: med(samples.map((x) => x.active)) },
       contentDeltasPerS: Math.round(deltasInWindow / secs), wantTokensPerS: Math.round((STREAMS * 1000) / STEP_MS),
-      requests: sent.length, lost, failedChecks: problems.length, duplicatedCompletionIds: duplicatedIds,
+      requests: sent.length, refused, lost, failedChecks: problems.length, duplicatedCompletionIds: duplicatedIds,
       firstProblems: problems.slice(0, 5).map((p) => `${p.s.mark} via gateway ${p.s.gateway}: ${p.problem}`),
       statuses: finished.reduce<Record<number, number>>((m, s) => ({ ...m, [s.r!.status]: (m[s.r!.status] ?? 0) + 1 }), {}),
       startedInWindow: inWindow.length, overheadMs: over && Object.fromEntries(Object.entries(over).map(([k, v]) => [k, round(v)])),
@@ -155,7 +164,7 @@ async function main(): Promise<void> {
     };
     console.log(JSON.stringify(summary, null, 1));
     const ok = lost === 0 && problems.length === 0 && duplicatedIds === 0;
-    console.log(`[fanout] ${STREAMS} streams via ${GATEWAYS} gateways × ${WORKERS} workers: ${sent.length} responses, ${lost} lost, ` +
+    console.log(`[fanout] ${STREAMS} streams via ${GATEWAYS} gateways × ${WORKERS} workers: ${sent.length} requests, ${refused} refused (503/429), ${lost} lost, ` +
       `${problems.length} wrong, ${duplicatedIds} completion ids twice → ${ok ? 'all correct' : 'NOT all correct'}; stack overhead ` +
       `p50 ${summary.overheadMs?.p50} p99 ${summary.overheadMs?.p99} ms (target p99 ≤ 50 → ${over && over.p99 <= 50 ? 'met' : 'NOT met'}); ` +
       `load ${summary.load1.windowStart}–${summary.load1.windowEnd}${Math.max(load0, load1) > 2 ? ' (noisy)' : ''}`);
