@@ -6,7 +6,7 @@ import { randomUUID } from 'node:crypto';
 import { Queue } from 'bullmq';
 import request from 'supertest';
 import { queueDepth } from '../src/limits/admission';
-import { cancelledKey, queueName } from '../src/protocol/job';
+import { cancelledKey, jobChannel, queueName } from '../src/protocol/job';
 import { FakeWorker, type FakeScript } from './helpers/fake-worker';
 import { completeEvents, openStream, parseSse, startGateway, TEST_KEY, type TestGateway, waitFor } from './helpers/gateway';
 import { useTestRedis } from './helpers/redis-server';
@@ -129,6 +129,30 @@ describe('worker failures', () => {
       expect(Date.now() - died).toBeLessThan(15_000);
     } finally {
       die();
+      stream.abort();
+    }
+  });
+
+  it('the same worker starts the job again after text was sent (its lock lapsed): worker_lost, never the text twice', async () => {
+    // A worker whose event loop stalls past its lock (CPU-starved) gets the job back from BullMQ's stalled check and runs
+    // it again beside its first run: a second `started` from the same worker id, then deltas numbered from 1 again.
+    // The first attempt is held after two deltas; the second attempt's first events are what that worker publishes.
+    let release!: () => void;
+    const w = await fake({ reply, pieceChars: 5, holdAfterDeltas: 2, holdGate: new Promise<void>((r) => (release = r)) });
+    const stream = await openStream(`${gw.url}/v1/chat/completions`, ask(w.model, { stream: true }), { authorization: `Bearer ${TEST_KEY}` });
+    try {
+      await waitFor(() => streamText(completeEvents(stream.received())).text === REPLY.slice(0, 10), undefined, 'the two deltas at the client');
+      const jobId = streamText(completeEvents(stream.received())).chunks[0].id as string;
+      const again = (event: object) => redis.client.publish(jobChannel(jobId), JSON.stringify({ ...event, ts_ms: Date.now() }));
+      await again({ type: 'started', worker_id: w.workerId, prompt_tokens: w.jobs[0].prompt_tokens });
+      await again({ type: 'delta', seq: 1, choices: [{ index: 0, text: REPLY.slice(0, 5), tokens: 1, logprobs: null }] });
+      release();
+      const s = streamText(await stream.body);
+      expect(s.text).toBe(REPLY.slice(0, 10));
+      expect(s.error).toMatchObject({ code: 'worker_lost', type: 'server_error' });
+      expect(s.done).toBe(true);
+    } finally {
+      release();
       stream.abort();
     }
   });

@@ -229,8 +229,11 @@ export class JobRun {
   }
 
   private onStarted(workerId: string): void {
-    if (this.workerId !== null && workerId !== this.workerId && this.hasForwardedText) {
-      // A second attempt after text already reached the client would repeat it.
+    if (this.workerId !== null && this.hasForwardedText) {
+      // A second attempt after text already reached the client would repeat it. The same worker counts too: one whose
+      // event loop stalled past its lock (a CPU-starved host) gets the job back from BullMQ's stalled check and runs it
+      // again beside the first run (seen at 2,000 streams, bench/cpu/fanout.ts: the two runs' text interleaved).
+      // Each attempt publishes `started` once, and a replayed copy of the same event is dropped before this (attach).
       return this.abandon('worker_lost', 'The worker generating this response was lost. Please retry.');
     }
     if (this.queueTimer) clearTimeout(this.queueTimer);
