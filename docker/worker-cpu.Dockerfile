@@ -36,10 +36,9 @@ RUN pip wheel --no-deps --wheel-dir /wheels /src/worker-py
 
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL io.llm-gateway.image=worker-cpu
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY --from=deps /opt/venv /opt/venv
 COPY --from=wheel /wheels/ /tmp/wheels/
-RUN /opt/venv/bin/pip install --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
+RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
 RUN groupadd --gid 10001 worker && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/worker worker
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

