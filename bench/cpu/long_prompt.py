@@ -5,13 +5,14 @@ default dtype (bf16 where the CPU has AVX512-BF16) or ``--dtype``. One run: 15 s
 unique number each, greedy, EOS ignored) decode; once each has ``--warm`` tokens, their inter-token gaps are watched for
 ``--steady`` more tokens (the steady state), then a request with a ~``--prompt-tokens`` prompt is submitted. Its TTFT
 is submit → its first token; the streams' gaps that overlap that interval are "during the prefill". Then everything is
-cancelled. One run per ``--chunks`` value (PREFILL_CHUNK_TOKENS; 0 = off, the prompt in one pass), each value with its
-own engine on the same loaded model, runs interleaved and ``--rounds`` times, in a rotating order.
+cancelled. One run per ``--chunks`` value (PREFILL_CHUNK_TOKENS; 0 = off, the prompt in one pass; ``C/r``: chunks of at
+most C tokens sized by time to r decode steps, PREFILL_CHUNK_STEP_RATIO=r; a plain C is fixed chunks, ratio 0), each
+value with its own engine on the same loaded model, runs interleaved and ``--rounds`` times, in a rotating order.
 
 Target: the streams' ITL p99 during the prefill ≤ 2 × their median ITL. Printed against both medians: the steady one
 (before the long prompt: what a stream normally gets) and the one during the prefill. A stall shows in the first.
 Prints figures, asserts nothing; ``--results-md`` appends a dated section to bench/RESULTS.md.
-Usage: worker-py/.venv/bin/python bench/cpu/long_prompt.py [--chunks 0,64,256] [--rounds 2] [--results-md]
+Usage: worker-py/.venv/bin/python bench/cpu/long_prompt.py [--chunks 0,256,256/0.8] [--rounds 2] [--results-md]
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def one_run(engine, model_mod, tokenizer, long_ids: list[int], a) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--chunks", default="0,64,256", help="PREFILL_CHUNK_TOKENS values to compare (0 = off)")
+    ap.add_argument("--chunks", default="0,256,256/0.8",
+                    help="PREFILL_CHUNK_TOKENS values to compare (0 = off; C/r: time-sized, PREFILL_CHUNK_STEP_RATIO r)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=4000)
     ap.add_argument("--warm", type=int, default=6, help="tokens each stream has before the steady window")
@@ -116,7 +118,7 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="DTYPE (default: the worker's, auto)")
     ap.add_argument("--results-md", action="store_true", help="append a dated section to bench/RESULTS.md")
     a = ap.parse_args()
-    chunks = [int(x) for x in a.chunks.split(",")]
+    chunks = a.chunks.split(",")
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = os.getloadavg()[0]
 
@@ -130,7 +132,8 @@ def main() -> None:
     tokenizer = loaded.tokenizer
     long_ids = model_mod.chat_prompt_ids(tokenizer, [{"role": "user", "content": long_text(tokenizer, a.prompt_tokens)}])
     engines = {c: CpuBatchEngine(loaded.model, eos_token_ids=loaded.eos_token_ids, max_batch=STREAMS + 1,
-                                 context_length=loaded.context_length, prefill_chunk_tokens=c) for c in chunks}
+                                 context_length=loaded.context_length, prefill_chunk_tokens=int(c.split("/")[0]),
+                                 prefill_chunk_step_ratio=float(c.split("/")[1]) if "/" in c else 0.0) for c in chunks}
     for e in engines.values():
         e.start()
     one_run(engines[chunks[0]], model_mod, tokenizer, long_ids[:300], a)  # warm-up: a process's first passes are slow
@@ -157,7 +160,7 @@ def main() -> None:
              f"{os.path.relpath(sys.argv[0], ROOT)} {shlex.join(sys.argv[1:])}`. 1-min load average "
              f"{load_before:.1f} before, {min(loads):.1f}-{max(loads):.1f} during the runs"
              + (" (noisy: the machine is shared; figures are upper bounds)." if noisy else "."), "",
-             "| PREFILL_CHUNK_TOKENS | long prompt's TTFT | streams' ITL: steady median | during the prefill: median / "
+             "| PREFILL_CHUNK_TOKENS (/ STEP_RATIO) | long prompt's TTFT | streams' ITL: steady median | during the prefill: median / "
              "p99 / max | p99 ÷ steady median | p99 ÷ median during | target p99 ≤ 2 × steady median |",
              "|---|---|---|---|---|---|---|"]
     for c in chunks:
@@ -165,7 +168,7 @@ def main() -> None:
         during = [g for r in runs[c] for g in r["during"]]
         ttfts = [r["ttft"] for r in runs[c]]
         med, dmed, p99 = statistics.median(steady), statistics.median(during), percentile(during, 0.99)
-        lines.append(f"| {c or 'off (0)'} | {statistics.median(ttfts):.2f} s (runs: "
+        lines.append(f"| {c if c != '0' else 'off (0)'} | {statistics.median(ttfts):.2f} s (runs: "
                      f"{', '.join(f'{t:.1f}' for t in ttfts)}) | {med * 1000:.0f} ms | {dmed * 1000:.0f} / "
                      f"{p99 * 1000:.0f} / {max(during) * 1000:.0f} ms | {p99 / med:.1f} | {p99 / dmed:.1f} | "
                      f"{'met' if p99 <= 2 * med else 'NOT met'} |")

@@ -44,6 +44,7 @@ def build_and_serve(cfg: Config) -> None:
     engine = create_engine(name, loaded.model, eos_token_ids=loaded.eos_token_ids, max_batch=cfg.max_batch,
                            context_length=loaded.context_length, num_threads=cfg.num_threads,
                            kv_token_budget=kv_budget, prefill_chunk_tokens=cfg.prefill_chunk_tokens,
+                           prefill_chunk_step_ratio=cfg.prefill_chunk_step_ratio,
                            cuda_allow_any_transformers=cfg.cuda_patches_allow_any_transformers,
                            cuda_structured_outputs=cfg.cuda_structured_outputs)
     engine.start()

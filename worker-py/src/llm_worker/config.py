@@ -54,6 +54,9 @@ class Config(BaseModel):
     # CPU engine (engine/prefill.py): a prompt longer than this is prefilled this many tokens per engine step, between
     # the running streams' decode steps, so they do not stall behind it; 0 = off (a prompt in one pass).
     prefill_chunk_tokens: int = Field(256, ge=0)
+    # Beside decoding streams a chunk is sized so that it takes at most this many decode steps' time (measured by the
+    # engine as it runs: engine/prefill.py ChunkSizer), at most PREFILL_CHUNK_TOKENS; 0 = fixed chunks of that size.
+    prefill_chunk_step_ratio: float = Field(0.0, ge=0)  # 0.8 is the intended value once measured (issue 14)
     # Structured outputs (grammar.py): a response_format whose grammar takes longer to compile is refused with a 400;
     # compiled grammars are kept in an LRU of this many entries.
     grammar_compile_timeout_ms: int = Field(5000, ge=10)

@@ -19,6 +19,7 @@ def engine_name(requested: str, device: str) -> str:
 
 def create_engine(name: str, model, *, eos_token_ids: set[int], max_batch: int, context_length: int,
                   num_threads: Optional[int] = None, kv_token_budget: Optional[int] = None, prefill_chunk_tokens: int = 0,
+                  prefill_chunk_step_ratio: float = 0.0,
                   cuda_allow_any_transformers: bool = False, cuda_structured_outputs: bool = True) -> Engine:
     if name == "cuda-cb":
         from .cuda import CudaCBConfig, CudaContinuousBatchingEngine  # imported only when asked for (Transformers CB)
@@ -35,4 +36,4 @@ def create_engine(name: str, model, *, eos_token_ids: set[int], max_batch: int, 
 
     return CpuBatchEngine(model, eos_token_ids=eos_token_ids, max_batch=max_batch, context_length=context_length,
                           num_threads=num_threads, kv_token_budget=kv_token_budget,
-                          prefill_chunk_tokens=prefill_chunk_tokens)
+                          prefill_chunk_tokens=prefill_chunk_tokens, prefill_chunk_step_ratio=prefill_chunk_step_ratio)

@@ -23,7 +23,7 @@ from . import attention, linear, scoring
 from .base import ChoiceOutput, EmitFn, EngineStats, FinishReason, GenerationRequest, ThreadedEngine
 from .cpus import usable_cpus
 from .kv import BatchCache
-from .prefill import ChunkedPrefill
+from .prefill import ChunkedPrefill, ChunkSizer
 from .sampling import ChoiceSampler, sample
 
 log = logging.getLogger("llm_worker.engine.cpu_batch")
@@ -56,7 +56,8 @@ class CpuBatchEngine(ThreadedEngine):
 
     def __init__(self, model, *, eos_token_ids: set[int], max_batch: int = 16, context_length: int = 8192,
                  prefill_budget_tokens: int = 1024, prefill_group_tokens: int = 512, num_threads: Optional[int] = None,
-                 kv_token_budget: Optional[int] = None, prefill_chunk_tokens: int = 0):
+                 kv_token_budget: Optional[int] = None, prefill_chunk_tokens: int = 0,
+                 prefill_chunk_step_ratio: float = 0.0):
         super().__init__()
         self.model = model
         self.eos_token_ids = set(eos_token_ids)
@@ -69,6 +70,8 @@ class CpuBatchEngine(ThreadedEngine):
         self.prefill_chunk_tokens = prefill_chunk_tokens
         if prefill_chunk_tokens > 0:
             self.prefill_budget_tokens = prefill_chunk_tokens
+        # Chunks beside running rows are sized by time, at most prefill_chunk_tokens (prefill.ChunkSizer; 0 = fixed).
+        self._chunk_sizer = ChunkSizer(prefill_chunk_tokens, prefill_chunk_step_ratio)
         # Padded tokens per forward pass when waiting requests are prefilled together (see _admit).
         self.prefill_group_tokens = prefill_group_tokens
         # rows × longest reserved context never exceeds this (kv.kv_token_budget; None = bounded by max_batch only).
@@ -395,8 +398,12 @@ class CpuBatchEngine(ThreadedEngine):
         if self._prefilling is None:
             return 0
         before = p.done
+        decoding = bool(self._rows)
+        tokens = min(budget, self._chunk_sizer.next_tokens(decoding))
+        started = time.perf_counter()
         try:
-            logits = p.step(self.model, self.device, budget)
+            logits = p.step(self.model, self.device, tokens)
+            self._chunk_sizer.observe_chunk(p.done - before, time.perf_counter() - started, decoding)
         except Exception as exc:
             log.exception("prefill failed")
             rows = p.rows
@@ -476,6 +483,11 @@ class CpuBatchEngine(ThreadedEngine):
 
     # -- decode ---------------------------------------------------------------------------------------------------
     def _decode_step(self) -> None:
+        started = time.perf_counter()
+        self._decode_forward()
+        self._chunk_sizer.observe_step(time.perf_counter() - started)
+
+    def _decode_forward(self) -> None:
         rows = self._rows
         input_ids = torch.tensor([[row.last_token] for row in rows], dtype=torch.long, device=self.device)
         mask, position_ids = self._batch.step_inputs()

@@ -57,3 +57,44 @@ class ChunkedPrefill:
         if not self.finished:
             return None
         return out.logits[:, -1, :].float().cpu()
+
+
+class ChunkSizer:
+    """How many tokens the next prefill chunk gets, so that a turn with a chunk costs at most (1 + ``step_ratio``) ×
+    a plain decode step (issue 14 target 2: the running streams' ITL p99 ≤ 2 × their median).
+
+    Why by time and not a fixed count: what a chunk costs beside the step depends on the machine, the dtype, the batch
+    and how deep into its prompt the chunk is (every query attends to all the tokens before it): 64 tokens at depth
+    ~3,500 cost 1.2 decode steps on the 2-core Xeon in bf16 while 16 cost 0.5 (bench/cpu/chunk_cost.py, bench/RESULTS.md);
+    a fixed 256 held the streams for 3-9 steps a turn. So each chunk is sized from the engine's own timings: an
+    exponential average of the decode step, and the per-token time of the last chunk (a chunk of C tokens costs about
+    overhead + C × per-token, so sizing by ``C × target / last time`` settles on the C that meets the target while the
+    overhead stays below it). Growth is capped at 2× per chunk, so a noisy fast chunk does not overshoot.
+
+    With no rows decoding nobody waits: the chunk is the largest allowed (``max_tokens``).
+    """
+
+    FIRST = 32  # the first chunk beside running rows, before any chunk was timed
+    MIN = 4  # below this a chunk's fixed cost dominates and the prompt would take too many turns
+
+    def __init__(self, max_tokens: int, step_ratio: float) -> None:
+        self.max_tokens = max_tokens
+        self.step_ratio = step_ratio  # 0: fixed chunks of max_tokens
+        self.step_s: Optional[float] = None  # exponential average of the decode step (seconds)
+        self.last: Optional[tuple[int, float]] = None  # (tokens, seconds) of the last chunk timed beside decode steps
+
+    def observe_step(self, seconds: float) -> None:
+        self.step_s = seconds if self.step_s is None else 0.8 * self.step_s + 0.2 * seconds
+
+    def observe_chunk(self, tokens: int, seconds: float, beside_rows: bool) -> None:
+        if beside_rows:
+            self.last = (tokens, seconds)
+
+    def next_tokens(self, decoding: bool) -> int:
+        if self.step_ratio <= 0 or not decoding:
+            return self.max_tokens
+        if self.last is None or self.step_s is None:
+            return min(self.max_tokens, self.FIRST)
+        tokens, seconds = self.last
+        wanted = tokens * (self.step_ratio * self.step_s) / max(seconds, 1e-6)
+        return max(self.MIN, min(self.max_tokens, 2 * tokens, int(wanted)))
