@@ -399,7 +399,7 @@ class CpuBatchEngine(ThreadedEngine):
             return 0
         before = p.done
         decoding = bool(self._rows)
-        tokens = min(budget, self._chunk_sizer.next_tokens(decoding))
+        tokens = min(budget, self._chunk_sizer.next_tokens(decoding) or budget)  # 0: no size of its own
         started = time.perf_counter()
         try:
             logits = p.step(self.model, self.device, tokens)
