@@ -12,7 +12,7 @@
 // --ramp-s (a burst is item 2's problem).
 // After the ramp and one stream length, the window: CPU per process, streams open (client side) and jobs active (BullMQ)
 // sampled each second, and the stack overhead of every stream started in it (fanout_figures.ts: loadgen.py's
-// definition, from the worker's timestamps in Redis). Then no new streams; every stream started must end, checked as
+// definition, from the worker's timestamps in Redis, read as each stream ends). Then no new streams; every stream started must end, checked as
 // the soak test checks (fanout_figures.ts checkResponse), and a stream that has not ended by the drain deadline is lost.
 import { spawnSync } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
@@ -93,11 +93,23 @@ async function main(): Promise<void> {
         s.r = await stream(targets[gateway], { ...markedChat(stack.model, s.mark, TOKENS), stream_options: { include_usage: true } });
         open -= 1;
         if (s.r.completionId) completionIds.set(s.r.completionId, (completionIds.get(s.r.completionId) ?? 0) + 1);
+        if (s.r.completionId && s.r.startedAt >= w0 && s.r.startedAt < w1) toFetch.push(s.r.completionId);
         // A refusal (503 queue_full, 429) is retried after its retry-after, as the openai SDKs do: retried at once, a
         // closed loop of 2,000 clients turns a moment of backlog into a storm of requests that is all the load.
         if (s.r.status === 503 || s.r.status === 429) await sleep(Math.min(60_000, Math.max(1000, Number(s.r.headers['retry-after-ms'] ?? 1000))));
       }
     };
+    // The worker's timestamps of each stream started in the window, read within a second of its end: BullMQ keeps only
+    // the last 1,000 finished jobs (removeOnComplete), a few seconds' worth at this rate.
+    const toFetch: string[] = [];
+    const timings: Awaited<ReturnType<typeof workerTimings>> = new Map();
+    let fetching = true;
+    const fetcher = (async () => {
+      while (fetching || toFetch.length) {
+        for (const [k, v] of await workerTimings(stack.redis, queue, toFetch.splice(0))) timings.set(k, v);
+        await sleep(1000);
+      }
+    })();
     const clients = Promise.all(Array.from({ length: STREAMS }, (_, i) => client(i)));
 
     await sleep(w0 - Date.now());
@@ -138,7 +150,8 @@ async function main(): Promise<void> {
     const duplicatedIds = [...completionIds.values()].filter((n) => n > 1).length;
 
     const inWindow = finished.filter((s) => s.r!.startedAt >= w0 && s.r!.startedAt < w1).map((s) => s.r!);
-    const timings = await workerTimings(stack.redis, queue, inWindow.map((r) => r.completionId!).filter(Boolean));
+    fetching = false;
+    await fetcher;
     const slots = await queueSlots(stack.redis, queue);
     const over = overhead(inWindow, timings, slots);
     const ttft = inWindow.filter((r) => r.deltaTimes.length).map((r) => r.deltaTimes[0] - r.startedAt);

@@ -22,13 +22,20 @@ export interface ReliabilityStack {
 export async function startStack(o: StackOptions): Promise<ReliabilityStack> {
   const stack = new FaultStack();
   const timeout = o.readyTimeoutMs ?? 180_000;
-  await stack.startRedis();
-  const workerEnv = o.standin ? { ENGINE: 'standin', MAX_BATCH: '1024', ...o.workerEnv } : { MAX_BATCH: '16', ...o.workerEnv };
-  const workers = await Promise.all(Array.from({ length: o.workers }, (_, i) => stack.spawnWorker(`w${i}`, workerEnv)));
-  const gateways = await Promise.all(Array.from({ length: o.gateways }, (_, i) => stack.startGateway(`g${i}`, { LOG_LEVEL: 'warn', ...o.gatewayEnv })));
-  await Promise.all([...workers.map((w) => stack.waitWorkerReady(w, timeout)), ...gateways.map((g) => stack.waitGatewayUp(g, timeout))]);
-  // Ready as a load balancer sees it (/ready: Redis, a live worker, its tokenizer built), not only listening.
-  await Promise.all(gateways.map((g) => waitFor(async () => (await fetch(`${g.url}/ready`).catch(() => null))?.status === 200, timeout, `${g.url}/ready`)));
+  let gateways: Awaited<ReturnType<FaultStack['startGateway']>>[];
+  try {
+    await stack.startRedis();
+    const workerEnv = o.standin ? { ENGINE: 'standin', MAX_BATCH: '1024', ...o.workerEnv } : { MAX_BATCH: '16', ...o.workerEnv };
+    const workers = await Promise.all(Array.from({ length: o.workers }, (_, i) => stack.spawnWorker(`w${i}`, workerEnv)));
+    gateways = await Promise.all(Array.from({ length: o.gateways }, (_, i) => stack.startGateway(`g${i}`, { LOG_LEVEL: 'warn', ...o.gatewayEnv })));
+    await Promise.all([...workers.map((w) => stack.waitWorkerReady(w, timeout)), ...gateways.map((g) => stack.waitGatewayUp(g, timeout))]);
+    // Ready as a load balancer sees it (/ready: Redis, a live worker, its tokenizer built), not only listening.
+    await Promise.all(gateways.map((g) => waitFor(async () => (await fetch(`${g.url}/ready`).catch(() => null))?.status === 200, timeout, `${g.url}/ready`)));
+  } catch (err) {
+    // A worker that refused its settings must not leave Redis and the gateways running (nobody else holds the stack).
+    await stack.stop();
+    throw err;
+  }
   return { stack, targets: gateways.map((g) => ({ url: g.url, apiKey: stack.apiKey })) };
 }
 
