@@ -13,15 +13,15 @@
 // After the ramp and one stream length, the window: CPU per process, streams open (client side) and jobs active (BullMQ)
 // sampled each second, and the stack overhead of every stream started in it (fanout_figures.ts: loadgen.py's
 // definition, from the worker's timestamps in Redis, read as each stream ends). Then no new streams; every stream started must end, checked as
-// the soak test checks (fanout_figures.ts checkResponse), and a stream that has not ended by the drain deadline is lost.
+// the soak test checks (tests/reliability/support/load.ts checkResponse), and a stream that has not ended by the drain deadline is lost.
 import { spawnSync } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { sleep } from '../../tests/e2e/fault-stack';
-import { gaps, marker, markedChat, percentile, stream, type StreamResult } from '../../tests/reliability/support/load';
+import { checkResponse, gaps, marker, markedChat, percentile, stream, type StreamResult } from '../../tests/reliability/support/load';
 import { LOAD_GATEWAY_ENV, startStack } from '../../tests/reliability/support/stack';
-import { checkResponse, groupCpuSeconds, machineBusySeconds, overhead, queueSlots, workerTimings } from './fanout_figures';
+import { groupCpuSeconds, machineBusySeconds, overhead, queueSlots, workerTimings } from './fanout_figures';
 
 const arg = (name: string, dflt: number): number => {
   const i = process.argv.indexOf(`--${name}`);

@@ -1,24 +1,8 @@
-// Figures for bench/cpu/fanout.ts: the soak's per-response check (tests/reliability/soak.test.ts), the stack overhead
+// Figures for bench/cpu/fanout.ts: the stack overhead
 // as bench/loadgen.py defines it (so that the figures compare with run_all.py's "standin" rows), and CPU per process.
 import { readFileSync } from 'node:fs';
 import type Redis from 'ioredis';
 import { cpuSeconds, percentile, processGroupPids, type StreamResult } from '../../tests/reliability/support/load';
-
-/**
- * What is wrong with one response, or null: it must end `[DONE]` with finish_reason `length` after exactly `tokens`
- * tokens (the usage chunk), each event id once, and carry its own marker and no other (the stand-in engine echoes the
- * prompt, so a response routed to the wrong client shows someone else's marker). As the soak test's check().
- */
-export function checkResponse(r: StreamResult, mark: string, markers: RegExp, tokens: number): string | null {
-  if (r.status >= 500) return `status ${r.status}`;
-  if (r.end !== 'done') return `ended ${r.end} (status ${r.status}, ${JSON.stringify(r.error)})`;
-  if (r.finishReason !== 'length') return `finish_reason ${r.finishReason}`;
-  if (r.completionTokens !== tokens) return `completion_tokens ${r.completionTokens}`;
-  if (new Set(r.eventIds).size !== r.eventIds.length) return 'an event id twice';
-  const marks = r.content.match(markers) ?? [];
-  if (marks.length === 0 || marks.some((m) => m !== mark)) return `markers ${JSON.stringify([...new Set(marks)])}, want ${mark}`;
-  return null;
-}
 
 /** The worker's timestamps of one job (BullMQ job hash: data.enqueued_at_ms, returnvalue.timing; docs/PROTOCOL.md). */
 export interface WorkerTiming {

@@ -3,7 +3,7 @@
 // finish_reason `length`, its expected token count, each event id once, its own marker and no other; no 5xx; the
 // gateways' RSS may grow < 10 % from warm-up to the end; Redis memory goes back to its baseline once results expire.
 import { figure, pick } from './support/figures';
-import { groupMaxRssKiB, marker, markedChat, percentile, stream, type StreamResult, type Target } from './support/load';
+import { checkResponse, groupMaxRssKiB, marker, markedChat, percentile, stream, type StreamResult, type Target } from './support/load';
 import { type ReliabilityStack, startLoadStack } from './support/stack';
 import { sleep, waitFor } from '../e2e/fault-stack';
 
@@ -59,17 +59,6 @@ interface Checked {
   problem: string | null;
 }
 
-function check(r: StreamResult, mark: string): string | null {
-  if (r.status >= 500) return `status ${r.status}`;
-  if (r.end !== 'done') return `ended ${r.end} (status ${r.status}, ${JSON.stringify(r.error)})`;
-  if (r.finishReason !== 'length') return `finish_reason ${r.finishReason}`;
-  if (r.completionTokens !== MAX_TOKENS) return `completion_tokens ${r.completionTokens}`;
-  if (new Set(r.eventIds).size !== r.eventIds.length) return 'an event id twice';
-  const marks = r.content.match(MARK) ?? [];
-  if (marks.length === 0 || marks.some((m) => m !== mark)) return `markers ${JSON.stringify([...new Set(marks)])}, want ${mark}`;
-  return null;
-}
-
 /** Runs one request of every kind the soak sends, to completion: the warm-up before a baseline and the cleanup trigger. */
 async function oneRound(tag: string, n: number): Promise<void> {
   const rounds = await Promise.all(
@@ -107,7 +96,7 @@ test(`${STREAMS} concurrent streams for ${DURATION_MS / 1000} s through 2 gatewa
         if (completionIds.has(r.completionId)) duplicatedIds += 1;
         completionIds.add(r.completionId);
       }
-      results.push({ r, mark, problem: check(r, mark) });
+      results.push({ r, mark, problem: checkResponse(r, mark, MARK, MAX_TOKENS) });
     }
   };
 

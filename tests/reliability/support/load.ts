@@ -177,6 +177,23 @@ export function markedChat(model: string, mark: string, maxTokens: number): obje
 }
 
 /** Resident set size of a process, in KiB (Linux). */
+/**
+ * What is wrong with one response, or null: it must end `[DONE]` with finish_reason `length` after exactly `tokens`
+ * tokens (the usage chunk), each event id once, and carry its own marker and no other (the stand-in engine echoes the
+ * prompt, so a response routed to the wrong client shows someone else's marker). The soak test's check and
+ * bench/cpu/fanout.ts's.
+ */
+export function checkResponse(r: StreamResult, mark: string, markers: RegExp, tokens: number): string | null {
+  if (r.status >= 500) return `status ${r.status}`;
+  if (r.end !== 'done') return `ended ${r.end} (status ${r.status}, ${JSON.stringify(r.error)})`;
+  if (r.finishReason !== 'length') return `finish_reason ${r.finishReason}`;
+  if (r.completionTokens !== tokens) return `completion_tokens ${r.completionTokens}`;
+  if (new Set(r.eventIds).size !== r.eventIds.length) return 'an event id twice';
+  const marks = r.content.match(markers) ?? [];
+  if (marks.length === 0 || marks.some((m) => m !== mark)) return `markers ${JSON.stringify([...new Set(marks)])}, want ${mark}`;
+  return null;
+}
+
 export function rssKiB(pid: number): number {
   const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
   return m ? Number(m[1]) : NaN;
