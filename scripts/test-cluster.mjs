@@ -7,7 +7,7 @@
 // Extra arguments go to jest.
 import { spawnSync } from "node:child_process";
 import path from "node:path";
-import { clusterErrorStats, clusterFailedCalls, startRedisCluster } from "./lib/redis-cluster.mjs";
+import { clusterErrorStats, clusterFailedCalls, grownCounts, startRedisCluster } from "./lib/redis-cluster.mjs";
 import {
   ROOT, VENV_PYTHON, devKey, ensureNodeDeps, ensureWorkerVenv, freePort, log, startGateway, startWorker, stopAll, waitReady,
 } from "./lib/stack.mjs";
@@ -62,11 +62,9 @@ try {
   // checks it sees it); extra jest arguments may leave that test out, so then the count is only printed. The other
   // error replies are printed for information: on Redis 7.0 each redis-py connection's CLIENT SETINFO (7.2+) is an
   // ERR, and a script's first EVALSHA a NOSCRIPT.
-  const errorsAfter = clusterErrorStats(cluster.ports);
-  const delta = Object.fromEntries(Object.entries(errorsAfter).map(([k, n]) => [k, n - (errorsBefore[k] ?? 0)]).filter(([, n]) => n > 0));
+  const delta = grownCounts(errorsBefore, clusterErrorStats(cluster.ports));
   const crossslot = delta.CROSSSLOT ?? 0;
-  const failedAfter = clusterFailedCalls(cluster.ports);
-  const failed = Object.fromEntries(Object.entries(failedAfter).map(([k, n]) => [k, n - (failedBefore[k] ?? 0)]).filter(([, n]) => n > 0));
+  const failed = grownCounts(failedBefore, clusterFailedCalls(cluster.ports));
   log(`error replies from the cluster during the suites: ${JSON.stringify(delta)}; by command: ${JSON.stringify(failed)}`);
   if (jestArgs.length === 0 && crossslot !== 1) {
     log(`✘ ${crossslot} CROSSSLOT replies, expected exactly the 1 tests/cluster provokes: a script or command sent keys in several slots`);

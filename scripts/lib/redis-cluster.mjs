@@ -34,31 +34,36 @@ export async function startRedisCluster({ masters = 3, name = "redis-cluster" } 
   return { ports, url: `redis+cluster://${nodes.join(",")}` };
 }
 
+/** Sums, over the nodes, a per-name count read from one INFO section: `count(match)` of each line `pattern` matches. */
+function sumInfo(ports, section, pattern, count) {
+  const sum = {};
+  for (const port of ports) {
+    const r = cli(port, "INFO", section);
+    if (r.status !== 0) throw new Error(`INFO ${section} on ${port}: ${r.stderr}`);
+    for (const m of r.stdout.matchAll(pattern)) {
+      const n = count(m);
+      if (n) sum[m[1]] = (sum[m[1]] ?? 0) + n;
+    }
+  }
+  return sum;
+}
+
 /**
  * The error counts every node of the cluster has replied with since it started (INFO errorstats), summed over the
  * nodes: e.g. {CROSSSLOT: 1, NOSCRIPT: 12}. A CROSSSLOT is a command or script whose keys span slots: the stack
  * must never send one.
  */
 export function clusterErrorStats(ports) {
-  const sum = {};
-  for (const port of ports) {
-    const r = cli(port, "INFO", "errorstats");
-    if (r.status !== 0) throw new Error(`INFO errorstats on ${port}: ${r.stderr}`);
-    for (const m of r.stdout.matchAll(/^errorstat_([A-Z_-]+):count=(\d+)/gm)) sum[m[1]] = (sum[m[1]] ?? 0) + Number(m[2]);
-  }
-  return sum;
+  return sumInfo(ports, "errorstats", /^errorstat_([A-Z_-]+):count=(\d+)/gm, (m) => Number(m[2]));
 }
 
 /** Per command, the calls the cluster's nodes refused or that failed (INFO commandstats), summed over the nodes. */
 export function clusterFailedCalls(ports) {
-  const sum = {};
-  for (const port of ports) {
-    const r = cli(port, "INFO", "commandstats");
-    if (r.status !== 0) throw new Error(`INFO commandstats on ${port}: ${r.stderr}`);
-    for (const m of r.stdout.matchAll(/^cmdstat_([a-z|_-]+):.*rejected_calls=(\d+),failed_calls=(\d+)/gm)) {
-      const n = Number(m[2]) + Number(m[3]);
-      if (n) sum[m[1]] = (sum[m[1]] ?? 0) + n;
-    }
-  }
-  return sum;
+  return sumInfo(ports, "commandstats", /^cmdstat_([a-z|_-]+):.*rejected_calls=(\d+),failed_calls=(\d+)/gm,
+    (m) => Number(m[2]) + Number(m[3]));
+}
+
+/** What grew between two such sums: {name: increase} for the names that grew. */
+export function grownCounts(before, after) {
+  return Object.fromEntries(Object.entries(after).map(([k, n]) => [k, n - (before[k] ?? 0)]).filter(([, n]) => n > 0));
 }
