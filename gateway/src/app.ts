@@ -68,8 +68,10 @@ function requestContext(logger: Logger, lifecycle: Lifecycle, routeOf: (req: Req
       // 'close' before the response finished: the client went away. Aborting cancels its job.
       if (!res.writableFinished && !controller.signal.aborted) controller.abort('client');
       const ms = Number(process.hrtime.bigint() - startedAt) / 1e6;
-      // Probes arrive every few seconds from orchestrators; keep them out of the info log.
-      const level = PROBES.has(req.path) && res.statusCode < 500 ? 'debug' : 'info';
+      // Probes arrive every few seconds from orchestrators; keep them out of the info log. /ready's 503 is its answer
+      // "not yet", not a failure (health.ts logs when that answer changes); any other 5xx of a probe stays visible.
+      const probeAnswer = PROBES.has(req.path) && (res.statusCode < 500 || (req.path === '/ready' && res.statusCode === 503));
+      const level = probeAnswer ? 'debug' : 'info';
       res.locals.log[level]('request', {
         method: req.method,
         path: req.path,
@@ -102,7 +104,7 @@ export function createApp(deps: AppDeps): Express {
 
   app.use(requestContext(logger, lifecycle, routeLabeller(app)));
   app.use(drainGuard(lifecycle));
-  app.use(healthRoutes(config, deps.redis, deps.registry, deps.tokenizers));
+  app.use(healthRoutes(config, deps.redis, deps.registry, deps.tokenizers, logger.child({ module: 'health' })));
   // One shared count of failed authentications per client address (Redis): /v1, the tutorial's routes, /admin, /metrics.
   const failures = new AuthFailureLimiter(deps.redis, config.AUTH_FAILURE_LIMIT, config.AUTH_FAILURE_WINDOW_MS, logger.child({ module: 'auth' }));
   app.use(metricsRoutes(config, deps.auth, failures));

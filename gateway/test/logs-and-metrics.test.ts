@@ -151,6 +151,28 @@ describe('logs', () => {
       await Promise.all([verbose.close(), quiet.close()]);
     }
   });
+
+  it('/ready polls are not logged at info; each change of its answer is, once', async () => {
+    const model = `late-${randomUUID().slice(0, 8)}`;
+    const g = await startGateway(redis.url, { DEFAULT_MODEL: model, LOG_LEVEL: 'info' });
+    const late = new FakeWorker({ redisUrl: redis.url, model, script: { reply: () => 'ok' } });
+    try {
+      // Polled as a start-up script polls it, before any worker serves the model: "not yet", many times.
+      for (let i = 0; i < 5; i++) expect((await request(g.url).get('/ready')).status).toBe(503);
+      await late.start();
+      await waitFor(async () => (await request(g.url).get('/ready')).status === 200, undefined, '/ready');
+      for (let i = 0; i < 3; i++) expect((await request(g.url).get('/ready')).status).toBe(200);
+      const info = g.logs.map((l) => JSON.parse(l) as Record<string, unknown>).filter((l) => l.level === 'info');
+      expect(info.filter((l) => l.path === '/ready')).toEqual([]);
+      expect(info.filter((l) => l.module === 'health').map((l) => [l.msg, l.workers])).toEqual([
+        ['not ready', 0],
+        ['ready', 1],
+      ]);
+    } finally {
+      await late.close();
+      await g.close();
+    }
+  });
 });
 
 describe('METRICS_PATH and METRICS_AUTH', () => {

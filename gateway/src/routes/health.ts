@@ -1,19 +1,28 @@
 /**
  * /health: the process is up (the tutorial's shape). /ready: Redis answers, a live worker serves DEFAULT_MODEL and its
  * tokenizer is built; 503 otherwise, so a load balancer or `depends_on` waits for a gateway that can actually answer
- * at once. Neither needs auth.
+ * at once. Neither needs auth. Orchestrators poll both every few seconds (a start-up script every 200 ms), so a poll is
+ * not logged at info (app.ts); what an operator wants to see is the moment /ready's answer changes, logged here once.
  */
 import { Router } from 'express';
 import type Redis from 'ioredis';
 import type { Config } from '../config';
+import type { Logger } from '../logger';
 import type { TokenizerCache } from '../services/tokenizer';
 import type { WorkerRegistry } from '../services/worker-registry';
 
 const VERSION = '0.1.0';
 const started = Date.now();
 
-export function healthRoutes(config: Config, redis: Redis, registry: WorkerRegistry, tokenizers: TokenizerCache): Router {
+export function healthRoutes(
+  config: Config,
+  redis: Redis,
+  registry: WorkerRegistry,
+  tokenizers: TokenizerCache,
+  logger: Logger,
+): Router {
   const router = Router();
+  let lastAnswer: boolean | undefined;
   router.get('/health', (_req, res) => {
     res.json({ status: 'healthy', service: 'llm-api', version: VERSION, uptime_s: Math.round((Date.now() - started) / 1000) });
   });
@@ -32,6 +41,10 @@ export function healthRoutes(config: Config, redis: Redis, registry: WorkerRegis
       checks.redis = false;
     }
     const ready = checks.redis && checks.workers > 0 && checks.tokenizer;
+    if (ready !== lastAnswer) {
+      lastAnswer = ready;
+      logger.info(ready ? 'ready' : 'not ready', checks);
+    }
     if (!ready) res.setHeader('retry-after', '1');
     res.status(ready ? 200 : 503).json({ status: ready ? 'ready' : 'not_ready', service: 'llm-api', ...checks });
   });
