@@ -1,5 +1,5 @@
 /**
- * The upstream source (routing/table.ts): a chat request answered by an external OpenAI-compatible server (vLLM, TGI,
+ * The upstream source (routing/table.ts): a chat or legacy completion request answered by an external OpenAI-compatible server (vLLM, TGI,
  * a hosted API) instead of a job. It is one more source of the same result type as a job or a cached answer (STYLE.md
  * habit 9): its deltas go to the same hooks as a worker's, so the same renderers, output filter, usage accounting,
  * cache and metrics apply, and the response's `model` is ours (the public name), not the upstream's.
@@ -14,10 +14,12 @@
  * `timeout_ms` bounds the wait for the response headers and then for each next chunk.
  */
 import { ApiError } from '../errors';
+import type { ToolCallDelta } from '../protocol/chat';
 import type { JobResult, TokenLogprob } from '../protocol/job';
 import type { RunOutcome } from '../queue/job-run';
 import type { Logger } from '../logger';
 import type { Route } from './table';
+import { messageToolCalls, ToolCallJoiner, toolCallDelta } from './upstream-tools';
 
 /** What a run needs of its request (services/chat-service.ts RequestContext; not imported: the service imports us). */
 export interface UpstreamContext {
@@ -30,14 +32,20 @@ export interface UpstreamContext {
 /** The run hooks of services/chat-service.ts that an upstream's answer calls. */
 export interface UpstreamHooks {
   onDelta?(index: number, text: string, logprobs: TokenLogprob[] | null, seq: number): void;
+  /** A fragment of a streamed tool call, as the upstream sent it (routing/upstream-tools.ts). */
+  onToolCall?(index: number, call: ToolCallDelta, seq: number): void;
   /** The upstream answered 200: a stream's headers may go out. */
   onEnqueued?(): void;
 }
+
+/** Which of the upstream's endpoints answers: POST {baseUrl}/chat/completions or POST {baseUrl}/completions. */
+export type UpstreamEndpoint = 'chat' | 'completion';
 
 export type UpstreamRoute = Extract<Route, { kind: 'upstream' }>;
 
 export interface UpstreamRequest {
   route: UpstreamRoute;
+  endpoint: UpstreamEndpoint;
   /** The client's request body as validated (unknown fields included): sent on with `model` rewritten. */
   body: Record<string, unknown>;
   stream: boolean;
@@ -49,6 +57,8 @@ interface Choice {
   text: string;
   finish: string | null;
   logprobs: TokenLogprob[] | null;
+  /** The upstream's tool calls (chat only), joined from a stream's fragments. */
+  tools: ToolCallJoiner | null;
 }
 
 type Json = Record<string, unknown>;
@@ -66,7 +76,8 @@ export async function runUpstream(u: UpstreamRequest, ctx: UpstreamContext, hook
     throw upstreamFailure(err, ctx.signal, idle, upstream.name);
   };
   try {
-    const resp = await fetch(`${upstream.baseUrl}/chat/completions`, {
+    const path = u.endpoint === 'chat' ? 'chat/completions' : 'completions';
+    const resp = await fetch(`${upstream.baseUrl}/${path}`, {
       method: 'POST',
       headers: {
         'content-type': 'application/json',
@@ -85,7 +96,7 @@ export async function runUpstream(u: UpstreamRequest, ctx: UpstreamContext, hook
     let seq = 0;
     if (!u.stream) {
       const json = await resp.json().catch(fail);
-      usage = readBody(json, choices);
+      usage = readBody(json, choices, u.endpoint);
     } else {
       for await (const data of sseData(resp.body!, () => idle.touch())) {
         if (data === '[DONE]') break;
@@ -97,11 +108,19 @@ export async function runUpstream(u: UpstreamRequest, ctx: UpstreamContext, hook
         }
         if (isObject(event) && isObject(event.error)) throw inStreamError(event.error, upstream.name);
         seq += 1;
-        usage = readChunk(event, choices, (index, text, lp) => hooks.onDelta?.(index, text, lp, seq)) ?? usage;
+        const on: ChunkHooks = {
+          delta: (index, text, lp) => hooks.onDelta?.(index, text, lp, seq),
+          toolCall: (index, call) => hooks.onToolCall?.(index, call, seq),
+        };
+        usage = readChunk(event, choices, u.endpoint, on) ?? usage;
       }
     }
     const result: JobResult = {
-      choices: [...choices.entries()].map(([index, c]) => ({ index, text: c.text, finish_reason: c.finish ?? 'stop', logprobs: c.logprobs })),
+      choices: [...choices.entries()].map(([index, c]) => {
+        const calls = c.tools?.joined() ?? [];
+        // A result choice is a loose object: the calls ride on it to the renderer (services/chat-format.ts).
+        return { index, text: c.text, finish_reason: c.finish ?? (calls.length > 0 ? 'tool_calls' : 'stop'), logprobs: c.logprobs, ...(calls.length > 0 ? { tool_calls: calls } : {}) };
+      }),
       usage: usage ?? estimatedUsage(u, choices),
     };
     if (!usage) ctx.log.warn('upstream reported no usage: estimated from characters', { upstream: upstream.name });
@@ -138,41 +157,67 @@ async function* sseData(body: ReadableStream<Uint8Array>, onChunk: () => void): 
 
 const choiceOf = (choices: Map<number, Choice>, index: number): Choice => {
   let c = choices.get(index);
-  if (!c) choices.set(index, (c = { text: '', finish: null, logprobs: null }));
+  if (!c) choices.set(index, (c = { text: '', finish: null, logprobs: null, tools: null }));
   return c;
 };
 
 const tokenLogprobs = (lp: unknown): TokenLogprob[] | null =>
   isObject(lp) && Array.isArray(lp.content) ? (lp.content as TokenLogprob[]) : null;
 
-/** One chat.completion.chunk: its deltas to `onDelta` (an empty one opens its choice), its usage when it has one. */
-function readChunk(event: unknown, choices: Map<number, Choice>, onDelta: (index: number, text: string, lp: TokenLogprob[] | null) => void): JobResult['usage'] | null {
+interface ChunkHooks {
+  delta(index: number, text: string, lp: TokenLogprob[] | null): void;
+  toolCall(index: number, call: ToolCallDelta): void;
+}
+
+/**
+ * One chat.completion.chunk (or text_completion chunk): its deltas to `on.delta` (an empty one opens its choice), its
+ * tool-call fragments to `on.toolCall` as they came, its usage when it has one. A legacy completion's logprobs are
+ * not read: the gateway refuses `logprobs` for upstream completions (services/upstream-prepare.ts).
+ */
+function readChunk(event: unknown, choices: Map<number, Choice>, endpoint: UpstreamEndpoint, on: ChunkHooks): JobResult['usage'] | null {
   if (!isObject(event)) return null;
   for (const raw of Array.isArray(event.choices) ? event.choices : []) {
     if (!isObject(raw)) continue;
     const index = typeof raw.index === 'number' ? raw.index : 0;
     const c = choiceOf(choices, index);
-    const delta = isObject(raw.delta) ? raw.delta : {};
+    const delta = endpoint === 'chat' ? (isObject(raw.delta) ? raw.delta : {}) : { content: raw.text };
     const text = typeof delta.content === 'string' ? delta.content : '';
-    const lp = tokenLogprobs(raw.logprobs);
+    const lp = endpoint === 'chat' ? tokenLogprobs(raw.logprobs) : null;
     c.text += text;
     if (lp) c.logprobs = [...(c.logprobs ?? []), ...lp];
-    onDelta(index, text, lp);
+    on.delta(index, text, lp);
+    for (const rawCall of Array.isArray(delta.tool_calls) ? delta.tool_calls : []) {
+      const call = toolCallDelta(rawCall);
+      if (!call) continue;
+      (c.tools ??= new ToolCallJoiner()).add(call);
+      on.toolCall(index, call);
+    }
     if (typeof raw.finish_reason === 'string') c.finish = raw.finish_reason;
   }
   return usageOf(event.usage);
 }
 
-/** A whole chat.completion: its choices, and its usage. */
-function readBody(json: unknown, choices: Map<number, Choice>): JobResult['usage'] | null {
-  if (!isObject(json) || !Array.isArray(json.choices)) throw new ApiError('upstream_error', 'The upstream answered with a body that is not a chat completion.');
+/** A whole chat.completion (its messages' text and tool calls) or text_completion: its choices, and its usage. */
+function readBody(json: unknown, choices: Map<number, Choice>, endpoint: UpstreamEndpoint): JobResult['usage'] | null {
+  if (!isObject(json) || !Array.isArray(json.choices)) {
+    throw new ApiError('upstream_error', `The upstream answered with a body that is not a ${endpoint === 'chat' ? 'chat completion' : 'completion'}.`);
+  }
   for (const raw of json.choices) {
     if (!isObject(raw)) continue;
     const c = choiceOf(choices, typeof raw.index === 'number' ? raw.index : 0);
+    c.finish = typeof raw.finish_reason === 'string' ? raw.finish_reason : null;
+    if (endpoint === 'completion') {
+      c.text = typeof raw.text === 'string' ? raw.text : '';
+      continue;
+    }
     const message = isObject(raw.message) ? raw.message : {};
     c.text = typeof message.content === 'string' ? message.content : '';
     c.logprobs = tokenLogprobs(raw.logprobs);
-    c.finish = typeof raw.finish_reason === 'string' ? raw.finish_reason : null;
+    const calls = messageToolCalls(message.tool_calls);
+    if (calls.length > 0) {
+      c.tools = new ToolCallJoiner();
+      calls.forEach((call, i) => c.tools!.add({ index: i, id: call.id, type: 'function', function: call.function }));
+    }
   }
   return usageOf(json.usage);
 }
@@ -188,7 +233,7 @@ function usageOf(u: unknown): JobResult['usage'] | null {
 /** An upstream that reports no usage is still charged: our prompt estimate, and ~4 characters per generated token. */
 function estimatedUsage(u: UpstreamRequest, choices: Map<number, Choice>): JobResult['usage'] {
   let chars = 0;
-  for (const c of choices.values()) chars += c.text.length;
+  for (const c of choices.values()) chars += c.text.length + (c.tools?.joined() ?? []).reduce((n, t) => n + t.function.name.length + t.function.arguments.length, 0);
   return { prompt_tokens: u.promptTokensEstimate, completion_tokens: Math.ceil(chars / 4) };
 }
 

@@ -249,7 +249,7 @@ export class ChatAdmission {
     depth?.catch(() => undefined); // awaited below unless the request ends before; never an unhandled rejection
 
     // Cache, then the budgets: a hit costs its prompt only (no completion tokens are generated again).
-    const cacheable = cache.enabled && !opts.noStore && isCacheable(p.data);
+    const cacheable = cache.enabled && !opts.noStore && p.noCache !== true && isCacheable(p.data);
     const key = cacheable ? cacheKey(p.data, config.CACHE_SCOPE === 'shared' ? 'shared' : opts.principal.keyId) : null;
     const cached = key ? await cache.get(key) : null;
     if (key) {

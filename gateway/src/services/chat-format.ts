@@ -2,6 +2,7 @@
 import type { ChatCompletion, ChatCompletionChunk, FinishReason, ToolCallDelta, Usage } from '../protocol/chat';
 import { parseToolOutput, toolCallId } from '../tools/parser';
 import type { JobResult, TokenLogprob } from '../protocol/job';
+import { toolCallsOf } from '../routing/upstream-tools';
 
 export interface CompletionMeta {
   id: string;
@@ -15,6 +16,7 @@ export interface CompletionMeta {
  */
 export function finishReason(reason: string, calledTools = false): FinishReason {
   if (reason === 'length') return 'length';
+  if (reason === 'tool_calls') return 'tool_calls'; // an upstream's (routing/upstream.ts); our workers say stop|length
   return calledTools ? 'tool_calls' : 'stop';
 }
 
@@ -47,6 +49,12 @@ export function toChatCompletion(meta: CompletionMeta, result: JobResult, wantLo
       .sort((a, b) => a.index - b.index)
       .map((c) => {
         const logprobs = wantLogprobs ? logprobsOut(c.logprobs ?? []) : null;
+        // An upstream's calls come structured (routing/upstream-tools.ts), ids as it gave them: nothing to parse.
+        const upstreamCalls = toolCallsOf(c);
+        if (upstreamCalls) {
+          const message: ChatCompletion['choices'][number]['message'] = { role: 'assistant', content: c.text.length > 0 ? c.text : null, refusal: null, annotations: [], tool_calls: upstreamCalls };
+          return { index: c.index, message, logprobs, finish_reason: finishReason(c.finish_reason, true) };
+        }
         if (!parseToolCalls) {
           return {
             index: c.index,

@@ -265,6 +265,10 @@ export class ChatPipeline {
             stamps?.mark('written');
           }
         },
+        onToolCall: (index, call, seq) => {
+          into.toolCall(seq, index, call);
+          timer.text(); // a call is the answer's first output as much as text is
+        },
         onStarted: () => stamps?.mark('started'),
         onEnqueued: () => {
           stamps?.mark('enqueued');

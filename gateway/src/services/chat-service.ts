@@ -14,7 +14,7 @@ import type Redis from 'ioredis';
 import type { Config } from '../config';
 import { ApiError, toApiError } from '../errors';
 import type { Logger } from '../logger';
-import { chatCompletionRequestSchema, KNOWN_REQUEST_FIELDS } from '../protocol/chat';
+import { chatCompletionRequestSchema, KNOWN_REQUEST_FIELDS, type ToolCallDelta } from '../protocol/chat';
 import { KNOWN_COMPLETION_FIELDS } from '../protocol/completions';
 import { eventsKey, type JobData, type JobMessage, type JobParams, PROTOCOL_VERSION, type TokenLogprob, tokenizerKey } from '../protocol/job';
 import type { JobEventBus } from '../queue/job-events';
@@ -25,13 +25,14 @@ import { isReady } from '../queue/redis';
 import type { StreamAttachments } from '../resume/attachments';
 import { isTargetFailure, type Permit } from '../routing/breaker';
 import type { RoutingTable } from '../routing/table';
-import { runUpstream, type UpstreamRequest, type UpstreamRoute } from '../routing/upstream';
+import { runUpstream, type UpstreamRequest } from '../routing/upstream';
 import { storedEventsMaxBytes } from '../resume/stream-record';
 import type { CompletionMeta } from './chat-format';
 import { requestedMaxTokens, toChatJob } from './chat-params';
 import { COMPLETION_DEFAULT_MAX_TOKENS, parseCompletion } from './completion-params';
 import type { Stamps } from './stamps';
 import type { TokenizerCache } from './tokenizer';
+import { prepareUpstreamChat, prepareUpstreamCompletion } from './upstream-prepare';
 import { parseOrThrow } from './validation';
 import type { ModelView, WorkerRegistry } from './worker-registry';
 
@@ -47,6 +48,8 @@ export interface RequestContext {
 export interface RunHooks {
   /** `seq`: the worker event that carried the text (a stream's event ids name it). */
   onDelta?(index: number, text: string, logprobs: TokenLogprob[] | null, seq: number): void;
+  /** A fragment of an upstream's streamed tool call (routing/upstream-tools.ts); our workers' calls are parsed from text. */
+  onToolCall?(index: number, call: ToolCallDelta, seq: number): void;
   onStarted?(workerId: string): void;
   /** The job is queued (run), or the resumed job's stored events are replayed (attach): the stream may open. */
   onEnqueued?(): void;
@@ -74,8 +77,10 @@ export interface PreparedChat {
   parseToolCalls: boolean;
   /** Where the job goes in the queue (the caller's tier); absent = FIFO. */
   placement?: JobPlacement;
-  /** Set when an external upstream answers instead of a job (routing/upstream.ts): there is no queue then. */
+  /** Set when an external upstream answers instead of a job (routing/upstream.ts, services/upstream-prepare.ts): there is no queue then. */
   upstream?: UpstreamRequest;
+  /** Neither read nor written in the response cache (an upstream's answer with tool calls: the cache keeps text only). */
+  noCache?: boolean;
   /** The circuit breaker this run reports to (routing/breaker.ts), set by the pipeline's fallback chain. */
   permit?: Permit;
 }
@@ -142,10 +147,14 @@ export class ChatService {
     const route = this.deps.routing.route(req.model);
     const { tools, params, messages } = toChatJob(req);
     if (route.kind === 'upstream') {
-      if (tools !== null) {
-        throw new ApiError('unsupported_parameter', `'tools' are not passed to upstream models yet; the model '${req.model}' is served by an upstream.`, { param: 'tools' });
-      }
-      return this.prepareUpstream(ctx, route, body as Record<string, unknown>, { messages, params, requested: requestedMaxTokens(req), stream: req.stream === true, includeUsage: req.stream_options?.include_usage === true });
+      return prepareUpstreamChat(this.deps.config, ctx, route, body as Record<string, unknown>, {
+        messages,
+        params,
+        requested: requestedMaxTokens(req),
+        stream: req.stream === true,
+        includeUsage: req.stream_options?.include_usage === true,
+        offersTools: (req.tools?.length ?? 0) > 0,
+      });
     }
     return this.prepareInput(ctx, {
       model: route.queue,
@@ -170,9 +179,7 @@ export class ChatService {
     if (c.prompts.length !== 1) throw new Error('prepareCompletion takes one prompt: lists are split by the pipeline');
     logUnknown(ctx, c.req, KNOWN_COMPLETION_FIELDS);
     const route = this.deps.routing.route(c.req.model);
-    if (route.kind === 'upstream') {
-      throw new ApiError('invalid_value', `The model '${c.req.model}' is served by an upstream, which this server reaches on /v1/chat/completions only.`, { param: 'model' });
-    }
+    if (route.kind === 'upstream') return prepareUpstreamCompletion(this.deps.config, ctx, route, body as Record<string, unknown>, c);
     return this.prepareInput(ctx, {
       model: route.queue,
       publicName: route.publicName,
@@ -249,45 +256,6 @@ export class ChatService {
       slots: model.slots,
       promptParam: param,
       parseToolCalls: r.parseToolCalls === true,
-    };
-  }
-
-  /**
-   * A chat an external upstream answers (routing/upstream.ts): checked by the same schema and parameter table as ours
-   * (so that a cache key and the token estimate mean the same), but nothing is tokenized: there is no tokenizer of the
-   * upstream's model here. The prompt is estimated at ~4 characters per token for the token budget; the upstream's
-   * reported usage replaces the estimate when the answer is in (Admitted.finish).
-   */
-  private prepareUpstream(ctx: RequestContext, route: UpstreamRoute, body: Record<string, unknown>, r: UpstreamInput): PreparedChat {
-    const { config } = this.deps;
-    const chars = r.messages.reduce((n, m) => n + m.content.length, 0);
-    const promptTokens = Math.ceil(chars / 4) + 4 * r.messages.length;
-    const now = Date.now();
-    const id = `chatcmpl-${randomBytes(16).toString('hex')}`;
-    const data: JobData = {
-      v: PROTOCOL_VERSION,
-      request_id: ctx.requestId,
-      model: route.publicName,
-      messages: r.messages,
-      // max_tokens only sizes the estimate: the upstream gets the client's own (none: its default).
-      params: { ...r.params, max_tokens: r.requested ?? config.DEFAULT_MAX_TOKENS },
-      stream: r.stream,
-      prompt_tokens: promptTokens,
-      enqueued_at_ms: now,
-      deadline_ms: now + config.REQUEST_TIMEOUT_MS,
-    };
-    const accepted = { jobId: id, model: route.publicName, upstream: route.upstream.name, stream: r.stream, promptTokensEstimate: promptTokens };
-    setImmediate(() => ctx.log.info('chat request accepted', { ...accepted, ...(config.LOG_PROMPTS ? { messages: r.messages } : {}) }));
-    return {
-      meta: { id, created: Math.floor(now / 1000), model: route.publicName },
-      data,
-      stream: r.stream,
-      includeUsage: r.includeUsage,
-      wantLogprobs: r.params.logprobs,
-      slots: null,
-      promptParam: 'messages',
-      parseToolCalls: false,
-      upstream: { route, body, stream: r.stream, promptTokensEstimate: promptTokens },
     };
   }
 
@@ -486,14 +454,6 @@ export class ChatService {
       ...(this.deps.config.LOG_PROMPTS ? { output: result.choices.map((c) => c.text) } : {}),
     });
   }
-}
-
-interface UpstreamInput {
-  messages: JobMessage[];
-  params: Omit<JobParams, 'max_tokens'>;
-  requested: number | null;
-  stream: boolean;
-  includeUsage: boolean;
 }
 
 /** Fields OpenAI does not define are ignored, as vLLM does; logged so that a misspelt one can be found. */

@@ -10,6 +10,7 @@
  * Events written before open() wait inside SseWriter.
  */
 import type { ApiError } from '../errors';
+import type { ToolCallDelta } from '../protocol/chat';
 import type { JobResult, TokenLogprob } from '../protocol/job';
 import type { SseWriter } from '../streaming/sse';
 import { type ToolEvent, ToolCallParser, toolCallId } from '../tools/parser';
@@ -21,6 +22,8 @@ export interface StreamRenderer {
   open(): void;
   /** Output of one choice. A piece with neither text nor logprobs only opens the choice. */
   content(index: number, text: string, logprobs: TokenLogprob[] | null | undefined): void;
+  /** A fragment of an upstream's streamed tool call (chat streams only; the others have no tool calls). */
+  toolCall?(index: number, call: ToolCallDelta): void;
   /** The end of a stream whose output was all written. */
   finish(result: JobResult): void;
   /** An error after the headers went out, when the client is still there. */
@@ -49,10 +52,7 @@ export class ChatStream implements StreamRenderer {
   }
 
   content(index: number, text: string, logprobs: TokenLogprob[] | null | undefined): void {
-    if (!this.opened.has(index)) {
-      this.opened.add(index);
-      this.sse.data(this.chunks.role(index));
-    }
+    this.openChoice(index);
     if (this.tools === null) {
       if (text.length > 0 || logprobs?.length) this.sse.data(this.chunks.content(index, text, logprobs ?? null));
       return;
@@ -60,6 +60,18 @@ export class ChatStream implements StreamRenderer {
     let parser = this.tools.get(index);
     if (!parser) this.tools.set(index, (parser = new ToolCallParser((call) => toolCallId(this.meta.id, index, call))));
     this.toolEvents(index, parser.push(text), logprobs ?? null);
+  }
+
+  /** An upstream's fragment, passed on as it came (its calls are not in the text: nothing for the parser). */
+  toolCall(index: number, call: ToolCallDelta): void {
+    this.openChoice(index);
+    this.sse.data(this.chunks.toolCall(index, call, null));
+  }
+
+  private openChoice(index: number): void {
+    if (this.opened.has(index)) return;
+    this.opened.add(index);
+    this.sse.data(this.chunks.role(index));
   }
 
   finish(result: JobResult): void {

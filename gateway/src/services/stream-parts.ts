@@ -8,6 +8,7 @@ import type { Response } from 'express';
 import type { Config } from '../config';
 import { toApiError } from '../errors';
 import type { OutputFilter, StreamFilter } from '../filter/output-filter';
+import type { ToolCallDelta } from '../protocol/chat';
 import type { JobResult, TokenLogprob } from '../protocol/job';
 import type { FinalChoice } from '../queue/job-run';
 import type { EventCursor } from '../streaming/event-ids';
@@ -59,6 +60,15 @@ export class PartRenderer {
     const text = this.filter.push(index, raw);
     this.out.content(this.base + index, text, logprobs);
     return text;
+  }
+
+  /**
+   * A fragment of an upstream's tool call from event `seq`. Not through the output filter: it holds text back
+   * across pieces, which would split a call's JSON arguments apart from their fragment (docs/ROUTING.md).
+   */
+  toolCall(seq: number, index: number, call: ToolCallDelta): void {
+    this.at(seq);
+    this.out.toolCall?.(this.base + index, call);
   }
 
   /** The job's end (its `done` is event `seq`): the text not given as deltas, then what the filter held back. */
