@@ -41,11 +41,12 @@ function canonical(v: unknown): unknown {
 
 /**
  * Same scope + model + messages (or prompt) + parameters → same key; `stream` is not part of it (a hit can be streamed either
- * way). `scope` is the caller (CACHE_SCOPE=caller: its key id or JWT subject) or "shared".
+ * way). `scope` is the caller (CACHE_SCOPE=caller: its key id or JWT subject) or "shared". `sent`: for an upstream's
+ * request, the rest of the body it is sent (services/upstream-prepare.ts), since any of it may change its answer.
  */
-export function cacheKey(data: JobData, scope: string): string {
-  // A raw prompt (/v1/completions) is keyed by its text; JSON.stringify leaves the absent one out, so chat keys are as before.
-  const basis = JSON.stringify(canonical({ scope, model: data.model, messages: data.messages, prompt: data.prompt, params: data.params }));
+export function cacheKey(data: JobData, scope: string, sent?: Record<string, unknown>): string {
+  // A raw prompt (/v1/completions) is keyed by its text; JSON.stringify leaves absent ones out, so chat keys are as before.
+  const basis = JSON.stringify(canonical({ scope, model: data.model, messages: data.messages, prompt: data.prompt, params: data.params, sent }));
   return PREFIX + createHash('sha256').update(basis, 'utf8').digest('hex');
 }
 

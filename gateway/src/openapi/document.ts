@@ -128,7 +128,8 @@ function chatPaths(): ZodOpenApiPathsObject {
         description:
           `OpenAI's request and \`text_completion\` shapes; the prompt is sent to the model as is (no chat template). A list ` +
           'of prompts gives choices indexed prompt × n + choice. Refused with a 400 naming the field: token-id prompts, a ' +
-          `non-empty \`suffix\`, \`best_of\` other than \`n\`, \`echo\` with \`logprobs\`. ${sseNote}`,
+          `non-empty \`suffix\`, \`best_of\` other than \`n\`, \`echo\` with \`logprobs\`, and \`logprobs\` for a model ` +
+          `served by an external upstream (docs/ROUTING.md). ${sseNote}`,
         tags: ['OpenAI'],
         security: [{ bearerAuth: [] }],
         requestBody: { required: true, content: json(completionRequestSchema) },

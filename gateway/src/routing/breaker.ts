@@ -40,6 +40,35 @@ export interface Permit {
   release(): void;
 }
 
+/**
+ * One request's permit shared by its runs (the prompts of a /v1/completions list, one run each): the first failure
+ * is the request's failure; otherwise, once every run has ended, a success at the slowest run's first output, unless
+ * one of them ended for reasons of its own (nothing learnt then).
+ */
+export function sharePermit(permit: Permit, runs: number): Permit[] {
+  let left = runs;
+  let released = false;
+  let slowestMs = 0;
+  const ended = () => {
+    left -= 1;
+    if (left === 0) (released ? permit.release() : permit.success(slowestMs));
+  };
+  return Array.from({ length: runs }, (): Permit => {
+    let done = false;
+    const once = (f: () => void) => () => {
+      if (done) return;
+      done = true;
+      f();
+      ended();
+    };
+    return {
+      success: (ms: number) => once(() => (slowestMs = Math.max(slowestMs, ms)))(),
+      failure: once(() => permit.failure()),
+      release: once(() => (released = true)),
+    };
+  });
+}
+
 export class CircuitBreaker {
   private state: BreakerState = 'closed';
   private failures = 0;

@@ -14,7 +14,7 @@ import { ConfigError } from '../config';
 const modelName = z.string().min(1).max(256);
 
 const upstreamSchema = z.strictObject({
-  /** Where the OpenAI API of the upstream lives, up to and including its `/v1` (we append `/chat/completions`). */
+  /** Where the OpenAI API of the upstream lives, up to and including its `/v1` (we append `/chat/completions` or `/completions`). */
   base_url: z.url({ protocol: /^https?$/, error: 'must be an http:// or https:// URL' }),
   /** The environment variable that holds its Bearer key; absent: no Authorization header is sent. */
   api_key_env: z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'must be an environment variable name').optional(),

@@ -3,7 +3,8 @@
  * such as vLLM parses its model's calls itself, so nothing here reads text for calls (gateway/src/tools/ is for our
  * own workers' Hermes format). A stream's `delta.tool_calls` fragments are passed on one by one (index, id, type,
  * function.name, then pieces of function.arguments) and also joined into whole calls, which the result carries
- * (ResultToolCall on its choice) for the non-streamed answer, the finish reason and the logs.
+ * (`tool_calls` on its loose result choice) for the non-streamed answer, the finish reason, the output filter and the
+ * cache (which never stores them: services/upstream-prepare.ts).
  */
 import type { ToolCall, ToolCallDelta } from '../protocol/chat';
 
@@ -16,16 +17,24 @@ export function toolCallsOf(choice: object): ToolCall[] | null {
   return Array.isArray(calls) && calls.length > 0 ? (calls as ToolCall[]) : null;
 }
 
-/** One `delta.tool_calls` entry in our chunk's shape, or null when it is not one (no index). */
-export function toolCallDelta(raw: unknown): ToolCallDelta | null {
-  if (!isObject(raw) || typeof raw.index !== 'number' || !Number.isInteger(raw.index)) return null;
+/**
+ * One `delta.tool_calls` entry in our chunk's shape, or null when it is not an object. An entry without `index`
+ * (some OpenAI-compatible servers leave it out) takes its place in the chunk's list, `at`.
+ */
+export function toolCallDelta(raw: unknown, at: number): ToolCallDelta | null {
+  if (!isObject(raw)) return null;
+  const index = typeof raw.index === 'number' && Number.isInteger(raw.index) && raw.index >= 0 ? raw.index : at;
   const fn = isObject(raw.function) ? raw.function : {};
-  const delta: ToolCallDelta = { index: raw.index, function: {} };
-  if (typeof raw.id === 'string') delta.id = raw.id;
-  if (raw.type === 'function' || typeof raw.id === 'string') delta.type = 'function';
-  if (typeof fn.name === 'string') delta.function.name = fn.name;
-  if (typeof fn.arguments === 'string') delta.function.arguments = fn.arguments;
-  return delta;
+  // Keys in OpenAI's order (index, id, type, function), each only when the upstream sent it.
+  return {
+    index,
+    ...(typeof raw.id === 'string' ? { id: raw.id } : {}),
+    ...(raw.type === 'function' || typeof raw.id === 'string' ? { type: 'function' as const } : {}),
+    function: {
+      ...(typeof fn.name === 'string' ? { name: fn.name } : {}),
+      ...(typeof fn.arguments === 'string' ? { arguments: fn.arguments } : {}),
+    },
+  };
 }
 
 /** The calls of one choice, joined from its fragments in call-index order. */

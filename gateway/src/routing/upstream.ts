@@ -1,8 +1,10 @@
 /**
- * The upstream source (routing/table.ts): a chat or legacy completion request answered by an external OpenAI-compatible server (vLLM, TGI,
- * a hosted API) instead of a job. It is one more source of the same result type as a job or a cached answer (STYLE.md
- * habit 9): its deltas go to the same hooks as a worker's, so the same renderers, output filter, usage accounting,
- * cache and metrics apply, and the response's `model` is ours (the public name), not the upstream's.
+ * The upstream source (routing/table.ts): a chat (POST {base}/chat/completions) or one prompt of a legacy completion
+ * (POST {base}/completions) answered by an external OpenAI-compatible server (vLLM, TGI, a hosted API) instead of a
+ * job. It is one more source of the same result type as a job or a cached answer (STYLE.md habit 9): its deltas go
+ * to the same hooks as a worker's, so the same renderers, output filter, usage accounting, cache and metrics apply,
+ * and the response's `model` is ours (the public name), not the upstream's. A chat's tool calls come structured from
+ * the upstream and are carried through as such (routing/upstream-tools.ts).
  *
  * Why not http-proxy-middleware: it pipes the upstream's bytes to the client, and rewriting them needs its
  * responseInterceptor, which hands over the whole body as one Buffer once the upstream has finished, i.e. no streaming.
@@ -19,6 +21,7 @@ import type { JobResult, TokenLogprob } from '../protocol/job';
 import type { RunOutcome } from '../queue/job-run';
 import type { Logger } from '../logger';
 import type { Route } from './table';
+import { IdleTimeout, sseData } from './upstream-io';
 import { messageToolCalls, ToolCallJoiner, toolCallDelta } from './upstream-tools';
 
 /** What a run needs of its request (services/chat-service.ts RequestContext; not imported: the service imports us). */
@@ -132,29 +135,6 @@ export async function runUpstream(u: UpstreamRequest, ctx: UpstreamContext, hook
   }
 }
 
-/** The SSE `data:` payloads of a response body, one per event, as they arrive; `onChunk` on every network chunk. */
-async function* sseData(body: ReadableStream<Uint8Array>, onChunk: () => void): AsyncGenerator<string> {
-  const decoder = new TextDecoder();
-  let buffered = '';
-  for await (const chunk of body) {
-    onChunk();
-    buffered += decoder.decode(chunk, { stream: true });
-    let end: number;
-    while ((end = buffered.search(/\r?\n\r?\n/)) >= 0) {
-      const block = buffered.slice(0, end);
-      buffered = buffered.slice(end).replace(/^\r?\n\r?\n/, '');
-      const data = block
-        .split(/\r?\n/)
-        .filter((line) => line.startsWith('data:'))
-        .map((line) => line.slice(5).replace(/^ /, ''))
-        .join('\n');
-      if (data.length > 0) yield data;
-    }
-    // An event is a few hundred bytes; a "line" without end this long is not SSE.
-    if (buffered.length > 1024 * 1024) throw new ApiError('upstream_error', 'The upstream sent an event over 1 MiB.');
-  }
-}
-
 const choiceOf = (choices: Map<number, Choice>, index: number): Choice => {
   let c = choices.get(index);
   if (!c) choices.set(index, (c = { text: '', finish: null, logprobs: null, tools: null }));
@@ -186,8 +166,8 @@ function readChunk(event: unknown, choices: Map<number, Choice>, endpoint: Upstr
     c.text += text;
     if (lp) c.logprobs = [...(c.logprobs ?? []), ...lp];
     on.delta(index, text, lp);
-    for (const rawCall of Array.isArray(delta.tool_calls) ? delta.tool_calls : []) {
-      const call = toolCallDelta(rawCall);
+    for (const [at, rawCall] of (Array.isArray(delta.tool_calls) ? delta.tool_calls : []).entries()) {
+      const call = toolCallDelta(rawCall, at);
       if (!call) continue;
       (c.tools ??= new ToolCallJoiner()).add(call);
       on.toolCall(index, call);
@@ -277,33 +257,4 @@ function upstreamFailure(err: unknown, client: AbortSignal, idle: IdleTimeout, n
   if (client.aborted) return new ApiError('cancelled', 'The client closed the request.', { cause: err });
   if (idle.fired) return new ApiError('upstream_timeout', `The upstream '${name}' did not answer within ${idle.ms} ms.`, { retryAfterMs: 1000, cause: err });
   return new ApiError('upstream_unavailable', `The upstream '${name}' could not be reached.`, { retryAfterMs: 1000, cause: err });
-}
-
-/** Aborts its signal when `touch` has not been called for `ms`. */
-class IdleTimeout {
-  private readonly ctl = new AbortController();
-  private timer: NodeJS.Timeout | null = null;
-  fired = false;
-
-  constructor(readonly ms: number) {
-    this.touch();
-  }
-
-  get signal(): AbortSignal {
-    return this.ctl.signal;
-  }
-
-  touch(): void {
-    this.clear();
-    this.timer = setTimeout(() => {
-      this.fired = true;
-      this.ctl.abort('upstream timeout');
-    }, this.ms);
-    this.timer.unref();
-  }
-
-  clear(): void {
-    if (this.timer) clearTimeout(this.timer);
-    this.timer = null;
-  }
 }

@@ -27,6 +27,7 @@ import type { BucketState, RateLimiter } from '../limits/rate-limiter';
 import { cacheLookups, queueFullRejections, rateLimitRejections } from '../metrics';
 import type { JobResult } from '../protocol/job';
 import { backlogFullError, type QueueBacklog, type Reservation } from '../queue/backlog';
+import { toolCallsOf } from '../routing/upstream-tools';
 import type { ChatService, PreparedChat, RequestContext } from './chat-service';
 
 export interface GovernanceDeps {
@@ -250,7 +251,7 @@ export class ChatAdmission {
 
     // Cache, then the budgets: a hit costs its prompt only (no completion tokens are generated again).
     const cacheable = cache.enabled && !opts.noStore && p.noCache !== true && isCacheable(p.data);
-    const key = cacheable ? cacheKey(p.data, config.CACHE_SCOPE === 'shared' ? 'shared' : opts.principal.keyId) : null;
+    const key = cacheable ? cacheKey(p.data, config.CACHE_SCOPE === 'shared' ? 'shared' : opts.principal.keyId, p.cacheExtra) : null;
     const cached = key ? await cache.get(key) : null;
     if (key) {
       cacheLookups.inc({ result: cached ? 'hit' : 'miss' });
@@ -326,7 +327,8 @@ export class ChatAdmission {
         await Promise.all([
           limiter.adjust(buckets, estimate, used),
           addUsage(redis, principalId, { requests: 1, prompt_tokens: r.usage.prompt_tokens, completion_tokens: r.usage.completion_tokens }),
-          key ? cache.put(key, r) : undefined,
+          // Structured tool calls are never stored, whatever the request offered (services/upstream-prepare.ts says why).
+          key && !r.choices.some((c) => toolCallsOf(c)) ? cache.put(key, r) : undefined,
         ]).catch((e) => ctx.log.warn('post-completion accounting failed', { err: String(e) }));
       } else {
         // Nothing was generated for a request the server turned away (busy, no worker): it costs nothing.

@@ -16,7 +16,8 @@ export interface CompletionMeta {
  */
 export function finishReason(reason: string, calledTools = false): FinishReason {
   if (reason === 'length') return 'length';
-  if (reason === 'tool_calls') return 'tool_calls'; // an upstream's (routing/upstream.ts); our workers say stop|length
+  // An upstream's own (routing/upstream.ts), as OpenAI's API sends them; our workers say stop|length.
+  if (reason === 'tool_calls' || reason === 'content_filter') return reason;
   return calledTools ? 'tool_calls' : 'stop';
 }
 

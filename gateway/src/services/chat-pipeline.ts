@@ -29,8 +29,9 @@ import { ChatStream, CompletionStream, type StreamRenderer, TextStream } from '.
 import { type CompletionRender, mergeResults, toTextCompletion } from './completion-format';
 import { parseCompletion } from './completion-params';
 import { type PartRenderer, playParts, type StreamPart } from './stream-parts';
-import type { Breakers, Permit } from '../routing/breaker';
+import { type Breakers, type Permit, sharePermit } from '../routing/breaker';
 import { answerWithFallback } from '../routing/fallback';
+import { toolCallsOf } from '../routing/upstream-tools';
 import type { RoutingTable } from '../routing/table';
 
 export interface ChatPipelineDeps {
@@ -93,13 +94,23 @@ export class ChatPipeline {
 
   /**
    * POST /v1/completions. Each prompt of the request is admitted as a request of its own (prompt counted, limits,
-   * cache, a job), all of them run at once, and their results are rendered as one answer, indexed prompt-major. One
-   * prompt refused refuses the request; one failing run cancels the others.
+   * cache, a job or an upstream request), all of them run at once, and their results are rendered as one answer,
+   * indexed prompt-major. One prompt refused refuses the request; one failing run cancels the others. A model of the
+   * routing table is answered through its fallback chain and breakers, as a chat is (routing/fallback.ts): the
+   * request is one use of the breaker, however many prompts it has.
    */
-  async textCompletions(body: unknown, res: Response, ctx: RequestContext, opts: GovernOptions): Promise<void> {
+  textCompletions(body: unknown, res: Response, ctx: RequestContext, opts: GovernOptions): Promise<void> {
+    return answerWithFallback(this.deps, body, res, ctx, (b, permit) => this.textAnswer(b, res, ctx, opts, permit));
+  }
+
+  private async textAnswer(body: unknown, res: Response, ctx: RequestContext, opts: GovernOptions, permit: Permit | null): Promise<void> {
     // Validated whole first (cheap: no tokenizing) so that a bad list is one 400; each admission parses its own prompt.
     const c = parseCompletion(body);
     const parts = await this.admitEach(c.prompts.map((prompt) => ({ ...c.req, prompt })), res, ctx, opts);
+    if (permit) {
+      const runs = parts.filter((a) => !a.cached);
+      sharePermit(permit, runs.length).forEach((share, i) => (runs[i].prepared.permit = share));
+    }
     const first = parts[0].prepared;
     const n = c.params.n;
     const render: CompletionRender = { meta: first.meta, prompts: c.prompts, n, echo: c.echo, logprobs: c.logprobs, includeUsage: first.includeUsage };
@@ -287,6 +298,13 @@ export class ChatPipeline {
   private filtered(r: JobResult): JobResult {
     const { filter } = this.deps;
     if (!filter.active) return r;
-    return { ...r, choices: r.choices.map((c) => ({ ...c, text: filter.apply(c.text) })) };
+    return {
+      ...r,
+      choices: r.choices.map((c) => {
+        // An upstream's structured calls (routing/upstream-tools.ts): their arguments are model output as text is.
+        const calls = toolCallsOf(c)?.map((t) => ({ ...t, function: { ...t.function, arguments: filter.apply(t.function.arguments) } }));
+        return { ...c, text: filter.apply(c.text), ...(calls ? { tool_calls: calls } : {}) };
+      }),
+    };
   }
 }

@@ -19,31 +19,23 @@ import { KNOWN_COMPLETION_FIELDS } from '../protocol/completions';
 import { eventsKey, type JobData, type JobMessage, type JobParams, PROTOCOL_VERSION, type TokenLogprob, tokenizerKey } from '../protocol/job';
 import type { JobEventBus } from '../queue/job-events';
 import type { JobQueues } from '../queue/job-queue';
-import type { JobPlacement } from '../queue/job-queue';
 import { JobRun, type RunDeps, type RunOutcome } from '../queue/job-run';
 import { isReady } from '../queue/redis';
 import type { StreamAttachments } from '../resume/attachments';
-import { isTargetFailure, type Permit } from '../routing/breaker';
+import { isTargetFailure } from '../routing/breaker';
 import type { RoutingTable } from '../routing/table';
-import { runUpstream, type UpstreamRequest } from '../routing/upstream';
+import { runUpstream } from '../routing/upstream';
 import { storedEventsMaxBytes } from '../resume/stream-record';
-import type { CompletionMeta } from './chat-format';
 import { requestedMaxTokens, toChatJob } from './chat-params';
 import { COMPLETION_DEFAULT_MAX_TOKENS, parseCompletion } from './completion-params';
-import type { Stamps } from './stamps';
+import type { PreparedChat, RequestContext } from './prepared';
 import type { TokenizerCache } from './tokenizer';
 import { prepareUpstreamChat, prepareUpstreamCompletion } from './upstream-prepare';
 import { parseOrThrow } from './validation';
 import type { ModelView, WorkerRegistry } from './worker-registry';
 
-export interface RequestContext {
-  requestId: string;
-  log: Logger;
-  /** Aborted when the client goes away (reason "client") or the gateway shuts down (reason "shutdown"). */
-  signal: AbortSignal;
-  /** Where the time goes (services/stamps.ts): logged with the finished request. */
-  stamps?: Stamps;
-}
+// The prepared request's types live apart so that services/upstream-prepare.ts can build one without importing us.
+export type { PreparedChat, RequestContext } from './prepared';
 
 export interface RunHooks {
   /** `seq`: the worker event that carried the text (a stream's event ids name it). */
@@ -61,28 +53,6 @@ export interface AttachTarget {
   model: string;
   deadline_ms: number | null;
   start_deadline_ms?: number | null;
-}
-
-export interface PreparedChat {
-  meta: CompletionMeta;
-  data: JobData;
-  stream: boolean;
-  includeUsage: boolean;
-  wantLogprobs: boolean;
-  /** Sequences the model's live workers run at once (ModelView.slots): backlog admission's free-room check. */
-  slots: number | null;
-  /** The request field that holds the prompt, named by errors about its length. */
-  promptParam: 'messages' | 'prompt';
-  /** The request offered tools: the answer is rendered with its tool calls (tools/parser.ts). */
-  parseToolCalls: boolean;
-  /** Where the job goes in the queue (the caller's tier); absent = FIFO. */
-  placement?: JobPlacement;
-  /** Set when an external upstream answers instead of a job (routing/upstream.ts, services/upstream-prepare.ts): there is no queue then. */
-  upstream?: UpstreamRequest;
-  /** Neither read nor written in the response cache (an upstream's answer with tool calls: the cache keeps text only). */
-  noCache?: boolean;
-  /** The circuit breaker this run reports to (routing/breaker.ts), set by the pipeline's fallback chain. */
-  permit?: Permit;
 }
 
 /** A parsed request of either endpoint, as the shared preparation takes it. */
@@ -145,17 +115,8 @@ export class ChatService {
     const req = parseOrThrow(chatCompletionRequestSchema, body);
     logUnknown(ctx, req, KNOWN_REQUEST_FIELDS);
     const route = this.deps.routing.route(req.model);
+    if (route.kind === 'upstream') return prepareUpstreamChat(this.deps.config, ctx, route, body as Record<string, unknown>, req);
     const { tools, params, messages } = toChatJob(req);
-    if (route.kind === 'upstream') {
-      return prepareUpstreamChat(this.deps.config, ctx, route, body as Record<string, unknown>, {
-        messages,
-        params,
-        requested: requestedMaxTokens(req),
-        stream: req.stream === true,
-        includeUsage: req.stream_options?.include_usage === true,
-        offersTools: (req.tools?.length ?? 0) > 0,
-      });
-    }
     return this.prepareInput(ctx, {
       model: route.queue,
       publicName: route.publicName,
@@ -292,8 +253,16 @@ export class ChatService {
           forward(index, text, lp, seq);
         }
       : undefined;
+    // An upstream's tool call is first output as much as text is (an answer may be calls only).
+    const forwardCall = hooks.onToolCall;
+    const onToolCall: RunHooks['onToolCall'] = forwardCall
+      ? (index, call, seq) => {
+          firstMs ??= Date.now();
+          forwardCall(index, call, seq);
+        }
+      : undefined;
     try {
-      const outcome = await this.runSource(p, ctx, { ...hooks, onDelta }, opts);
+      const outcome = await this.runSource(p, ctx, { ...hooks, onDelta, onToolCall }, opts);
       permit.success((firstMs ?? Date.now()) - startedMs);
       return outcome;
     } catch (err) {

@@ -12,6 +12,7 @@
 import type { ApiError } from '../errors';
 import type { ToolCallDelta } from '../protocol/chat';
 import type { JobResult, TokenLogprob } from '../protocol/job';
+import { toolCallsOf } from '../routing/upstream-tools';
 import type { SseWriter } from '../streaming/sse';
 import { type ToolEvent, ToolCallParser, toolCallId } from '../tools/parser';
 import { ChunkFactory, type CompletionMeta } from './chat-format';
@@ -78,7 +79,8 @@ export class ChatStream implements StreamRenderer {
     const choices = [...result.choices].sort((a, b) => a.index - b.index);
     for (const [index, parser] of this.tools ?? []) this.toolEvents(index, parser.flush(), null);
     for (const c of choices) {
-      const called = (this.tools?.get(c.index)?.callCount ?? 0) > 0;
+      // Our workers' calls are counted by the parser; an upstream's ride on the result (routing/upstream-tools.ts).
+      const called = (this.tools?.get(c.index)?.callCount ?? 0) > 0 || toolCallsOf(c) !== null;
       this.sse.data(this.chunks.finish(c.index, c.finish_reason, called));
     }
     if (this.includeUsage) this.sse.data(this.chunks.usage(result));

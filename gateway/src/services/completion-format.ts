@@ -23,8 +23,11 @@ export interface CompletionRender {
 
 type FinishReason = TextCompletion['choices'][number]['finish_reason'];
 
-/** The worker says stop|length; anything else (a newer worker's reason) reads as stop rather than break a client. */
-const finishReason = (reason: string): FinishReason => (reason === 'length' ? 'length' : 'stop');
+/**
+ * The worker says stop|length; an upstream may also say content_filter (routing/upstream.ts); anything else (a newer
+ * worker's reason) reads as stop rather than break a client.
+ */
+const finishReason = (reason: string): FinishReason => (reason === 'length' || reason === 'content_filter' ? reason : 'stop');
 
 /** Characters as OpenAI (Python) counts them for text_offset: code points, not UTF-16 units. */
 export const codePoints = (s: string): number => {

@@ -42,6 +42,10 @@ export interface StreamOptions {
  */
 export class PartRenderer {
   private readonly filter: StreamFilter;
+  /** The arguments of an upstream's streamed tool calls, filtered as text is: one buffer per call (`calls`). */
+  private readonly argsFilter: StreamFilter;
+  /** Each call seen, by "choice:call", as its argsFilter buffer and where its held-back arguments go at the end. */
+  private readonly calls = new Map<string, { key: number; index: number; call: number }>();
   private seq = 0;
 
   constructor(
@@ -52,6 +56,7 @@ export class PartRenderer {
     filter: OutputFilter,
   ) {
     this.filter = filter.stream();
+    this.argsFilter = filter.stream();
   }
 
   /** Text of one choice from delta `seq`; returns what went out (the filter may hold some back). */
@@ -63,12 +68,23 @@ export class PartRenderer {
   }
 
   /**
-   * A fragment of an upstream's tool call from event `seq`. Not through the output filter: it holds text back
-   * across pieces, which would split a call's JSON arguments apart from their fragment (docs/ROUTING.md).
+   * A fragment of an upstream's tool call from event `seq`, as it came, its arguments through the output filter as
+   * text is (our workers' calls are parsed from filtered text: an upstream's must not be a way around the filter).
+   * The filter may hold a piece of the arguments back; a fragment that names the call still goes out at once.
    */
   toolCall(seq: number, index: number, call: ToolCallDelta): void {
     this.at(seq);
-    this.out.toolCall?.(this.base + index, call);
+    const args = call.function.arguments;
+    if (args === undefined) {
+      this.out.toolCall?.(this.base + index, call);
+      return;
+    }
+    const id = `${index}:${call.index}`;
+    let c = this.calls.get(id);
+    if (!c) this.calls.set(id, (c = { key: this.calls.size, index, call: call.index }));
+    const sent = this.argsFilter.push(c.key, args);
+    if (sent.length === 0 && args.length > 0 && call.id === undefined && call.function.name === undefined) return;
+    this.out.toolCall?.(this.base + index, { ...call, function: { ...call.function, arguments: sent } });
   }
 
   /** The job's end (its `done` is event `seq`): the text not given as deltas, then what the filter held back. */
@@ -79,6 +95,10 @@ export class PartRenderer {
     for (const c of result.choices) {
       const held = filter.flush(c.index); // choices whose text all came as deltas
       if (held) out.content(base + c.index, held, null);
+    }
+    for (const c of this.calls.values()) {
+      const held = this.argsFilter.flush(c.key);
+      if (held) out.toolCall?.(base + c.index, { index: c.call, function: { arguments: held } });
     }
   }
 
