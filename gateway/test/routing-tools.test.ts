@@ -14,14 +14,19 @@ import OpenAI from 'openai';
 import { chatCompletionChunkSchema } from '../src/protocol/chat';
 import { FakeUpstream, streamedFragments, type UpstreamToolCall } from './helpers/fake-upstream';
 import { openStream, parseSse, startGateway, TEST_KEY, type TestGateway } from './helpers/gateway';
+import { parsePrometheus, sumOf } from './helpers/prom-text';
 import { useTestRedis } from './helpers/redis-server';
 
 const redis = useTestRedis();
 const upstream = new FakeUpstream();
+/** An upstream that sends a call's first fragment at once, then each next one 2 s later (a slow model's arguments). */
+const slow = new FakeUpstream();
 const ARGS = upstream.toolArguments;
 let gw: TestGateway;
 /** A second gateway with the output filter on (a blocked phrase), on the same Redis and routing file. */
 let filtered: TestGateway;
+/** A third, whose routing file has a breaker with latency_ms. */
+let latencyGw: TestGateway;
 let client: OpenAI;
 
 const weather: OpenAI.ChatCompletionFunctionTool = {
@@ -38,16 +43,25 @@ const ask: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: 'Weat
 const call = (id: string, name: string, args = ARGS) => ({ id, type: 'function', function: { name, arguments: args } });
 
 beforeAll(async () => {
-  await upstream.start();
-  const file = join(mkdtempSync(join(tmpdir(), 'routing-tools-')), 'routing.json');
+  await Promise.all([upstream.start(), slow.start()]);
+  slow.chunkDelayMs = 2000;
+  const dir = mkdtempSync(join(tmpdir(), 'routing-tools-'));
+  const file = join(dir, 'routing.json');
   writeFileSync(file, JSON.stringify({ upstreams: { vllm: { base_url: upstream.url } }, models: { remote: { upstream: 'vllm', upstream_model: 'org/remote-7b' } } }));
+  // Its own gateway: one slow first output opens a breaker there (what the latency test checks does not happen).
+  const slowFile = join(dir, 'routing-slow.json');
+  writeFileSync(
+    slowFile,
+    JSON.stringify({ upstreams: { slowup: { base_url: slow.url } }, models: { 'slow-remote': { upstream: 'slowup' } }, breaker: { failure_threshold: 1, open_ms: 60_000, latency_ms: 3000 } }),
+  );
   gw = await startGateway(redis.url, { ROUTING_FILE: file });
   filtered = await startGateway(redis.url, { ROUTING_FILE: file, OUTPUT_FILTER_BLOCKLIST: 'ACME-42', CACHE_ENABLED: 'false' });
+  latencyGw = await startGateway(redis.url, { ROUTING_FILE: slowFile });
   client = new OpenAI({ baseURL: `${gw.url}/v1`, apiKey: TEST_KEY, maxRetries: 0 });
 }, 60_000);
 redis.beforeStop(async () => {
-  await Promise.all([gw.close(), filtered.close()]);
-  await upstream.close();
+  await Promise.all([gw.close(), filtered.close(), latencyGw.close()]);
+  await Promise.all([upstream.close(), slow.close()]);
 });
 beforeEach(() => {
   upstream.mode = { kind: 'ok' };
@@ -184,3 +198,12 @@ it('an upstream refusing a tool request: its 400 is ours, naming its param; the 
   upstream.mode = { kind: 'ok' };
   expect((await client.chat.completions.create({ model: 'remote', messages: ask, tools })).choices[0].finish_reason).toBe('tool_calls');
 });
+
+it('breaker latency_ms: a call is a stream’s first output, so an answer of calls only is judged by its first fragment', async () => {
+  // The first fragment comes at once, the whole answer after ~6 s (over latency_ms 3000).
+  const viaLatency = new OpenAI({ baseURL: `${latencyGw.url}/v1`, apiKey: TEST_KEY, maxRetries: 0 });
+  const final = await viaLatency.chat.completions.stream({ model: 'slow-remote', messages: ask, tools: [weather] }).finalChatCompletion();
+  expect(final.choices[0].finish_reason).toBe('tool_calls');
+  const metrics = parsePrometheus(await (await fetch(`${latencyGw.url}/metrics`)).text());
+  expect(sumOf(metrics, 'llm_gateway_breaker_state', { breaker: 'upstream:slowup' })).toBe(0); // closed: not counted as slow
+}, 30_000);
