@@ -140,11 +140,12 @@ it('upstream errors come back in our error shape, as for chat; logprobs is refus
 
 it('a failing upstream falls back to the next model of its chain and opens its breaker; a probe closes it again', async () => {
   flaky.mode = { kind: 'error', status: 503 };
-  for (let i = 0; i < 2; i++) {
-    const { data, response } = await client.completions.create({ model: 'shaky', prompt: 'Say hi', max_tokens: 8 }).withResponse();
+  // The second is a list of prompts: one request, one use of the breaker (its prompts' failures count once).
+  for (const prompt of ['Say hi', ['Say hi', 'Say bye']]) {
+    const { data, response } = await client.completions.create({ model: 'shaky', prompt, max_tokens: 8 }).withResponse();
     expect(data.model).toBe(LOCAL);
     expect(response.headers.get('x-routed-model')).toBe(LOCAL);
-    expect(data.choices[0].text).toBe('Hello from the fake worker!');
+    expect(data.choices.map((c) => c.text)).toEqual((Array.isArray(prompt) ? prompt : [prompt]).map(() => 'Hello from the fake worker!'));
   }
   const metrics = async () => parsePrometheus(await (await fetch(`${gw.url}/metrics`)).text());
   expect(sumOf(await metrics(), 'llm_gateway_breaker_state', { breaker: 'upstream:flaky' })).toBe(2);

@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ConfigError } from '../src/config';
 import { RoutingTable } from '../src/routing/table';
-import { CircuitBreaker } from '../src/routing/breaker';
+import { CircuitBreaker, sharePermit } from '../src/routing/breaker';
 
 const good = {
   upstreams: { vllm: { base_url: 'http://127.0.0.1:9/v1', api_key_env: 'ROUTING_UNIT_KEY', timeout_ms: 5000 } },
@@ -95,5 +95,27 @@ describe('CircuitBreaker', () => {
     b.permit()!.release(); // a probe that says nothing lets the next one probe
     b.permit()!.success(1);
     expect(b.current).toBe('closed');
+  });
+
+  it('a permit shared by the runs of a list of prompts: any failure is the request\'s, a success needs every run, at the slowest', () => {
+    const settings = { failure_threshold: 1, open_ms: 1000, latency_ms: 500 };
+    const failing = new CircuitBreaker('shared-failure', settings);
+    const [fast, broken] = sharePermit(failing.permit()!, 2);
+    fast.success(10);
+    expect(failing.current).toBe('closed'); // not yet: the other run is still going
+    broken.failure();
+    expect(failing.current).toBe('open');
+
+    const slow = new CircuitBreaker('shared-slow', settings);
+    const [a, b] = sharePermit(slow.permit()!, 2);
+    a.success(10);
+    b.success(900); // the slowest run decides the request's latency
+    expect(slow.current).toBe('open');
+
+    const left = new CircuitBreaker('shared-release', settings);
+    const [done, gone] = sharePermit(left.permit()!, 2);
+    done.success(900);
+    gone.release(); // a run that ended for reasons of its own: nothing is learnt about the target
+    expect(left.current).toBe('closed');
   });
 });
