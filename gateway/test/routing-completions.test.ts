@@ -129,6 +129,15 @@ it('upstream errors come back in our error shape, as for chat; logprobs is refus
   expect((limited as InstanceType<typeof OpenAI.APIError>).code).toBe('upstream_rate_limited');
 
   upstream.mode = { kind: 'ok' };
+  await client.completions.create({ model: 'remote', prompt: 'Say hi' }); // (the breaker again)
+  // A 200 whose body is not JSON (a proxy's HTML page) is the upstream's error, not its being unreachable.
+  upstream.mode = { kind: 'garbage' };
+  const garbage = await client.completions.create({ model: 'remote', prompt: 'Say hi' }).catch((e: unknown) => e);
+  expect(garbage).toBeInstanceOf(OpenAI.InternalServerError);
+  expect((garbage as InstanceType<typeof OpenAI.APIError>).status).toBe(502);
+  expect((garbage as InstanceType<typeof OpenAI.APIError>).code).toBe('upstream_error');
+
+  upstream.mode = { kind: 'ok' };
   const asked = upstream.requests.length;
   const refused = await client.completions.create({ model: 'remote', prompt: 'Say hi', logprobs: 2 }).catch((e: unknown) => e);
   expect(refused).toBeInstanceOf(OpenAI.BadRequestError);

@@ -98,7 +98,14 @@ export async function runUpstream(u: UpstreamRequest, ctx: UpstreamContext, hook
     let usage: JobResult['usage'] | null = null;
     let seq = 0;
     if (!u.stream) {
-      const json = await resp.json().catch(fail);
+      // Read, then parsed: a connection lost mid-body is the upstream unreachable, a body that is not JSON its error.
+      const text = await resp.text().catch(fail);
+      let json: unknown;
+      try {
+        json = JSON.parse(text);
+      } catch {
+        throw new ApiError('upstream_error', `The upstream '${upstream.name}' answered 200 with a body that is not JSON.`);
+      }
       usage = readBody(json, choices, u.endpoint);
     } else {
       for await (const data of sseData(resp.body!, () => idle.touch())) {

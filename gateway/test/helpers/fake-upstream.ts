@@ -20,7 +20,9 @@ export type UpstreamMode =
   /** Answers this status with an OpenAI error body. */
   | { kind: 'error'; status: number; message?: string; param?: string }
   /** Accepts the request and never answers. */
-  | { kind: 'hang' };
+  | { kind: 'hang' }
+  /** Answers 200 with an HTML page (a proxy's), not a completion. */
+  | { kind: 'garbage' };
 
 export interface RecordedRequest {
   /** /v1/chat/completions or /v1/completions. */
@@ -73,6 +75,11 @@ export class FakeUpstream {
     });
     const mode = this.mode;
     if (mode.kind === 'hang') return;
+    if (mode.kind === 'garbage') {
+      res.writeHead(200, { 'content-type': 'text/html' }).end('<html><body>502 Bad Gateway</body></html>');
+      rec.finished = true;
+      return;
+    }
     if (mode.kind === 'error') {
       const error = { message: mode.message ?? `upstream failure ${mode.status}`, type: mode.status < 500 ? 'invalid_request_error' : 'server_error', param: mode.param ?? null, code: null };
       res.writeHead(mode.status, { 'content-type': 'application/json' }).end(JSON.stringify({ error }));
