@@ -8,7 +8,7 @@ import { randomUUID } from 'node:crypto';
 import OpenAI from 'openai';
 import type { JobData } from '../src/protocol/job';
 import { FakeWorker } from './helpers/fake-worker';
-import { startGateway, TEST_KEY, type TestGateway, waitFor } from './helpers/gateway';
+import { startGateway, TEST_KEY, type TestGateway, waitReady } from './helpers/gateway';
 import { useTestRedis } from './helpers/redis-server';
 import { tokenizerFixture } from './helpers/tokenizer-fixture';
 
@@ -21,16 +21,12 @@ let client: OpenAI;
 /** The fake's reply names the prompt it continued and the choice, so tests can see where each choice came from. */
 const reply = (d: JobData, i: number) => (d.prompt !== undefined ? ` after "${d.prompt}" #${i}` : 'a chat');
 
-async function ready(g: TestGateway) {
-  await waitFor(async () => (await fetch(`${g.url}/ready`)).status === 200, 120_000, 'the gateway to be ready');
-}
-
 beforeAll(async () => {
   gw = await startGateway(redis.url, { DEFAULT_MODEL: MODEL });
   worker = new FakeWorker({ redisUrl: redis.url, model: MODEL, contextLength: 200, script: { reply, pieceChars: 5 } });
   await worker.start();
   client = new OpenAI({ baseURL: `${gw.url}/v1`, apiKey: TEST_KEY, maxRetries: 0, defaultHeaders: { 'cache-control': 'no-store' } });
-  await ready(gw);
+  await waitReady(gw);
 }, 180_000);
 redis.beforeStop(async () => {
   await worker.close();
@@ -202,7 +198,7 @@ describe('rate limits count each prompt of a list as a request', () => {
   let limited: TestGateway;
   beforeAll(async () => {
     limited = await startGateway(redis.url, { DEFAULT_MODEL: MODEL, DEFAULT_RPM: '2' });
-    await ready(limited);
+    await waitReady(limited);
   }, 180_000);
   afterAll(() => limited.close());
 

@@ -5,7 +5,7 @@
 import { randomUUID } from 'node:crypto';
 import OpenAI from 'openai';
 import { FakeWorker } from './helpers/fake-worker';
-import { startGateway, TEST_KEY, type TestGateway, waitFor } from './helpers/gateway';
+import { startGateway, TEST_KEY, type TestGateway, waitReady } from './helpers/gateway';
 import { useTestRedis } from './helpers/redis-server';
 
 const redis = useTestRedis();
@@ -19,9 +19,7 @@ beforeAll(async () => {
   worker = new FakeWorker({ redisUrl: redis.url, model: MODEL, contextLength: 200 });
   await worker.start();
   client = new OpenAI({ baseURL: `${gw.url}/v1`, apiKey: TEST_KEY, maxRetries: 0 });
-  // A fresh gateway answers once its registry has seen the worker and a tokenizer thread has built the model's
-  // tokenizer: seconds on a loaded machine, so wait for /ready's condition here rather than in the first test.
-  await waitFor(async () => (await fetch(`${gw.url}/ready`)).status === 200, 120_000, 'the gateway to be ready');
+  await waitReady(gw);
 }, 180_000);
 redis.beforeStop(async () => {
   await worker.close();

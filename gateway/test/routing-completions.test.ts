@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import OpenAI from 'openai';
 import { FakeUpstream } from './helpers/fake-upstream';
 import { FakeWorker } from './helpers/fake-worker';
-import { startGateway, TEST_KEY, type TestGateway, waitFor } from './helpers/gateway';
+import { startGateway, TEST_KEY, type TestGateway, waitFor, waitReady } from './helpers/gateway';
 import { parsePrometheus, sumOf } from './helpers/prom-text';
 import { useTestRedis } from './helpers/redis-server';
 
@@ -45,7 +45,7 @@ beforeAll(async () => {
   worker = new FakeWorker({ redisUrl: redis.url, model: LOCAL, contextLength: 200 });
   await worker.start();
   client = new OpenAI({ baseURL: `${gw.url}/v1`, apiKey: TEST_KEY, maxRetries: 0 });
-  await waitFor(async () => (await fetch(`${gw.url}/ready`)).status === 200, 120_000, 'the gateway to be ready');
+  await waitReady(gw);
 }, 180_000);
 redis.beforeStop(async () => {
   await worker.close();

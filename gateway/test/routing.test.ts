@@ -13,7 +13,7 @@ import { keyIdOf } from '../src/auth/api-keys';
 import { usageKey } from '../src/auth/key-store';
 import { FakeUpstream } from './helpers/fake-upstream';
 import { FakeWorker } from './helpers/fake-worker';
-import { completeEvents, openStream, parseSse, startGateway, TEST_KEY, type TestGateway, waitFor } from './helpers/gateway';
+import { completeEvents, openStream, parseSse, startGateway, TEST_KEY, type TestGateway, waitFor, waitReady } from './helpers/gateway';
 import { parsePrometheus, sumOf } from './helpers/prom-text';
 import { useTestRedis } from './helpers/redis-server';
 
@@ -59,7 +59,7 @@ beforeAll(async () => {
   sickWorker = new FakeWorker({ redisUrl: redis.url, model: SICK, contextLength: 200, script: { fail: { code: 'engine_error', message: 'CUDA error (scripted)' } } });
   await sickWorker.start();
   client = new OpenAI({ baseURL: `${gw.url}/v1`, apiKey: TEST_KEY, maxRetries: 0 });
-  await waitFor(async () => (await fetch(`${gw.url}/ready`)).status === 200, 120_000, 'the gateway to be ready');
+  await waitReady(gw);
 }, 180_000);
 redis.beforeStop(async () => {
   await Promise.all([worker.close(), sickWorker.close()]);

@@ -87,6 +87,15 @@ export async function waitFor(cond: () => boolean | Promise<boolean>, ms = WAIT_
   }
 }
 
+/**
+ * Waits until `g` answers /ready with 200. A fresh gateway answers once its registry has seen a worker and a tokenizer
+ * thread has built the model's tokenizer: seconds on a loaded machine, so suites wait for it in beforeAll rather than
+ * in their first test.
+ */
+export async function waitReady(g: { url: string }): Promise<void> {
+  await waitFor(async () => (await fetch(`${g.url}/ready`)).status === 200, 120_000, 'the gateway to be ready');
+}
+
 /** Like `waitFor`, but returns the value that satisfied `ok` (e.g. the response whose header shows the new limit). */
 export async function pollUntil<T>(probe: () => Promise<T>, ok: (v: T) => boolean, what: string, ms = WAIT_MS): Promise<T> {
   const deadline = Date.now() + ms;
