@@ -1,8 +1,13 @@
 /**
  * The transport pieces of an upstream exchange (routing/upstream.ts): the SSE `data:` payloads of a response body as
- * they arrive, and the idle timeout (`timeout_ms`) that bounds each wait for the upstream.
+ * they arrive, the idle timeout (`timeout_ms`) that bounds each wait for the upstream, and the guard every reader of
+ * an upstream's JSON uses.
  */
 import { ApiError } from '../errors';
+
+export type Json = Record<string, unknown>;
+/** A JSON object (not an array, not null): what an upstream's body, chunk, choice or call must be to be read. */
+export const isObject = (v: unknown): v is Json => typeof v === 'object' && v !== null && !Array.isArray(v);
 
 /** The SSE `data:` payloads of a response body, one per event, as they arrive; `onChunk` on every network chunk. */
 export async function* sseData(body: ReadableStream<Uint8Array>, onChunk: () => void): AsyncGenerator<string> {

@@ -7,9 +7,7 @@
  * cache (which never stores them: services/upstream-prepare.ts).
  */
 import type { ToolCall, ToolCallDelta } from '../protocol/chat';
-
-type Json = Record<string, unknown>;
-const isObject = (v: unknown): v is Json => typeof v === 'object' && v !== null && !Array.isArray(v);
+import { isObject } from './upstream-io';
 
 /** A result choice's tool calls (the upstream's, whole), when it made any: a field of the loose JobResult choice. */
 export function toolCallsOf(choice: object): ToolCall[] | null {

@@ -21,7 +21,7 @@ import type { JobResult, TokenLogprob } from '../protocol/job';
 import type { RunOutcome } from '../queue/job-run';
 import type { Logger } from '../logger';
 import type { Route } from './table';
-import { IdleTimeout, sseData } from './upstream-io';
+import { IdleTimeout, isObject, type Json, sseData } from './upstream-io';
 import { messageToolCalls, ToolCallJoiner, toolCallDelta } from './upstream-tools';
 
 /** What a run needs of its request (services/chat-service.ts RequestContext; not imported: the service imports us). */
@@ -64,8 +64,6 @@ interface Choice {
   tools: ToolCallJoiner | null;
 }
 
-type Json = Record<string, unknown>;
-const isObject = (v: unknown): v is Json => typeof v === 'object' && v !== null && !Array.isArray(v);
 
 /** Runs one request against its upstream; resolves as a job's run does (its result, nothing left to render). */
 export async function runUpstream(u: UpstreamRequest, ctx: UpstreamContext, hooks: UpstreamHooks = {}): Promise<RunOutcome> {
